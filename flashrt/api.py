@@ -1,0 +1,339 @@
+"""Generator: open a model directory, plan the memory budget, generate text.
+
+    with flashrt.Generator() as g:                 # the default model, everything in DRAM
+        print(g.generate("The capital of France is", max_new_tokens=20))
+
+    g = flashrt.Generator(path, mode="flash", memory_budget="200MB")   # FFN read from flash
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import FlashrtError, GenerationError
+from .home import resolve_model_path
+from .sampling import SamplingParams, sample
+from .threads import default_threads
+
+MODES = ("dense", "flash", "naive")
+DEFAULT_MAX_CONTEXT = 2048
+
+
+@dataclass
+class GenerationStats:
+    """Speed of the last generation, and (flash modes) what the FFN cost per decoded token."""
+
+    n_prompt_tokens: int = 0
+    n_generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    ffn: dict = field(default_factory=dict)  # flash/naive: per-token I/O and cache figures
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.n_prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # the first generated token comes from the prefill's logits: decode steps = n - 1
+        n = max(self.n_generated_tokens - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"prompt: {self.n_prompt_tokens} tokens in {self.prefill_seconds:.2f} s "
+            f"({self.prefill_tokens_per_second:.1f} tok/s)",
+            f"decode: {self.n_generated_tokens} tokens in {self.decode_seconds:.2f} s "
+            f"({self.decode_tokens_per_second:.1f} tok/s)",
+        ]
+        for key, value in self.ffn.items():
+            lines.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+        return "\n".join(lines)
+
+
+class Generator:
+    """A language model ready to generate text.
+
+    path          a converted flashrt model directory, a GGUF file or a Hugging Face directory
+                  (the last two are converted once into FLASHRT_HOME); None = the default model.
+    mode          "dense" (all weights in DRAM), "flash" (FFN neurons read from flash on demand,
+                  kept in a sliding-window cache) or "naive" (every FFN weight read every token).
+    memory_budget bytes (int) or a size like "200MB" (flash/naive): resident tensors, neuron
+                  caches, KV cache and buffers are planned to fit; too small -> BudgetError.
+    threads       compute threads (default: FLASHRT_THREADS, OMP_NUM_THREADS or all cores).
+    select        flash mode neuron selection: "all", "oracle" or "predictor" (default: the
+                  predictor when the model has one, else "all").
+    sparsity      fraction of FFN neurons skipped per token (predictor/oracle selection).
+    window        tokens a neuron stays cached after it was last selected (flash mode).
+    max_context   KV-cache length (default: min(model's, 2048), smaller under a tight budget).
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        mode: str = "dense",
+        memory_budget: int | str | None = None,
+        threads: int | None = None,
+        select: str | None = None,
+        sparsity: float | None = None,
+        window: int = 5,
+        max_context: int | None = None,
+        progress: bool = True,
+    ):
+        from .format.reader import ModelFiles
+        from .kv_cache import KVCache
+        from .linear import linear
+        from .models import build_model
+        from .tokenizer import Tokenizer
+
+        if mode not in MODES:
+            raise FlashrtError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise FlashrtError(f"threads must be a positive integer, got {threads!r}")
+        self.mode = mode
+        self.n_threads = threads or default_threads()
+        self.path = resolve_model_path(path, progress=progress)
+        self._lock = threading.Lock()  # one generation at a time per Generator
+        self._closed = False
+        self.files = ModelFiles.open(self.path)
+        try:
+            self.config = self.files.config
+            self.tokenizer = Tokenizer.from_dir(self.files.tokenizer_dir) if self.files.tokenizer_dir else None
+            n_ctx_model = int(self.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
+            self.plan = None
+            self.select = None
+            if mode == "dense":
+                self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, n_ctx_model)
+                if memory_budget is not None:
+                    from .flash.budget import check_dense_budget
+
+                    check_dense_budget(self.files, memory_budget, self.max_context)
+            else:
+                from .flash import choose_select, plan_budget, predictors_path
+
+                self.select = choose_select(self.files, select) if mode == "flash" else "all"
+                pred = predictors_path(self.files)
+                pred_bytes = pred.stat().st_size if self.select == "predictor" else 0
+                self.plan = plan_budget(self.files, mode, memory_budget, max_context, n_ctx_model, pred_bytes)
+                self.max_context = self.plan.max_context
+            weights = self.files.load_resident()
+            if mode == "dense":
+                from .ffn_dense import DenseFFN
+
+                self.ffn = DenseFFN.from_files(self.files, weights, n_threads=self.n_threads)
+            else:
+                from .flash import build_flash_ffn
+
+                self.ffn = build_flash_ffn(self.files, weights, self.plan, mode, self.select, sparsity, window,
+                                           self.n_threads)
+            lin = lambda W, x, bias=None: linear(W, x, bias, n_threads=self.n_threads)  # noqa: E731
+            self.model = build_model(self.files.architecture, self.config, weights, self.ffn, lin)
+            args = self.model.args
+            self.kv = KVCache(args.num_hidden_layers, self.max_context, args.num_key_value_heads, args.head_dim)
+        except BaseException:
+            self.close()
+            raise
+        self.stats = GenerationStats()
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release files, threads and caches. The Generator cannot be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        ffn = getattr(self, "ffn", None)
+        if ffn is not None and hasattr(ffn, "close"):
+            ffn.close()
+        files = getattr(self, "files", None)
+        if files is not None and hasattr(files, "close"):
+            files.close()
+        self.model = self.ffn = self.kv = None
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FlashrtError("this Generator is closed; open a new one")
+
+    def _acquire(self) -> None:
+        self._check_open()
+        if not self._lock.acquire(blocking=False):
+            raise FlashrtError(
+                "this Generator is already generating in another thread; "
+                "use one Generator per thread or serialise the calls"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise FlashrtError(f"the model at {self.path} has no tokenizer; pass token ids to .logits()")
+        return self.tokenizer
+
+    def _reset(self) -> None:
+        self.kv.reset()
+        if hasattr(self.ffn, "reset"):
+            self.ffn.reset()
+
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.size == 0:
+            raise GenerationError("need a non-empty 1-D sequence of token ids")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise GenerationError(f"token ids must be integers, got dtype {arr.dtype}")
+        vocab = int(self.config["vocab_size"])
+        if arr.min() < 0 or arr.max() >= vocab:
+            raise GenerationError(f"token ids must be in [0, {vocab}); got {arr.min()}..{arr.max()}")
+        if arr.size > self.max_context:
+            raise GenerationError(
+                f"{arr.size} tokens do not fit the context of {self.max_context}; "
+                "shorten the input or raise max_context"
+            )
+        return arr.astype(np.int64)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """A fresh forward pass over the ids: logits (n_tokens, vocab) float32."""
+        self._acquire()
+        try:
+            ids = self._check_ids(token_ids)
+            self._reset()
+            return self.model.forward(ids, self.kv)
+        finally:
+            self._lock.release()
+
+    # ------------------------------------------------------------------ generation
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece as it is decoded."""
+        tok = self._require_tokenizer()
+        if not isinstance(prompt, str):
+            raise GenerationError(f"prompt must be a str, got {type(prompt).__name__}")
+        if prompt == "":
+            raise GenerationError("the prompt is empty; give at least one character")
+        ids = tok.encode(prompt)
+        yield from self._stream_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, **kwargs) -> str:
+        """The continuation of `prompt` as one string (greedy unless temperature > 0)."""
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> str:
+        """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
+        return "".join(self.stream_chat(messages, max_new_tokens, **kwargs))
+
+    def stream_chat(self, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+        tok = self._require_tokenizer()
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+        yield from self._stream_ids(ids, max_new_tokens, **kwargs)
+
+    def _stream_ids(self, ids, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None, seed=None, stop=None):
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or s == "" for s in stops):
+            raise GenerationError("stop must be a non-empty string or a list of them")
+        ids = self._check_ids(ids)
+        # Tokens past the context cannot be computed: clamp, documented in the README.
+        max_new_tokens = min(int(max_new_tokens), self.max_context - ids.size)
+        rng = np.random.default_rng(seed)
+        tok = self.tokenizer
+
+        self._acquire()
+        try:
+            self._reset()
+            stats = self.stats = GenerationStats(n_prompt_tokens=int(ids.size))
+            if max_new_tokens == 0:
+                return
+            t0 = time.perf_counter()
+            logits = self.model.forward(ids, self.kv)[-1]
+            stats.prefill_seconds = time.perf_counter() - t0
+            if hasattr(self.ffn, "start_decode"):
+                self.ffn.start_decode()
+            t_decode = time.perf_counter()
+            detok = _IncrementalText(tok, stops)
+            for i in range(max_new_tokens):
+                token = sample(logits, params, rng)
+                stats.n_generated_tokens += 1
+                if token in tok.eos_token_ids:
+                    break
+                piece = detok.push(token)
+                if piece:
+                    yield piece
+                if detok.stopped:
+                    break
+                if i + 1 < max_new_tokens:
+                    logits = self.model.forward(np.array([token], dtype=np.int64), self.kv)[-1]
+                    stats.decode_seconds = time.perf_counter() - t_decode
+            tail = detok.flush()
+            if tail:
+                yield tail
+            stats.decode_seconds = time.perf_counter() - t_decode
+            if hasattr(self.ffn, "decode_stats"):
+                stats.ffn = self.ffn.decode_stats()
+        finally:
+            self._lock.release()
+
+    def __repr__(self) -> str:
+        return f"Generator({str(self.path)!r}, mode={self.mode!r})"
+
+
+class _IncrementalText:
+    """Token ids -> text pieces, holding back incomplete UTF-8 and possible stop-string prefixes."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already yielded
+        self.stopped = False
+        self._text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        self._text = text
+        for s in self.stops:
+            at = text.find(s, max(self.emitted - len(s), 0))
+            if at != -1:
+                self.stopped = True
+                piece = text[self.emitted : at]
+                self.emitted = len(text)
+                return piece
+        safe = len(text)
+        for s in self.stops:  # hold back a tail that could still become a stop string
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        piece = text[self.emitted : max(safe, self.emitted)]
+        self.emitted = max(safe, self.emitted)
+        return piece
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids) if self.ids else ""
+        piece = text[self.emitted :]
+        self.emitted = len(text)
+        return piece

@@ -1,0 +1,149 @@
+"""The memory budget: what stays in DRAM, and how many neurons each layer may cache.
+
+A budget is a promise: resident tensors + neuron caches + KV cache + working buffers
+stay under it (the interpreter's own baseline, before the model is opened, is not
+counted). Planning happens before anything big is allocated, so a budget that cannot
+work is refused at once with the minimum that would.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import BudgetError
+
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+KV_BUDGET_SHARE = 0.15  # under a budget, the default context uses at most this share of it
+MIN_CONTEXT = 256
+STREAM_CHUNK_BYTES = 4 << 20  # prefill / naive stream each layer through a buffer this size
+MIN_CACHE_SHARE = 0.05  # flash mode needs room for at least this share of each layer's neurons
+
+
+def parse_size(value) -> int:
+    """200000000, "200MB", "1.5 GiB" -> bytes."""
+    if isinstance(value, bool):
+        raise BudgetError(f"memory budget must be a size like '200MB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise BudgetError(f"cannot read the memory budget {value!r}: use bytes or a size like 200MB, 1.5GB, 512MiB")
+        n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not n > 0:
+        raise BudgetError(f"memory budget must be positive, got {value!r}")
+    return int(n)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    n_layers = int(config["num_hidden_layers"])
+    n_heads = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
+    return n_layers * n_kv * head_dim * 2 * 4  # k and v, float32
+
+
+def working_bytes(config: dict, row_bytes: int, max_context: int) -> int:
+    """Activation buffers of one forward: logits, attention scores of a full-context prompt,
+    a stream chunk and its float32 conversion, per-block scratch of the linear layers."""
+    vocab = int(config["vocab_size"])
+    d = int(config["hidden_size"])
+    n_heads = int(config["num_attention_heads"])
+    stream = STREAM_CHUNK_BYTES * 3  # raw chunk + float32 copy (f16 models) + h/partial sums
+    scores = n_heads * max_context * max_context * 4
+    return 2 * vocab * 4 + scores + stream + 8 * max_context * d * 4
+
+
+@dataclass
+class BudgetPlan:
+    mode: str
+    budget: int | None
+    resident_bytes: int
+    predictor_bytes: int
+    kv_bytes: int
+    working_bytes: int
+    cache_rows: int  # per layer (flash mode); 0 in naive mode
+    cache_bytes: int  # all layers
+    max_context: int
+    n_neurons: int
+
+    @property
+    def total(self) -> int:
+        return self.resident_bytes + self.predictor_bytes + self.kv_bytes + self.working_bytes + self.cache_bytes
+
+    @property
+    def cache_share(self) -> float:
+        return self.cache_rows / self.n_neurons if self.n_neurons else 0.0
+
+    def describe(self) -> str:
+        b = fmt_bytes(self.budget) if self.budget else "none"
+        return (f"budget {b}: resident {fmt_bytes(self.resident_bytes)}, predictors {fmt_bytes(self.predictor_bytes)}, "
+                f"KV cache {fmt_bytes(self.kv_bytes)} ({self.max_context} tokens), buffers {fmt_bytes(self.working_bytes)}, "
+                f"neuron caches {fmt_bytes(self.cache_bytes)} ({self.cache_rows}/{self.n_neurons} neurons per layer)")
+
+
+def _default_context(config: dict, budget: int | None, max_context: int | None, n_ctx_model: int) -> int:
+    if max_context is not None:
+        if max_context < 1:
+            raise BudgetError(f"max_context must be positive, got {max_context}")
+        return min(int(max_context), n_ctx_model)
+    ctx = min(2048, n_ctx_model)
+    if budget is not None:
+        per_token = kv_bytes_per_token(config)
+        while ctx > MIN_CONTEXT and ctx * per_token > KV_BUDGET_SHARE * budget:
+            ctx //= 2
+    return ctx
+
+
+def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_model: int,
+                predictor_bytes: int = 0) -> BudgetPlan:
+    """Split the budget. With no budget, flash mode caches every neuron (a DRAM-sized cache)."""
+    config = files.config
+    budget = parse_size(memory_budget) if memory_budget is not None else None
+    ctx = _default_context(config, budget, max_context, n_ctx_model)
+    n_layers = int(config["num_hidden_layers"])
+    row_bytes = files.ffn_row_bytes
+    n_neurons = files.n_neurons
+    fixed = dict(resident_bytes=files.resident_bytes, predictor_bytes=predictor_bytes,
+                 kv_bytes=ctx * kv_bytes_per_token(config), working_bytes=working_bytes(config, row_bytes, ctx))
+    fixed_total = sum(fixed.values())
+    if mode == "naive":
+        cache_rows = 0
+        need = fixed_total
+    else:
+        min_rows = max(1, int(MIN_CACHE_SHARE * n_neurons))
+        need = fixed_total + min_rows * row_bytes * n_layers
+        if budget is None:
+            cache_rows = n_neurons
+        else:
+            cache_rows = min(n_neurons, (budget - fixed_total) // (row_bytes * n_layers)) if budget > fixed_total else 0
+    if budget is not None and (budget < need or (mode == "flash" and cache_rows < max(1, int(MIN_CACHE_SHARE * n_neurons)))):
+        raise BudgetError(
+            f"a memory budget of {fmt_bytes(budget)} is too small for {files.path.name} in {mode} mode: "
+            f"it needs at least {fmt_bytes(need)} (resident tensors {fmt_bytes(fixed['resident_bytes'])}, "
+            f"KV cache {fmt_bytes(fixed['kv_bytes'])} for {ctx} tokens, buffers {fmt_bytes(fixed['working_bytes'])}"
+            + ("" if mode == "naive" else f", neuron caches of {MIN_CACHE_SHARE:.0%} of the FFN")
+            + "); raise the budget or lower max_context"
+        )
+    return BudgetPlan(mode=mode, budget=budget, cache_rows=int(cache_rows),
+                      cache_bytes=int(cache_rows) * row_bytes * n_layers, max_context=ctx, n_neurons=n_neurons, **fixed)
+
+
+def check_dense_budget(files, memory_budget, max_context: int) -> None:
+    """Dense mode holds everything in DRAM: refuse a budget smaller than that."""
+    budget = parse_size(memory_budget)
+    need = (files.resident_bytes + files.ffn_bytes + max_context * kv_bytes_per_token(files.config)
+            + working_bytes(files.config, files.ffn_row_bytes, max_context))
+    if budget < need:
+        raise BudgetError(f"dense mode keeps the whole model in DRAM and needs {fmt_bytes(need)}, more than the "
+                          f"budget of {fmt_bytes(budget)}; use mode='flash' to run under this budget")

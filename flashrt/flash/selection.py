@@ -1,0 +1,73 @@
+"""Which FFN neurons a token needs: the selection policies of flash mode.
+
+Every selector answers `select(layer, x (d,) float32) -> int64 ids`, most important
+first (the cache keeps the head of the list when the selection does not fit).
+  all        every neuron: exact, the slowest flash run
+  oracle     the true active set from the real weights (a test/benchmark tool: it reads
+             the whole FFN through the page cache, so it ignores the memory budget)
+  predictor  the low-rank predictors fitted by `flashrt calibrate`
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._core import kernels
+
+
+class AllSelector:
+    name = "all"
+
+    def __init__(self, n_neurons: int):
+        self._ids = np.arange(n_neurons, dtype=np.int64)  # (n_neurons,)
+
+    def select(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self._ids
+
+
+class OracleSelector:
+    """The neurons whose true output is non-zero (ReLU) or among the largest |h| (gated).
+
+    keep_fraction: gated FFNs only -- the share of neurons kept per token, by |act(gate.x)*(up.x)|.
+    """
+
+    name = "oracle"
+
+    def __init__(self, files, gated: bool, act: int, up_bias, keep_fraction: float | None, n_threads: int):
+        self.gated, self.act, self.up_bias = gated, act, up_bias
+        self.keep_fraction = keep_fraction
+        self.n_threads = n_threads
+        n, row_elems = files.n_neurons, files.ffn_row_bytes // files.dtype.itemsize
+        self._layers = [
+            np.memmap(files.ffn_path, dtype=files.dtype, mode="r", offset=files.ffn_layer_offset(l), shape=(n, row_elems))
+            for l in range(int(files.config["num_hidden_layers"]))
+        ]
+        self._h = np.empty(n, np.float32)
+        self._y = np.empty(files.dim, np.float32)
+
+    def true_outputs(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """h (n_neurons,) float32: every neuron's output for input x."""
+        bias = None if self.up_bias is None else self.up_bias[layer]
+        kernels.ffn_rows(self._layers[layer], x, self._y, self.gated, self.act, bias, self._h, self.n_threads)
+        return self._h
+
+    def select(self, layer: int, x: np.ndarray) -> np.ndarray:
+        mag = np.abs(self.true_outputs(layer, x))
+        if self.keep_fraction is None or not self.gated:
+            ids = np.flatnonzero(mag > 0)
+            return ids[np.argsort(-mag[ids], kind="stable")]
+        k = max(1, int(round(self.keep_fraction * mag.size)))
+        top = np.argpartition(-mag, k - 1)[:k]
+        return top[np.argsort(-mag[top], kind="stable")].astype(np.int64)
+
+
+class PredictorSelector:
+    """The fitted low-rank predictors (see flashrt.predictor)."""
+
+    name = "predictor"
+
+    def __init__(self, predictors, keep_fraction: float | None):
+        self.predictors = predictors
+        self.keep_fraction = keep_fraction
+
+    def select(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.predictors[layer].select(x, keep_fraction=self.keep_fraction), dtype=np.int64)

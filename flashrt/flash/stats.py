@@ -1,0 +1,66 @@
+"""Per-token figures of the flash FFN: neurons selected / computed / read, time split, bytes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FlashStats:
+    n_neurons: int
+    n_layers: int
+    tokens: int = 0
+    selected: int = 0  # neuron-layers the selector asked for
+    computed: int = 0  # neuron-layers the kernel ran over (the window's rows in the cache)
+    read: int = 0  # neuron-layers read from flash
+    ns_predict: int = 0
+    ns_cache: int = 0
+    ns_io: int = 0
+    ns_compute: int = 0
+
+    def start_decode(self) -> None:
+        self.tokens = self.selected = self.computed = self.read = 0
+        self.ns_predict = self.ns_cache = self.ns_io = self.ns_compute = 0
+
+    def begin_token(self) -> None:
+        self.tokens += 1
+
+    def add_layer(self, n_selected, n_computed, n_read, ns_predict, ns_cache, ns_io, ns_compute) -> None:
+        self.selected += n_selected
+        self.computed += n_computed
+        self.read += n_read
+        self.ns_predict += ns_predict
+        self.ns_cache += ns_cache
+        self.ns_io += ns_io
+        self.ns_compute += ns_compute
+
+    def add_naive(self, ns_total: int, n_neurons: int) -> None:
+        self.selected += n_neurons
+        self.computed += n_neurons
+        self.read += n_neurons
+        self.ns_io += ns_total  # naive: read + compute of the streamed chunks, counted as I/O-bound time
+
+    def neuron_fractions(self) -> dict:
+        denom = max(self.tokens, 1) * self.n_layers * self.n_neurons
+        return {
+            "neurons_selected_per_token": self.selected / denom,
+            "neurons_computed_per_token": self.computed / denom,
+            "neurons_read_per_token": self.read / denom,
+        }
+
+    def per_token(self, io: dict | None = None) -> dict:
+        """Means per decoded token; `io` = the loader's counters since decoding started."""
+        n = max(self.tokens, 1)
+        out = {"decode_tokens": self.tokens}
+        if io:
+            out["bytes_read_per_token"] = io["bytes_read"] / n
+            out["reads_per_token"] = io["n_reads"] / n
+            out["mean_read_bytes"] = io["bytes_read"] / max(io["n_reads"], 1)
+            out["flash_MBps"] = io["bytes_read"] / max(io["ns_io"], 1) * 1e3
+        out.update(self.neuron_fractions())
+        out.update({
+            "ms_predict_per_token": self.ns_predict / n / 1e6,
+            "ms_cache_per_token": self.ns_cache / n / 1e6,
+            "ms_io_per_token": self.ns_io / n / 1e6,
+            "ms_ffn_compute_per_token": self.ns_compute / n / 1e6,
+        })
+        return out
