@@ -21,7 +21,7 @@ import numpy as np
 from .._core import kernels
 from .._core.cache import NeuronCache
 from .._core.loader import Loader
-from ..ffn_dense import ffn_block_batch
+from ..ffn_dense import ffn_blocks
 from .budget import STREAM_CHUNK_BYTES
 from .stats import FlashStats
 
@@ -98,6 +98,7 @@ class FlashFFN:
         """The whole layer through the chunk buffer with large sequential reads."""
         T = x.shape[0]
         out = np.zeros((T, self.dim), np.float32)
+        part = np.empty((T, self.dim), np.float32)
         base = self.layer_offsets[layer]
         up_bias = self.spec.up_bias[layer] if self.spec.up_bias is not None else None
         for start in range(0, self.n_neurons, self.chunk_rows):
@@ -109,7 +110,8 @@ class FlashFFN:
                 kernels.ffn_rows(chunk, x[0], self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads)
                 out[0] += self._part
             else:
-                out += ffn_block_batch(chunk, x, self.spec.gated, self.spec.act, bias)
+                ffn_blocks(chunk, x, part, self.spec.gated, self.spec.act, bias, None, self.n_threads)
+                out += part
         if self.spec.down_bias is not None:
             out += self.spec.down_bias[layer]
         if seed_cache:

@@ -1,0 +1,170 @@
+"""Pieces shared by the forward passes: the FFN and linear interfaces, norms,
+softmax, rotary tables and attention over the KV cache. Pure NumPy, float32.
+"""
+
+import math
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+from flashrt.errors import GenerationError, UnsupportedModelError
+
+
+class FFN(Protocol):
+    """The feed-forward block of one layer, without the norm before it or the residual.
+
+    Dense (all rows in DRAM) or on flash (predicted rows through the neuron cache):
+    the model cannot tell. Biases (OPT's fc1/fc2) are the FFN's business.
+    """
+
+    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """x (T, d) float32 -> (T, d) float32."""
+        ...
+
+
+# linear(W (out, in) float16|float32, x (T, in) float32, bias (out,) float32 | None) -> (T, out) float32
+Linear = Callable[..., np.ndarray]
+
+
+def numpy_linear(W, x, bias=None):
+    """The plain NumPy `linear`: x @ W.T (+ bias). Slow for float16 W; the oracle for flashrt.linear."""
+    y = x @ W.T.astype(np.float32, copy=False)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def rms_norm(x, weight, eps):
+    """x (T, d) float32, weight (d,) -> (T, d) float32 (HF: x * rsqrt(mean(x^2) + eps) * w)."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    ms += eps
+    return (x / np.sqrt(ms)) * weight
+
+
+def layer_norm(x, weight, bias, eps):
+    """x (T, d) float32 -> (T, d) float32 (biased variance, as torch.nn.LayerNorm)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = np.mean(np.square(xc), axis=-1, keepdims=True)
+    var += eps
+    xc /= np.sqrt(var)
+    if weight is not None:
+        xc *= weight
+    if bias is not None:
+        xc += bias
+    return xc
+
+
+def softmax_(x):
+    """Softmax over the last axis, in place (float32). Returns x."""
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+# --------------------------------------------------------------------------- rotary embeddings
+
+def rope_inv_freq(head_dim, theta, scaling=None):
+    """Inverse frequencies (head_dim/2,) float64, as HF's rope init for rope_type
+    "default", "linear" and "llama3"; other types raise UnsupportedModelError."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return np.where(medium, smoothed, scaled)
+    raise UnsupportedModelError(
+        f"rope scaling type {rope_type!r} is not supported (flashrt knows default, linear, llama3)"
+    )
+
+
+class Rope:
+    """cos/sin tables for positions [0, n) (grown on demand), HF "rotate_half" layout:
+    dimension i pairs with i + head_dim/2."""
+
+    def __init__(self, head_dim, theta, scaling=None, n_positions=1024):
+        self.head_dim = head_dim
+        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)  # (head_dim/2,) float64
+        self._build(n_positions)
+
+    def _build(self, n_positions):
+        angles = np.outer(np.arange(n_positions, dtype=np.float64), self.inv_freq)
+        self.cos = np.cos(angles).astype(np.float32)  # (n_positions, head_dim/2) float32
+        self.sin = np.sin(angles).astype(np.float32)  # (n_positions, head_dim/2) float32
+
+    def apply_(self, x, start):
+        """Rotate x (T, n_heads, head_dim) float32 in place for positions start..start+T-1."""
+        T = x.shape[0]
+        if start + T > self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], start + T))
+        half = self.head_dim // 2
+        c = self.cos[start:start + T, None, :]  # (T, 1, half)
+        s = self.sin[start:start + T, None, :]
+        x1 = x[..., :half].copy()
+        x2 = x[..., half:]
+        x[..., :half] = x1 * c - x2 * s
+        x[..., half:] = x2 * c + x1 * s
+        return x
+
+
+# --------------------------------------------------------------------------- attention
+
+def attention(q, keys, values, start, scale, sliding_window=None):
+    """Causal grouped-query attention of T new queries over the cached keys/values.
+
+    q (T, n_heads, head_dim) float32 for positions start..start+T-1;
+    keys, values (start+T, n_kv_heads, head_dim) (the cache views, new tokens included).
+    Query head h uses kv head h // (n_heads // n_kv_heads), as HF's repeat_kv.
+    sliding_window: a query at p sees keys at (p - window, p] (HF Mistral) or all if None.
+    Returns (T, n_heads * head_dim) float32.
+    """
+    T, n_heads, head_dim = q.shape
+    S, n_kv_heads, _ = keys.shape
+    group = n_heads // n_kv_heads
+    if keys.dtype != np.float32:
+        keys = keys.astype(np.float32)
+        values = values.astype(np.float32)
+    qg = q.reshape(T, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3)  # (n_kv, group, T, hd)
+    kt = keys.transpose(1, 2, 0)[:, None]                                   # (n_kv, 1, hd, S)
+    scores = np.matmul(qg, kt)                                             # (n_kv, group, T, S)
+    if scale != 1.0:
+        scores *= np.float32(scale)
+    if T > 1 or (sliding_window is not None and S > sliding_window):
+        q_pos = np.arange(start, start + T)[:, None]
+        k_pos = np.arange(S)[None, :]
+        hidden = k_pos > q_pos
+        if sliding_window is not None:
+            hidden |= k_pos <= q_pos - sliding_window
+        scores[..., hidden] = -np.inf
+    softmax_(scores)
+    vg = values.transpose(1, 0, 2)[:, None]                                # (n_kv, 1, S, hd)
+    out = np.matmul(scores, vg)                                            # (n_kv, group, T, hd)
+    return out.transpose(2, 0, 1, 3).reshape(T, n_heads * head_dim)
+
+
+def embed(table, ids):
+    """Gather rows of an embedding table (vocab, d) float16|float32 -> (T, d) float32 (a new array)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"token ids must be 1-D (T,), got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise GenerationError(
+            f"token id out of range [0, {table.shape[0]}): min {ids.min()}, max {ids.max()}"
+        )
+    return table[ids].astype(np.float32)

@@ -1,0 +1,187 @@
+"""The OPT forward pass (pre-LayerNorm variants: do_layer_norm_before=True).
+
+token + learned position embeddings (offset 2) -> per layer: LayerNorm -> attention
+(biases, q scaled by head_dim**-0.5) -> residual -> LayerNorm -> FFN (the injected
+interface; fc1/fc2 biases are the FFN's) -> residual; final LayerNorm; head (tied).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from flashrt.errors import GenerationError, ModelFormatError, UnsupportedModelError
+from flashrt.kv_cache import KVCache
+from flashrt.models.base import attention, embed, layer_norm
+
+POSITION_OFFSET = 2  # HF OPTLearnedPositionalEmbedding
+LAYER_NORM_EPS = 1e-5
+ACTIVATIONS = ("relu", "gelu")
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    ffn_dim: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    activation_function: str = "relu"
+    tie_word_embeddings: bool = True
+    model_type: str = "opt"
+
+    @classmethod
+    def from_dict(cls, config):
+        if config.get("model_type", "opt") != "opt":
+            raise UnsupportedModelError(f"model_type {config.get('model_type')!r} is not OPT")
+        try:
+            hidden = int(config["hidden_size"])
+            args = cls(
+                hidden_size=hidden,
+                ffn_dim=int(config["ffn_dim"]),
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=int(config["num_attention_heads"]),
+                vocab_size=int(config["vocab_size"]),
+                max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+                activation_function=config.get("activation_function", "relu"),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+            )
+        except KeyError as e:
+            raise ModelFormatError(f"config is missing {e.args[0]!r} (an OPT config needs it)") from None
+        if not config.get("do_layer_norm_before", True):
+            raise UnsupportedModelError(
+                "OPT with do_layer_norm_before=False (post-LN, e.g. opt-350m) is not supported"
+            )
+        if int(config.get("word_embed_proj_dim", hidden)) != hidden:
+            raise UnsupportedModelError(
+                "OPT with word_embed_proj_dim != hidden_size (project_in/project_out) is not supported"
+            )
+        if not config.get("enable_bias", True) or not config.get("layer_norm_elementwise_affine", True):
+            raise UnsupportedModelError("OPT without biases or without affine LayerNorms is not supported")
+        if args.activation_function not in ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"OPT activation_function {args.activation_function!r} is not supported ({', '.join(ACTIVATIONS)})"
+            )
+        return args
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_key_value_heads(self):
+        return self.num_attention_heads
+
+    @property
+    def n_neurons(self):
+        return self.ffn_dim
+
+    @property
+    def ffn_activation(self):
+        return self.activation_function
+
+
+def sanitize(weights):
+    """Normalise HF OPT names to `model.decoder....` (hub checkpoints often lack `model.`)."""
+    out = {}
+    for k, v in weights.items():
+        if k.startswith("decoder."):
+            k = "model." + k
+        out[k] = v
+    return out
+
+
+@dataclass
+class _Layer:
+    ln1_w: np.ndarray   # (d,) float32  self_attn_layer_norm
+    ln1_b: np.ndarray
+    ln2_w: np.ndarray   # (d,) float32  final_layer_norm (before the FFN)
+    ln2_b: np.ndarray
+    wq: np.ndarray      # (d, d)
+    wk: np.ndarray
+    wv: np.ndarray
+    wo: np.ndarray      # (d, d) out_proj
+    bq: np.ndarray      # (d,) float32
+    bk: np.ndarray
+    bv: np.ndarray
+    bo: np.ndarray
+
+
+class Model:
+    """forward(ids (T,), kv) -> logits (T, vocab) float32; positions come from kv.length."""
+
+    def __init__(self, args, weights, ffn, linear):
+        self.args = args
+        self.ffn = ffn
+        self.linear = linear
+        w = sanitize(weights)
+        if "model.decoder.project_in.weight" in w or "model.decoder.project_out.weight" in w:
+            raise UnsupportedModelError("OPT with project_in/project_out is not supported")
+
+        def get(name, float32=False):
+            if name not in w:
+                raise ModelFormatError(f"weights are missing {name!r} (an OPT checkpoint has it)")
+            a = w[name]
+            return np.asarray(a, dtype=np.float32) if float32 else a
+
+        d = "model.decoder."
+        self.embed_tokens = get(d + "embed_tokens.weight")        # (vocab, d)
+        self.embed_positions = get(d + "embed_positions.weight")  # (max_pos + 2, d)
+        self.final_ln_w = get(d + "final_layer_norm.weight", True)
+        self.final_ln_b = get(d + "final_layer_norm.bias", True)
+        head = w.get("lm_head.weight")
+        self.lm_head = self.embed_tokens if (head is None or args.tie_word_embeddings) else head
+        self.layers = []
+        for i in range(args.num_hidden_layers):
+            p = f"{d}layers.{i}."
+            a = p + "self_attn."
+            self.layers.append(_Layer(
+                ln1_w=get(p + "self_attn_layer_norm.weight", True), ln1_b=get(p + "self_attn_layer_norm.bias", True),
+                ln2_w=get(p + "final_layer_norm.weight", True), ln2_b=get(p + "final_layer_norm.bias", True),
+                wq=get(a + "q_proj.weight"), wk=get(a + "k_proj.weight"),
+                wv=get(a + "v_proj.weight"), wo=get(a + "out_proj.weight"),
+                bq=get(a + "q_proj.bias", True), bk=get(a + "k_proj.bias", True),
+                bv=get(a + "v_proj.bias", True), bo=get(a + "out_proj.bias", True),
+            ))
+        self.scale = args.head_dim ** -0.5
+
+    def make_cache(self, max_seq, dtype=np.float32):
+        a = self.args
+        max_seq = min(max_seq, a.max_position_embeddings)  # learned positions end there
+        return KVCache(a.num_hidden_layers, max_seq, a.num_attention_heads, a.head_dim, dtype)
+
+    def attention(self, i, x, kv):
+        """x (T, d) normed -> (T, d): the attention block of layer i (out_proj applied)."""
+        a, L, lin = self.args, self.layers[i], self.linear
+        T, start = x.shape[0], kv.length
+        shape = (T, a.num_attention_heads, a.head_dim)
+        q = lin(L.wq, x, L.bq).reshape(shape)
+        q *= np.float32(self.scale)  # HF scales q (bias included) before q @ k.T
+        k = lin(L.wk, x, L.bk).reshape(shape)
+        v = lin(L.wv, x, L.bv).reshape(shape)
+        keys, values = kv.append(i, k, v)
+        out = attention(q, keys, values, start, 1.0)
+        return lin(L.wo, out, L.bo)
+
+    def forward(self, ids, kv, last_only=False):
+        """ids (T,) int -> logits (T, vocab) float32 (or (1, vocab) with last_only, for prefill)."""
+        ids = np.asarray(ids)
+        T, start = len(ids), kv.length
+        kv.check_room(T)
+        if start + T > self.args.max_position_embeddings:
+            raise GenerationError(
+                f"context full: OPT has learned positions for {self.args.max_position_embeddings} tokens, "
+                f"asked for {start + T}"
+            )
+        x = embed(self.embed_tokens, ids)  # (T, d) float32, the residual stream
+        x += self.embed_positions[start + POSITION_OFFSET:start + T + POSITION_OFFSET]
+        for i, L in enumerate(self.layers):
+            x += self.attention(i, layer_norm(x, L.ln1_w, L.ln1_b, LAYER_NORM_EPS), kv)
+            x += self.ffn(i, layer_norm(x, L.ln2_w, L.ln2_b, LAYER_NORM_EPS))
+        kv.advance(T)
+        if last_only:
+            x = x[-1:]
+        return self.linear(self.lm_head, layer_norm(x, self.final_ln_w, self.final_ln_b, LAYER_NORM_EPS))
+
+    __call__ = forward
