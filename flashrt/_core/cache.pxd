@@ -1,0 +1,27 @@
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+
+cdef class NeuronCache:
+    cdef readonly int64_t n_neurons
+    cdef readonly int64_t capacity
+    cdef readonly int64_t row_elems
+    cdef readonly object dtype
+    cdef public int64_t window
+    cdef readonly int64_t n_used
+    cdef readonly object rows          # (capacity, row_elems) float16|float32
+    cdef readonly object slot_to_id    # (capacity,) int32
+    cdef readonly object id_to_slot    # (n_neurons,) int32
+    cdef readonly object last_used     # (capacity,) int64
+    cdef char* p_rows
+    cdef int64_t row_bytes
+    cdef int32_t* p_slot_to_id
+    cdef int32_t* p_id_to_slot
+    cdef int64_t* p_last_used
+    cdef object _sel_stamp             # (n_neurons,) int64 scratch: admit call that selected it
+    cdef int64_t* p_sel_stamp
+    cdef int64_t stamp
+    cdef object _scratch               # (capacity,) uint8 eviction flags
+    cdef uint8_t* p_flags
+    cdef int64_t st_hits, st_misses, st_ev_window, st_ev_lru, st_dropped
+
+    cdef int64_t _evict_flagged(self) noexcept nogil

@@ -1,0 +1,260 @@
+# cython: language_level=3
+"""The per-layer neuron cache (DESIGN.md point 5): a preallocated matrix with
+one row per cached neuron bundle, id<->slot maps and window bookkeeping.
+
+Deleting a neuron moves the last used row into its slot (memcpy), new neurons
+are appended, so rows[:n_used] stays one dense matrix for the FFN kernel.
+Same API and same slot layout as the pure-Python twin _reference_cache.py.
+
+    cache = NeuronCache(n_neurons, capacity, row_elems, np.float16, window=5)
+    missing, first = cache.admit(selected, step)    # selected: priority order
+    loader.read_rows(layer_offset, row_bytes, missing, cache.rows[first:first + len(missing)])
+    y = ffn_rows(cache.used_rows(), x, ...)
+"""
+import numpy as np
+cimport numpy as cnp
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcpy
+
+cnp.import_array()
+
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+ROW_ALIGNMENT = 4096
+
+
+cdef struct _lru_key:
+    int64_t last_used
+    int64_t nid
+    int64_t slot
+
+
+cdef int _cmp_lru(const void* a, const void* b) noexcept nogil:
+    cdef const _lru_key* x = <const _lru_key*>a
+    cdef const _lru_key* y = <const _lru_key*>b
+    if x.last_used != y.last_used:
+        return -1 if x.last_used < y.last_used else 1
+    if x.nid != y.nid:
+        return -1 if x.nid < y.nid else 1
+    return 0
+
+
+cdef int _cmp_i64(const void* a, const void* b) noexcept nogil:
+    cdef int64_t x = (<const int64_t*>a)[0], y = (<const int64_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef class NeuronCache:
+    """NeuronCache(n_neurons, capacity, row_elems, dtype, window=5) for one layer.
+
+    rows        (capacity, row_elems) dtype: rows[:n_used] are the cached neurons' bundles
+    slot_to_id  (capacity,) int32: neuron id in each slot (valid for [:n_used], -1 after)
+    id_to_slot  (n_neurons,) int32: slot of each neuron, -1 when absent
+    last_used   (capacity,) int64: token step each slot's neuron was last selected
+    window      a neuron unused for `window` steps is evicted (last_used <= step - window)
+    """
+
+    def __init__(self, int64_t n_neurons, int64_t capacity, int64_t row_elems, dtype,
+                 int64_t window=5):
+        dt = np.dtype(dtype)
+        if dt not in DTYPES:
+            raise ValueError(f"NeuronCache dtype must be float16 or float32, not {dt}")
+        if n_neurons < 0 or capacity < 0 or row_elems < 0:
+            raise ValueError("n_neurons, capacity and row_elems must be >= 0")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 token, got {window}")
+        if n_neurons >= 2**31 or capacity >= 2**31:
+            raise ValueError("n_neurons and capacity must fit in int32")
+        self.n_neurons = n_neurons
+        self.capacity = capacity
+        self.row_elems = row_elems
+        self.dtype = dt
+        self.window = window
+        self.n_used = 0
+        self.row_bytes = row_elems * dt.itemsize
+        # (capacity, row_elems), 4096-aligned so O_DIRECT reads of aligned rows land in place
+        raw = np.zeros(capacity * self.row_bytes + ROW_ALIGNMENT, np.uint8)
+        start = (-raw.ctypes.data) % ROW_ALIGNMENT
+        self.rows = raw[start:start + capacity * self.row_bytes].view(dt).reshape(capacity, row_elems)
+        self.slot_to_id = np.full(capacity, -1, np.int32)         # (capacity,)
+        self.id_to_slot = np.full(n_neurons, -1, np.int32)        # (n_neurons,)
+        self.last_used = np.zeros(capacity, np.int64)             # (capacity,)
+        self._sel_stamp = np.zeros(n_neurons, np.int64)           # (n_neurons,)
+        self._scratch = np.zeros(capacity, np.uint8)              # (capacity,)
+        self.p_rows = <char*>cnp.PyArray_DATA(self.rows)
+        self.p_slot_to_id = <int32_t*>cnp.PyArray_DATA(self.slot_to_id)
+        self.p_id_to_slot = <int32_t*>cnp.PyArray_DATA(self.id_to_slot)
+        self.p_last_used = <int64_t*>cnp.PyArray_DATA(self.last_used)
+        self.p_sel_stamp = <int64_t*>cnp.PyArray_DATA(self._sel_stamp)
+        self.p_flags = <uint8_t*>cnp.PyArray_DATA(self._scratch)
+        self.stamp = 0
+        self.reset_stats()
+
+    @property
+    def nbytes(self):
+        return (self.rows.nbytes + self.slot_to_id.nbytes + self.id_to_slot.nbytes
+                + self.last_used.nbytes)
+
+    def used_rows(self):
+        """rows[:n_used], a view: (n_used, row_elems), valid until the next admit."""
+        return self.rows[:self.n_used]
+
+    def used_ids(self):
+        """slot_to_id[:n_used], a view: the neuron id of each used row."""
+        return self.slot_to_id[:self.n_used]
+
+    cdef int64_t _evict_flagged(self) noexcept nogil:
+        """Evict every used slot whose flag is set; the last used slot moves into
+        each freed one (row bytes + both maps). Returns how many were evicted."""
+        cdef int64_t i = 0, last, n_ev = 0
+        cdef int32_t moved
+        cdef uint8_t* flags = self.p_flags
+        while i < self.n_used:
+            while self.n_used > 0 and flags[self.n_used - 1]:    # drop from the end: no move
+                last = self.n_used - 1
+                self.p_id_to_slot[self.p_slot_to_id[last]] = -1
+                self.p_slot_to_id[last] = -1
+                flags[last] = 0
+                self.n_used -= 1
+                n_ev += 1
+            if i >= self.n_used:
+                break
+            if flags[i]:
+                last = self.n_used - 1
+                self.p_id_to_slot[self.p_slot_to_id[i]] = -1
+                moved = self.p_slot_to_id[last]
+                memcpy(self.p_rows + i * self.row_bytes, self.p_rows + last * self.row_bytes,
+                       self.row_bytes)
+                self.p_slot_to_id[i] = moved
+                self.p_last_used[i] = self.p_last_used[last]
+                self.p_id_to_slot[moved] = <int32_t>i
+                flags[i] = flags[last]
+                self.p_slot_to_id[last] = -1
+                flags[last] = 0
+                self.n_used -= 1
+                n_ev += 1
+            i += 1
+        return n_ev
+
+    def admit(self, selected, int64_t step):
+        """Admit this token's selected neurons (priority order, most important first).
+
+        (1) evict neurons whose last use is older than the window
+            (last_used <= step - window); (2) mark the selected ones already
+            cached as used at `step`; (3) if the missing ones do not fit, evict the
+            least recently used neurons not selected now (ties: lower id first);
+            selections larger than capacity keep their first `capacity` unique ids;
+            (4) append the missing in ascending id order.
+
+        Returns (missing, first_slot): missing (k,) int64 ascending ids that now
+        own slots first_slot .. first_slot+k-1; the caller fills those rows, e.g.
+        loader.read_rows(off, row_bytes, missing, cache.rows[first_slot:first_slot+k])."""
+        cdef cnp.ndarray sel = np.asarray(selected)
+        if sel.ndim != 1:
+            raise ValueError(f"selected must be 1-D, got shape {np.shape(selected)}")
+        if sel.shape[0] and not np.issubdtype(sel.dtype, np.integer):
+            raise ValueError(f"selected must hold integer neuron ids, not {sel.dtype}")
+        sel = np.ascontiguousarray(sel, dtype=np.int64)
+        cdef int64_t n_sel = sel.shape[0]
+        cdef const int64_t* ps = <const int64_t*>cnp.PyArray_DATA(sel)
+        cdef int64_t i, s, nid, bad = 0, n_uniq = 0, n_miss = 0, need, n_cand, first
+        cdef int64_t n_neurons = self.n_neurons, cap = self.capacity
+        cdef bint ok = True
+        with nogil:
+            for i in range(n_sel):
+                if ps[i] < 0 or ps[i] >= n_neurons:
+                    bad = ps[i]
+                    ok = False
+                    break
+        if not ok:
+            raise IndexError(f"neuron id {bad} out of range [0, {n_neurons})")
+        cdef cnp.ndarray missing = np.empty(min(n_sel, cap), np.int64)
+        cdef int64_t* pm = <int64_t*>cnp.PyArray_DATA(missing)
+        cdef _lru_key* keys = NULL
+        if self.n_used > 0:
+            keys = <_lru_key*>malloc(self.n_used * sizeof(_lru_key))
+            if keys == NULL:
+                raise MemoryError()
+        self.stamp += 1
+        cdef int64_t stamp = self.stamp
+        cdef int64_t* sel_stamp = self.p_sel_stamp
+        cdef uint8_t* flags = self.p_flags
+        with nogil:
+            # (1) the window
+            for s in range(self.n_used):
+                flags[s] = self.p_last_used[s] <= step - self.window
+            self.st_ev_window += self._evict_flagged()
+            # (2) hits; unique ids in priority order, cut at capacity
+            for i in range(n_sel):
+                nid = ps[i]
+                if sel_stamp[nid] == stamp or sel_stamp[nid] == -stamp:
+                    continue                      # duplicate
+                if n_uniq == cap:                 # beyond capacity: not admitted, not protected
+                    sel_stamp[nid] = -stamp
+                    self.st_dropped += 1
+                    continue
+                sel_stamp[nid] = stamp
+                n_uniq += 1
+                s = self.p_id_to_slot[nid]
+                if s >= 0:
+                    self.p_last_used[s] = step
+                    self.st_hits += 1
+                else:
+                    pm[n_miss] = nid
+                    n_miss += 1
+            self.st_misses += n_miss
+            # (3) room: evict the least recently used among those not selected now
+            need = self.n_used + n_miss - cap
+            if need > 0:
+                n_cand = 0
+                for s in range(self.n_used):
+                    nid = self.p_slot_to_id[s]
+                    flags[s] = 0
+                    if sel_stamp[nid] != stamp:
+                        keys[n_cand].last_used = self.p_last_used[s]
+                        keys[n_cand].nid = nid
+                        keys[n_cand].slot = s
+                        n_cand += 1
+                qsort(keys, n_cand, sizeof(_lru_key), _cmp_lru)
+                for i in range(need):
+                    flags[keys[i].slot] = 1
+                self.st_ev_lru += self._evict_flagged()
+            # (4) append the missing in ascending id order
+            qsort(pm, n_miss, sizeof(int64_t), _cmp_i64)
+            first = self.n_used
+            for i in range(n_miss):
+                s = first + i
+                self.p_slot_to_id[s] = <int32_t>pm[i]
+                self.p_id_to_slot[pm[i]] = <int32_t>s
+                self.p_last_used[s] = step
+            self.n_used += n_miss
+        free(keys)
+        return missing[:n_miss].copy(), first
+
+    def reset(self):
+        """Empty the cache (the counters are kept: see reset_stats)."""
+        cdef int64_t s
+        for s in range(self.n_used):
+            self.p_id_to_slot[self.p_slot_to_id[s]] = -1
+        self.slot_to_id[:] = -1
+        self.last_used[:] = 0
+        self.n_used = 0
+
+    def stats(self):
+        """dict(hits, misses, evictions (= window + lru), evictions_window,
+        evictions_lru, dropped: selected ids beyond capacity, not admitted)."""
+        return dict(hits=self.st_hits, misses=self.st_misses,
+                    evictions_window=self.st_ev_window, evictions_lru=self.st_ev_lru,
+                    dropped=self.st_dropped, evictions=self.st_ev_window + self.st_ev_lru)
+
+    def reset_stats(self):
+        self.st_hits = 0
+        self.st_misses = 0
+        self.st_ev_window = 0
+        self.st_ev_lru = 0
+        self.st_dropped = 0
+
+    def __repr__(self):
+        return (f"NeuronCache(n_neurons={self.n_neurons}, capacity={self.capacity}, "
+                f"n_used={self.n_used}, window={self.window}, dtype={self.dtype})")

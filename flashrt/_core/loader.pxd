@@ -1,0 +1,68 @@
+# Declarations of the C I/O engine (flash_io.h) and of the Loader class,
+# for other _core modules that want to cimport them.
+from libc.stdint cimport int64_t, uint64_t
+
+
+cdef extern from "flash_io.h" nogil:
+    ctypedef struct frt_req:
+        int64_t off
+        int64_t len
+        int64_t need
+        char* buf
+        int64_t done
+        int err
+        int eof
+        int retries
+
+    ctypedef struct frt_fault:
+        int64_t countdown
+        int64_t remaining
+        int err
+
+    ctypedef struct frt_pool:
+        int n_workers
+
+    ctypedef struct frt_ring:
+        int fd
+        unsigned sq_entries
+
+    int FRT_HAVE_URING
+    int64_t frt_now_ns()
+    frt_pool* frt_pool_new(int n_threads)
+    void frt_pool_free(frt_pool* p)
+    void frt_pool_run(frt_pool* p, int fd, frt_req* reqs, int64_t n, frt_fault* f)
+    frt_ring* frt_ring_new(unsigned entries, int* err)
+    void frt_ring_free(frt_ring* r)
+    int frt_ring_run(frt_ring* r, int fd, frt_req* reqs, int64_t n, unsigned qd, frt_fault* f)
+    void* frt_aligned_alloc(size_t alignment, size_t size)
+
+
+cdef class Loader:
+    cdef int fd
+    cdef readonly object path
+    cdef readonly bint direct
+    cdef readonly str backend
+    cdef readonly int n_threads
+    cdef readonly int queue_depth
+    cdef readonly int64_t alignment
+    cdef readonly int64_t file_size
+    cdef public int64_t chunk_bytes
+    cdef public int64_t max_gap
+    cdef public bint coalesce
+    cdef frt_pool* pool
+    cdef frt_ring* ring
+    cdef char* bounce            # (bounce_cap,) bytes, `alignment`-aligned
+    cdef int64_t bounce_cap
+    cdef frt_req* reqs           # (reqs_cap,)
+    cdef int64_t reqs_cap
+    cdef int64_t* src_off        # (src_cap,) per dest row: byte offset in bounce, -1 = read in place
+    cdef int64_t src_cap
+    cdef frt_fault fault
+    cdef int64_t st_bytes_read, st_bytes_useful, st_n_reads, st_ns_io, st_n_calls, st_n_retries
+    cdef object _lock
+
+    cdef int _ensure(self, int64_t n_reqs, int64_t bounce_bytes, int64_t n_rows) except -1
+    cdef int _execute(self, int64_t n_reqs) except -1
+    cdef object _start_uring(self)
+    cdef void _check_open(self) except *
+    cdef void _release(self) noexcept

@@ -1,0 +1,569 @@
+# cython: language_level=3
+"""Read FFN neuron bundles (rows) from flash: a pread thread pool or io_uring,
+O_DIRECT with aligned bounce buffers, adjacent rows coalesced into one read.
+
+    with Loader(path) as ld:                       # backend "auto", O_DIRECT
+        ld.read_rows(layer_offset, row_bytes, ids, dest)   # dest[j] <- row ids[j]
+        ld.read_range(offset, dest)                # one big sequential read
+        ld.stats()                                 # bytes_read, bytes_useful, n_reads, ns_io
+
+The I/O engine is plain C (flash_io.h); this file plans the reads (runs of
+adjacent ids, gaps, alignment, chunks), runs them without the GIL and copies
+bounce buffers into the caller's rows. The pure-Python twin is
+flashrt/_core/_reference_loader.py.
+"""
+import os
+import threading
+import warnings
+
+import numpy as np
+cimport numpy as cnp
+
+from libc.errno cimport EINVAL, EIO, ENOSYS, EPERM, errno
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, strerror
+
+cnp.import_array()
+
+cdef extern from "<fcntl.h>" nogil:
+    int c_open "open"(const char* path, int flags)
+    int O_RDONLY
+    int O_DIRECT
+    int O_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef extern from "<sys/stat.h>" nogil:
+    cdef struct stat:
+        int64_t st_size
+    int fstat(int fd, stat* buf)
+
+# Defaults measured with bench/bench_loader.py on the 2-core dev VM (virtual SSD, O_DIRECT):
+# decode-shaped reads (2.4% of a layer's 16 KiB bundles) ran 603 MB/s with 32 pread threads
+# vs 519 with 8; io_uring 560-607 MB/s at queue depth 32 vs 404 at 8 (64 ~ 32); the biggest
+# chunk tried (256 KiB) was fastest for random reads, 256 KiB ~ 1 MiB for sequential ones.
+DEFAULT_PREAD_THREADS = 32      # concurrent pread()s in flight (threads sleep in I/O, not CPU)
+DEFAULT_QUEUE_DEPTH = 32        # io_uring requests in flight
+DEFAULT_CHUNK_BYTES = 256 * 1024
+DEFAULT_MAX_GAP = 4096          # read (and discard) gaps up to this many bytes between rows
+ALIGNMENT = 4096                # O_DIRECT alignment of file offsets, lengths and buffers
+
+cdef inline int64_t _floor(int64_t x, int64_t a) noexcept nogil:
+    return (x // a) * a
+
+cdef inline int64_t _ceil(int64_t x, int64_t a) noexcept nogil:
+    return ((x + a - 1) // a) * a
+
+
+def _flash_io_error():
+    try:
+        from flashrt.errors import FlashIOError
+        return FlashIOError
+    except ImportError:      # _core used alone
+        return OSError
+
+
+def uring_available():
+    """(True, "") when io_uring_setup works here, else (False, reason)."""
+    cdef int err = 0
+    cdef frt_ring* r = frt_ring_new(4, &err)
+    if r == NULL:
+        reason = os.strerror(err)
+        if err == EPERM or err == ENOSYS:
+            reason += " (io_uring forbidden here: seccomp, kernel.io_uring_disabled or an old kernel)"
+        return False, f"io_uring_setup failed: {reason}"
+    frt_ring_free(r)
+    return True, ""
+
+
+def aligned_empty(shape, dtype, int64_t alignment=ALIGNMENT):
+    """np.empty whose data starts on an `alignment` boundary, so that an
+    O_DIRECT read_range at an aligned offset lands in it without a bounce copy."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = np.empty(n + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    return raw[start:start + n].view(dt).reshape(shape)
+
+
+cdef int64_t _plan_rows(const int64_t* ids, int64_t m, int64_t layer_offset, int64_t rb,
+                        int64_t A, bint direct, bint coalesce, int64_t max_gap,
+                        int64_t chunk, char* dest, char* bounce, frt_req* reqs,
+                        int64_t* src_off, int64_t* bounce_bytes) noexcept nogil:
+    """Plan the reads for read_rows. With reqs == NULL only count: returns the
+    number of requests and sets *bounce_bytes (dest must be the real one: its
+    alignment decides what bounces). Otherwise fill reqs and src_off."""
+    cdef int64_t j = 0, k, t, start, end, s2, a0, a1, c0, ln, nreq = 0, bpos = 0
+    cdef bint gapped, via_bounce
+    cdef frt_req* q
+    while j < m:
+        start = layer_offset + ids[j] * rb
+        end = start + rb
+        k = j + 1
+        gapped = False
+        if coalesce:
+            while k < m:
+                s2 = layer_offset + ids[k] * rb
+                if s2 - end > max_gap and not (direct and _floor(s2, A) < _ceil(end, A)):
+                    break
+                if s2 != end:
+                    gapped = True
+                end = s2 + rb
+                k += 1
+        # O_DIRECT needs aligned offset, length and address: a gap-free run that
+        # has all three is read straight into dest, anything else via the bounce buffer
+        via_bounce = gapped or (direct and not (
+            start % A == 0 and end % A == 0 and (<uintptr_t>(dest + j * rb)) % A == 0))
+        if via_bounce and direct:
+            a0 = _floor(start, A)
+            a1 = _ceil(end, A)
+        else:
+            a0 = start
+            a1 = end
+        c0 = a0
+        while c0 < a1:
+            ln = min(chunk, a1 - c0)
+            if reqs != NULL:
+                q = &reqs[nreq]
+                q.off = c0
+                q.len = ln
+                q.need = min(ln, end - c0)
+                if via_bounce:
+                    q.buf = bounce + bpos + (c0 - a0)
+                else:
+                    q.buf = dest + j * rb + (c0 - a0)
+                q.done = 0
+                q.err = 0
+                q.eof = 0
+                q.retries = 0
+            nreq += 1
+            c0 += ln
+        if reqs != NULL:
+            for t in range(j, k):
+                src_off[t] = (bpos + layer_offset + ids[t] * rb - a0) if via_bounce else -1
+        if via_bounce:
+            bpos += a1 - a0
+        j = k
+    bounce_bytes[0] = bpos
+    return nreq
+
+
+cdef int64_t _plan_span(int64_t off, int64_t n, int64_t A, bint direct, int64_t chunk,
+                        char* dest, char* buf, frt_req* reqs, int64_t nreq) noexcept nogil:
+    """Append chunked requests reading [off, off+n) into buf (buf[0] <-> the
+    aligned start when direct); returns the new request count. reqs may be NULL."""
+    cdef int64_t a0 = _floor(off, A) if direct else off
+    cdef int64_t a1 = _ceil(off + n, A) if direct else off + n
+    cdef int64_t c0 = a0, ln
+    cdef frt_req* q
+    while c0 < a1:
+        ln = min(chunk, a1 - c0)
+        if reqs != NULL:
+            q = &reqs[nreq]
+            q.off = c0
+            q.len = ln
+            q.need = min(ln, off + n - c0)
+            q.buf = buf + (c0 - a0)
+            q.done = 0
+            q.err = 0
+            q.eof = 0
+            q.retries = 0
+        nreq += 1
+        c0 += ln
+    return nreq
+
+
+cdef class Loader:
+    """Reads byte rows of one file (the model's ffn.bin) into caller arrays.
+
+    path        the file
+    n_threads   pread backend: concurrent readers (0 = DEFAULT_PREAD_THREADS)
+    backend     "auto" (io_uring where io_uring_setup works, else pread; the
+                environment variable FLASHRT_IO=pread|uring overrides "auto"),
+                "pread" or "uring"
+    direct      O_DIRECT (bypass the page cache); falls back to buffered reads
+                with a warning when the file system refuses it (.direct says which)
+    queue_depth io_uring requests in flight
+    chunk_bytes largest single read; bigger runs are split so readers share work
+    coalesce    merge runs of adjacent ids (and gaps up to max_gap bytes) into one read
+    max_gap     largest gap (bytes) between two rows that is read and discarded
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.fd = -1
+        self.pool = NULL
+        self.ring = NULL
+        self.bounce = NULL
+        self.reqs = NULL
+        self.src_off = NULL
+
+    def __init__(self, path, int n_threads=0, str backend="auto", bint direct=True,
+                 int queue_depth=DEFAULT_QUEUE_DEPTH, int64_t chunk_bytes=DEFAULT_CHUNK_BYTES,
+                 bint coalesce=True, int64_t max_gap=DEFAULT_MAX_GAP,
+                 bint _simulate_direct_einval=False):
+        if backend not in ("auto", "pread", "uring"):
+            raise ValueError(f"backend must be 'auto', 'pread' or 'uring', not {backend!r}")
+        if n_threads < 0 or queue_depth < 0:
+            raise ValueError("n_threads and queue_depth must be >= 0")
+        self.path = os.fspath(path)
+        self.alignment = ALIGNMENT
+        self.chunk_bytes = max(_ceil(chunk_bytes, ALIGNMENT), ALIGNMENT)
+        self.max_gap = max_gap
+        self.coalesce = coalesce
+        self.n_threads = n_threads if n_threads > 0 else DEFAULT_PREAD_THREADS
+        self.queue_depth = queue_depth if queue_depth > 0 else DEFAULT_QUEUE_DEPTH
+        self._lock = threading.Lock()
+
+        cdef bytes bpath = os.fsencode(self.path)
+        cdef int fd, err
+        self.direct = direct
+        if direct:
+            if _simulate_direct_einval:
+                fd, err = -1, EINVAL
+            else:
+                fd = c_open(bpath, O_RDONLY | O_DIRECT | O_CLOEXEC)
+                err = errno
+            if fd < 0 and err == EINVAL:
+                warnings.warn(
+                    f"O_DIRECT is not supported for {self.path} ({os.strerror(EINVAL)}): "
+                    "reading through the page cache instead, so measured speed may be RAM's, "
+                    "not flash's", RuntimeWarning, stacklevel=2)
+                self.direct = False
+            elif fd < 0:
+                raise OSError(err, os.strerror(err), self.path)
+            else:
+                self.fd = fd
+        if self.fd < 0:
+            fd = c_open(bpath, O_RDONLY | O_CLOEXEC)
+            if fd < 0:
+                err = errno
+                raise OSError(err, os.strerror(err), self.path)
+            self.fd = fd
+        cdef stat st
+        if fstat(self.fd, &st) != 0:
+            err = errno
+            raise OSError(err, os.strerror(err), self.path)
+        self.file_size = st.st_size
+
+        want = backend
+        if backend == "auto":
+            env = os.environ.get("FLASHRT_IO", "").strip().lower()
+            if env in ("pread", "uring"):
+                want = env
+            elif env:
+                warnings.warn(f"FLASHRT_IO={env!r} ignored: use 'pread' or 'uring'",
+                              RuntimeWarning, stacklevel=2)
+        if want in ("auto", "uring"):
+            reason = self._start_uring()
+            if reason is None:
+                self.backend = "uring"
+            elif want == "uring" and backend == "uring":
+                self.close()
+                raise OSError(EINVAL, f"io_uring backend unavailable for {self.path}: {reason}")
+            else:
+                if want == "uring":      # asked for by FLASHRT_IO
+                    warnings.warn(f"FLASHRT_IO=uring: {reason}; using pread",
+                                  RuntimeWarning, stacklevel=2)
+                want = "pread"
+        if want == "pread":
+            self.pool = frt_pool_new(self.n_threads)
+            if self.pool == NULL:
+                self.close()
+                raise MemoryError("cannot start the pread thread pool")
+            self.backend = "pread"
+        self._ensure(64, 4 * ALIGNMENT, 64)
+
+    cdef object _start_uring(self):
+        """Set up the ring and check one read works; None, or why not."""
+        cdef int err = 0
+        self.ring = frt_ring_new(<unsigned>self.queue_depth, &err)
+        if self.ring == NULL:
+            return f"io_uring_setup failed: {os.strerror(err)}"
+        self._ensure(1, ALIGNMENT, 1)
+        cdef int64_t n = min(ALIGNMENT, self.file_size)
+        if n == 0:
+            return None
+        self.reqs[0].off = 0
+        self.reqs[0].len = ALIGNMENT if self.direct else n
+        self.reqs[0].need = n
+        self.reqs[0].buf = self.bounce
+        self.reqs[0].done = 0
+        self.reqs[0].err = 0
+        self.reqs[0].eof = 0
+        self.reqs[0].retries = 0
+        cdef frt_fault nofault
+        nofault.countdown = 0
+        nofault.remaining = 0
+        nofault.err = 0
+        cdef int rc
+        with nogil:
+            rc = frt_ring_run(self.ring, self.fd, self.reqs, 1, 1, &nofault)
+        if rc < 0 or self.reqs[0].err != 0:
+            err = -rc if rc < 0 else self.reqs[0].err
+            frt_ring_free(self.ring)
+            self.ring = NULL
+            return f"a test read through io_uring failed: {os.strerror(err)}"
+        return None
+
+    cdef int _ensure(self, int64_t n_reqs, int64_t bounce_bytes, int64_t n_rows) except -1:
+        """Grow the request table, the bounce buffer and the row map as needed."""
+        cdef void* p
+        if n_reqs > self.reqs_cap:
+            n_reqs = max(n_reqs, 2 * self.reqs_cap)
+            p = realloc(self.reqs, n_reqs * sizeof(frt_req))
+            if p == NULL:
+                raise MemoryError()
+            self.reqs = <frt_req*>p
+            self.reqs_cap = n_reqs
+        if n_rows > self.src_cap:
+            n_rows = max(n_rows, 2 * self.src_cap)
+            p = realloc(self.src_off, n_rows * sizeof(int64_t))
+            if p == NULL:
+                raise MemoryError()
+            self.src_off = <int64_t*>p
+            self.src_cap = n_rows
+        if bounce_bytes > self.bounce_cap:
+            bounce_bytes = _ceil(max(bounce_bytes, self.bounce_cap + self.bounce_cap // 2), ALIGNMENT)
+            p = frt_aligned_alloc(ALIGNMENT, bounce_bytes)
+            if p == NULL:
+                raise MemoryError(f"cannot allocate a {bounce_bytes}-byte read buffer")
+            free(self.bounce)
+            self.bounce = <char*>p
+            self.bounce_cap = bounce_bytes
+        return 0
+
+    cdef int _execute(self, int64_t n_reqs) except -1:
+        """Run reqs[:n_reqs] without the GIL; count stats; raise on the first failure."""
+        cdef int64_t t0, t1, i, got = 0, retries = 0
+        cdef int rc = 0
+        with nogil:
+            t0 = frt_now_ns()
+            if self.ring != NULL:
+                rc = frt_ring_run(self.ring, self.fd, self.reqs, n_reqs,
+                                  <unsigned>self.queue_depth, &self.fault)
+            else:
+                frt_pool_run(self.pool, self.fd, self.reqs, n_reqs, &self.fault)
+            t1 = frt_now_ns()
+            for i in range(n_reqs):
+                got += self.reqs[i].done
+                retries += self.reqs[i].retries
+        self.st_ns_io += t1 - t0
+        self.st_n_reads += n_reqs
+        self.st_bytes_read += got
+        self.st_n_calls += 1
+        self.st_n_retries += retries
+        cls = _flash_io_error()
+        if rc < 0:
+            # io_uring_enter itself failed: reads may still be in flight into the
+            # bounce buffer, so give it up (leak it) and continue with pread.
+            frt_ring_free(self.ring)
+            self.ring = NULL
+            self.bounce = NULL
+            self.bounce_cap = 0
+            self.pool = frt_pool_new(self.n_threads)
+            self.backend = "pread"
+            raise cls(-rc, f"io_uring_enter failed reading {self.path}: {os.strerror(-rc)} "
+                           "(switched to the pread backend; retry the read)")
+        cdef frt_req* q
+        for i in range(n_reqs):
+            q = &self.reqs[i]
+            if q.err == 0:
+                continue
+            if q.eof:
+                msg = (f"unexpected end of file in {self.path}: wanted {q.need} bytes at offset "
+                       f"{q.off}, the file ended after {q.done} (file truncated or changed "
+                       "since it was opened? re-convert the model)")
+            else:
+                msg = (f"cannot read {self.path}: {os.strerror(q.err)} reading {q.len} bytes "
+                       f"at offset {q.off} (errno {q.err})")
+            exc = cls(q.err, msg)
+            exc.filename = self.path
+            raise exc
+        return 0
+
+    cdef void _check_open(self) except *:
+        if self.fd < 0:
+            raise ValueError(f"Loader for {self.path} is closed")
+
+    def read_rows(self, int64_t layer_offset, int64_t row_bytes, ids, dest):
+        """dest[j] <- bytes [layer_offset + ids[j]*row_bytes, +row_bytes) of the file.
+
+        ids   (m,) integers, sorted ascending, unique
+        dest  C-contiguous writable array (m, ...) whose rows are row_bytes bytes
+        """
+        self._check_open()
+        cdef cnp.ndarray idarr = np.ascontiguousarray(ids, dtype=np.int64)
+        if idarr.ndim != 1:
+            ids_shape = np.shape(ids)
+            raise ValueError(f"ids must be 1-D, got shape {ids_shape}")
+        cdef int64_t m = idarr.shape[0]
+        if not isinstance(dest, np.ndarray) or not dest.flags.c_contiguous or not dest.flags.writeable:
+            raise ValueError("dest must be a C-contiguous writable numpy array")
+        if dest.ndim == 0 or dest.shape[0] != m or dest.nbytes != m * row_bytes:
+            raise ValueError(f"dest must hold {m} rows of {row_bytes} bytes, "
+                             f"got shape {dest.shape} ({dest.nbytes} bytes)")
+        if row_bytes <= 0 or layer_offset < 0:
+            raise ValueError("row_bytes must be > 0 and layer_offset >= 0")
+        if m == 0:
+            return
+        cdef const int64_t* pid = <const int64_t*>cnp.PyArray_DATA(idarr)
+        cdef int64_t j
+        cdef bint ok = pid[0] >= 0
+        with nogil:
+            for j in range(1, m):
+                if pid[j] <= pid[j - 1]:
+                    ok = False
+                    break
+        if not ok:
+            raise ValueError("ids must be >= 0, sorted ascending and unique")
+        cdef int64_t last_end = layer_offset + (pid[m - 1] + 1) * row_bytes
+        if last_end > self.file_size:
+            raise _flash_io_error()(
+                EINVAL, f"row {pid[m - 1]} ({row_bytes} bytes at layer offset {layer_offset}) "
+                        f"ends at byte {last_end}, beyond the end of {self.path} "
+                        f"({self.file_size} bytes): the file is truncated or the offsets are wrong")
+        cdef char* pdest = <char*>cnp.PyArray_DATA(dest)
+        cdef int64_t n_reqs, bbytes
+        cdef int64_t A = self.alignment
+        cdef bint direct = self.direct, coalesce = self.coalesce
+        cdef int64_t max_gap = self.max_gap, chunk = self.chunk_bytes
+        with self._lock:
+            n_reqs = _plan_rows(pid, m, layer_offset, row_bytes, A, direct, coalesce,
+                                max_gap, chunk, pdest, NULL, NULL, NULL, &bbytes)
+            self._ensure(n_reqs, bbytes, m)
+            _plan_rows(pid, m, layer_offset, row_bytes, A, direct, coalesce, max_gap,
+                       chunk, pdest, self.bounce, self.reqs, self.src_off, &bbytes)
+            self._execute(n_reqs)
+            with nogil:
+                for j in range(m):
+                    if self.src_off[j] >= 0:
+                        memcpy(pdest + j * row_bytes, self.bounce + self.src_off[j], row_bytes)
+            self.st_bytes_useful += m * row_bytes
+
+    def read_range(self, int64_t offset, dest):
+        """dest (any C-contiguous writable array) <- dest.nbytes bytes of the file
+        from `offset`: one big sequential read, split in chunks across readers.
+        O_DIRECT reads land straight in dest when dest's address and offset agree
+        modulo the alignment (see aligned_empty); otherwise through the bounce buffer."""
+        self._check_open()
+        if not isinstance(dest, np.ndarray) or not dest.flags.c_contiguous or not dest.flags.writeable:
+            raise ValueError("dest must be a C-contiguous writable numpy array")
+        cdef int64_t n = dest.nbytes
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        if offset + n > self.file_size:
+            raise _flash_io_error()(
+                EINVAL, f"cannot read {n} bytes at offset {offset} of {self.path}: the file has "
+                        f"only {self.file_size} bytes (truncated, or wrong offsets)")
+        if n == 0:
+            return
+        cdef char* pdest = <char*>cnp.PyArray_DATA(dest)
+        cdef int64_t A = self.alignment, chunk = self.chunk_bytes
+        cdef int64_t end = offset + n, mid0, mid1, nreq, head_n = 0, tail_n = 0, bpos
+        cdef bint direct = self.direct
+        with self._lock:
+            if not direct:
+                nreq = _plan_span(offset, n, A, False, chunk, pdest, pdest, NULL, 0)
+                self._ensure(nreq, 0, 0)
+                _plan_span(offset, n, A, False, chunk, pdest, pdest, self.reqs, 0)
+                self._execute(nreq)
+            elif (<uint64_t>(<uintptr_t>pdest) - <uint64_t>offset) % <uint64_t>A == 0 and \
+                    _ceil(offset, A) < _floor(end, A):
+                # the aligned middle straight into dest; the partial head/tail blocks bounce
+                mid0 = _ceil(offset, A)
+                mid1 = _floor(end, A)
+                nreq = _plan_span(mid0, mid1 - mid0, A, True, chunk, pdest,
+                                  pdest + (mid0 - offset), NULL, 0)
+                head_n = mid0 - offset
+                tail_n = end - mid1
+                nreq += (head_n > 0) + (tail_n > 0)
+                self._ensure(nreq, 2 * A, 0)
+                nreq = _plan_span(mid0, mid1 - mid0, A, True, chunk, pdest,
+                                  pdest + (mid0 - offset), self.reqs, 0)
+                if head_n > 0:
+                    nreq = _plan_span(offset, head_n, A, True, chunk, pdest, self.bounce,
+                                      self.reqs, nreq)
+                if tail_n > 0:
+                    nreq = _plan_span(mid1, tail_n, A, True, chunk, pdest, self.bounce + A,
+                                      self.reqs, nreq)
+                self._execute(nreq)
+                if head_n > 0:
+                    memcpy(pdest, self.bounce + (offset - _floor(offset, A)), head_n)
+                if tail_n > 0:
+                    memcpy(pdest + (mid1 - offset), self.bounce + A, tail_n)
+            else:
+                bpos = _ceil(end, A) - _floor(offset, A)
+                nreq = _plan_span(offset, n, A, True, chunk, pdest, self.bounce, NULL, 0)
+                self._ensure(nreq, bpos, 0)
+                _plan_span(offset, n, A, True, chunk, pdest, self.bounce, self.reqs, 0)
+                self._execute(nreq)
+                with nogil:
+                    memcpy(pdest, self.bounce + (offset - _floor(offset, A)), n)
+            self.st_bytes_useful += n
+
+    def stats(self):
+        """dict(bytes_read: bytes that came from the device, alignment padding and
+        gaps included; bytes_useful: bytes delivered to callers; n_reads: read
+        requests issued (after chunking; retries not counted); ns_io: wall time in
+        I/O; n_calls: read_rows/read_range calls; n_retries: reads resubmitted after
+        EINTR, EAGAIN or a short read)."""
+        return dict(bytes_read=self.st_bytes_read, bytes_useful=self.st_bytes_useful,
+                    n_reads=self.st_n_reads, ns_io=self.st_ns_io, n_calls=self.st_n_calls,
+                    n_retries=self.st_n_retries)
+
+    def reset_stats(self):
+        self.st_bytes_read = 0
+        self.st_bytes_useful = 0
+        self.st_n_reads = 0
+        self.st_ns_io = 0
+        self.st_n_calls = 0
+        self.st_n_retries = 0
+
+    def _inject_fault(self, int64_t after_n_reads, int err, int64_t count=1):
+        """Test hook: after `after_n_reads` more read attempts (syscalls or io_uring
+        completions) succeed, the next `count` fail with errno `err`. EINTR and
+        EAGAIN are retried by the loader; anything else raises FlashIOError."""
+        self.fault.err = err
+        self.fault.countdown = after_n_reads
+        self.fault.remaining = count
+
+    @property
+    def closed(self):
+        return self.fd < 0
+
+    def close(self):
+        """Join the reader threads, tear down the ring, close the file. Idempotent."""
+        if self._lock is not None:
+            with self._lock:
+                self._release()
+        else:
+            self._release()
+
+    cdef void _release(self) noexcept:
+        if self.pool != NULL:
+            frt_pool_free(self.pool)
+            self.pool = NULL
+        if self.ring != NULL:
+            frt_ring_free(self.ring)
+            self.ring = NULL
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        self._release()
+        free(self.bounce)
+        free(self.reqs)
+        free(self.src_off)
+
+    def __repr__(self):
+        state = "closed" if self.fd < 0 else f"{self.backend}, direct={self.direct}"
+        return f"Loader({self.path!r}, {state})"
