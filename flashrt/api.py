@@ -18,7 +18,7 @@ import numpy as np
 from .errors import FlashrtError, GenerationError
 from .home import resolve_model_path
 from .sampling import SamplingParams, sample
-from .threads import default_threads
+from .threads import blas_single_threaded, default_threads
 
 MODES = ("dense", "flash", "naive")
 DEFAULT_MAX_CONTEXT = 2048
@@ -166,12 +166,19 @@ class Generator:
             raise FlashrtError("this Generator is closed; open a new one")
 
     def _acquire(self) -> None:
+        """Take the Generator for one call (one thread at a time) and quiet NumPy's BLAS threads."""
         self._check_open()
         if not self._lock.acquire(blocking=False):
             raise FlashrtError(
                 "this Generator is already generating in another thread; "
                 "use one Generator per thread or serialise the calls"
             )
+        self._blas_limit = blas_single_threaded()
+        self._blas_limit.__enter__()
+
+    def _release(self) -> None:
+        self._blas_limit.__exit__(None, None, None)
+        self._lock.release()
 
     # ------------------------------------------------------------------ forward
     def _require_tokenizer(self):
@@ -208,7 +215,7 @@ class Generator:
             self._reset()
             return self.model.forward(ids, self.kv)
         finally:
-            self._lock.release()
+            self._release()
 
     # ------------------------------------------------------------------ generation
     def stream(
@@ -241,7 +248,7 @@ class Generator:
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
         tok = self._require_tokenizer()
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = tok.encode(text, add_bos=False)  # the template places any BOS itself
         yield from self._stream_ids(ids, max_new_tokens, **kwargs)
 
     def _stream_ids(self, ids, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None, seed=None, stop=None):
@@ -290,50 +297,49 @@ class Generator:
             if hasattr(self.ffn, "decode_stats"):
                 stats.ffn = self.ffn.decode_stats()
         finally:
-            self._lock.release()
+            self._release()
 
     def __repr__(self) -> str:
         return f"Generator({str(self.path)!r}, mode={self.mode!r})"
 
 
 class _IncrementalText:
-    """Token ids -> text pieces, holding back incomplete UTF-8 and possible stop-string prefixes."""
+    """Token ids -> text pieces: the tokenizer's stream decoder (which holds back incomplete
+    UTF-8), plus stop strings: text that could still become a stop string is held back."""
 
     def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer = tokenizer
+        self.decoder = tokenizer.decode_stream()
         self.stops = stops
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already yielded
+        self.pending = ""  # decoded but not yet yielded
         self.stopped = False
-        self._text = ""
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        self._text = text
+        self.pending += self.decoder.step(token)
+        return self._take()
+
+    def _take(self) -> str:
         for s in self.stops:
-            at = text.find(s, max(self.emitted - len(s), 0))
+            at = self.pending.find(s)
             if at != -1:
                 self.stopped = True
-                piece = text[self.emitted : at]
-                self.emitted = len(text)
+                piece, self.pending = self.pending[:at], ""
                 return piece
-        safe = len(text)
-        for s in self.stops:  # hold back a tail that could still become a stop string
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
+        keep = 0  # longest tail of pending that is a proper prefix of some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:k]):
+                    keep = k
                     break
-        piece = text[self.emitted : max(safe, self.emitted)]
-        self.emitted = max(safe, self.emitted)
+        cut = len(self.pending) - keep
+        piece, self.pending = self.pending[:cut], self.pending[cut:]
         return piece
 
     def flush(self) -> str:
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids) if self.ids else ""
-        piece = text[self.emitted :]
-        self.emitted = len(text)
+        self.pending += self.decoder.flush()
+        piece = self._take()
+        if self.stopped:
+            return piece
+        piece, self.pending = piece + self.pending, ""
         return piece

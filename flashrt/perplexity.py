@@ -59,7 +59,7 @@ def perplexity(g, text: str, context: int = 512, max_tokens: int | None = None, 
             n_scored += w.size - 1
         bar.close()
     finally:
-        g._lock.release()
+        g._release()
     result = {"tokens_scored": n_scored, "context": context, "mode": g.mode}
     if by_token and hasattr(g.ffn, "run_stats"):
         result.update(g.ffn.run_stats())

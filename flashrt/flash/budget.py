@@ -92,6 +92,16 @@ class BudgetPlan:
                 f"neuron caches {fmt_bytes(self.cache_bytes)} ({self.cache_rows}/{self.n_neurons} neurons per layer)")
 
 
+def resident_bytes(files) -> int:
+    """DRAM the resident tensors take once loaded (their file holds them raw, plus a small header)."""
+    return files.resident_path.stat().st_size
+
+
+def ffn_bytes(files) -> int:
+    """The FFN weights of all layers (what flash mode leaves on flash)."""
+    return files.n_layers * files.n_neurons * files.ffn_row_bytes
+
+
 def _default_context(config: dict, budget: int | None, max_context: int | None, n_ctx_model: int) -> int:
     if max_context is not None:
         if max_context < 1:
@@ -114,7 +124,7 @@ def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_
     n_layers = int(config["num_hidden_layers"])
     row_bytes = files.ffn_row_bytes
     n_neurons = files.n_neurons
-    fixed = dict(resident_bytes=files.resident_bytes, predictor_bytes=predictor_bytes,
+    fixed = dict(resident_bytes=resident_bytes(files), predictor_bytes=predictor_bytes,
                  kv_bytes=ctx * kv_bytes_per_token(config), working_bytes=working_bytes(config, row_bytes, ctx))
     fixed_total = sum(fixed.values())
     if mode == "naive":
@@ -142,7 +152,7 @@ def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_
 def check_dense_budget(files, memory_budget, max_context: int) -> None:
     """Dense mode holds everything in DRAM: refuse a budget smaller than that."""
     budget = parse_size(memory_budget)
-    need = (files.resident_bytes + files.ffn_bytes + max_context * kv_bytes_per_token(files.config)
+    need = (resident_bytes(files) + ffn_bytes(files) + max_context * kv_bytes_per_token(files.config)
             + working_bytes(files.config, files.ffn_row_bytes, max_context))
     if budget < need:
         raise BudgetError(f"dense mode keeps the whole model in DRAM and needs {fmt_bytes(need)}, more than the "
