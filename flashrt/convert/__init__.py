@@ -1,0 +1,39 @@
+"""Converters into the flashrt model directory: Hugging Face safetensors and GGUF."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ModelFormatError
+
+__all__ = ["convert", "convert_hf", "convert_gguf"]
+
+
+def convert(src, out, dtype="float16", overwrite=False, progress=True) -> Path:
+    """Convert `src` (an HF model directory or a .gguf file) into the model directory `out`."""
+    src = Path(src)
+    if src.is_dir():
+        from .hf import convert_hf
+
+        return convert_hf(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
+    if src.is_file():
+        with open(src, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            from .gguf import convert_gguf
+
+            return convert_gguf(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
+        raise ModelFormatError(f"{src}: not a GGUF file (bad magic {magic!r}); pass a .gguf "
+                               f"file or a Hugging Face model directory")
+    raise ModelFormatError(f"{src}: no such file or directory")
+
+
+def convert_hf(*args, **kwargs):
+    from .hf import convert_hf as f
+
+    return f(*args, **kwargs)
+
+
+def convert_gguf(*args, **kwargs):
+    from .gguf import convert_gguf as f
+
+    return f(*args, **kwargs)

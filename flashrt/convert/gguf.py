@@ -1,0 +1,221 @@
+"""GGUF (llama.cpp) file -> flashrt model directory. Llama architecture only.
+
+Weights are dequantized to float32 with `gguf.quants.dequantize` (llama.cpp's own
+reference code), GGUF's innermost-first shapes are reversed for NumPy, and llama.cpp's
+rotary row permutation of the Q and K projections is undone, giving exactly the
+tensors (and names) of the Hugging Face checkpoint.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFormatError, UnsupportedModelError
+from ..ffn_layout import make_bundles
+from ..format.writer import ModelWriter
+from ..tokenizer import tokenizer_from_gguf
+from .names import GGUF_IGNORED, expected_tensors, gguf_to_hf
+
+SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                    "Q4_K", "Q5_K", "Q6_K")
+
+
+# -- llama.cpp's Q/K row permutation ----------------------------------------------------
+def permute_qk(w, n_head: int):
+    """llama.cpp's forward permutation (convert_hf_to_gguf.py `LlamaModel.permute`).
+
+    HF rotates pairs (j, j + head_dim/2) of each head; llama.cpp rotates adjacent
+    pairs (2j, 2j+1). The rows of each head are reordered from
+    [x0..x_{h/2-1}, y0..y_{h/2-1}] to [x0, y0, x1, y1, ...].
+    """
+    w = np.asarray(w)
+    head_dim = w.shape[0] // n_head
+    return (w.reshape(n_head, 2, head_dim // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_qk(w, n_head: int):
+    """Inverse of `permute_qk` (what transformers' GGUF loader calls reverse_permute)."""
+    w = np.asarray(w)
+    head_dim = w.shape[0] // n_head
+    return (w.reshape(n_head, head_dim // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+# -- metadata -------------------------------------------------------------------------
+def _get(reader, key, default=None, required=False):
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise ModelFormatError(f"GGUF metadata lacks {key!r}")
+        return default
+    v = f.contents()
+    if isinstance(v, list):
+        raise UnsupportedModelError(f"GGUF metadata {key!r} varies per layer; flashrt "
+                                    f"supports uniform layers only")
+    return v
+
+
+def _f32(v) -> float:
+    """A GGUF float32 as the shortest decimal that rounds to it (9.9999997e-06 -> 1e-05)."""
+    return float(str(np.float32(v)))
+
+
+def gguf_config(reader, tensor_names) -> dict:
+    """An HF-style LlamaConfig dict from GGUF metadata."""
+    arch = _get(reader, "general.architecture")
+    if arch != "llama":
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} is not supported; flashrt converts 'llama' GGUF "
+            f"files (convert other models from their Hugging Face checkpoint)")
+    p = "llama."
+    if (_get(reader, p + "expert_count", 0) or 0) > 0:
+        raise UnsupportedModelError("mixture-of-experts GGUF models are not supported")
+    kind = _get(reader, p + "rope.scaling.type", "none")
+    rope_scaling = None
+    if kind == "linear":
+        rope_scaling = {"rope_type": "linear",
+                        "factor": _f32(_get(reader, p + "rope.scaling.factor", required=True))}
+    elif kind not in (None, "none") or "rope_freqs.weight" in tensor_names:
+        raise UnsupportedModelError(
+            f"GGUF rope scaling ({kind if kind != 'none' else 'rope_freqs tensor'}) is not "
+            f"supported; flashrt converts plain and linear RoPE from GGUF (convert Llama 3.1+ "
+            f"from the Hugging Face checkpoint)")
+    d = int(_get(reader, p + "embedding_length", required=True))
+    heads = int(_get(reader, p + "attention.head_count", required=True))
+    head_dim = int(_get(reader, p + "attention.key_length", d // heads))
+    if int(_get(reader, p + "attention.value_length", head_dim)) != head_dim:
+        raise UnsupportedModelError("GGUF key_length != value_length is not supported")
+    if int(_get(reader, p + "rope.dimension_count", head_dim)) != head_dim:
+        raise UnsupportedModelError("partial rotary embeddings (rope.dimension_count < "
+                                    "head_dim) are not supported")
+    if "token_embd.weight" not in tensor_names:
+        raise ModelFormatError("GGUF file has no token_embd.weight tensor")
+    bos = _get(reader, "tokenizer.ggml.bos_token_id")
+    eos = _get(reader, "tokenizer.ggml.eos_token_id")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": d,
+        "intermediate_size": int(_get(reader, p + "feed_forward_length", required=True)),
+        "num_hidden_layers": int(_get(reader, p + "block_count", required=True)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_get(reader, p + "attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32(_get(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(_get(reader, p + "rope.freq_base", 10000.0)),
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": int(_get(reader, p + "context_length", 2048)),
+        "vocab_size": None,  # filled from token_embd by the caller
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_id": None if eos is None else int(eos),
+    }
+
+
+def _quantization(reader) -> str:
+    import gguf
+
+    ft = _get(reader, "general.file_type")
+    try:
+        return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return "unknown"
+
+
+# -- tensors --------------------------------------------------------------------------
+def _dequantize(t) -> np.ndarray:
+    """A GGUF tensor as float32 in NumPy (HF) shape order."""
+    from gguf.quants import dequantize
+
+    qname = t.tensor_type.name
+    if qname not in SUPPORTED_QTYPES:
+        raise UnsupportedModelError(
+            f"GGUF tensor {t.name!r} uses quantization {qname}, which flashrt does not "
+            f"convert (supported: {', '.join(SUPPORTED_QTYPES)})")
+    shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the innermost dim first
+    return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+
+def _progress(iterable, enabled, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+def convert_gguf(src_file, out_dir, dtype="float16", overwrite=False, progress=True, *,
+                 reader=None) -> Path:
+    """Convert a llama-architecture GGUF file into a flashrt model directory.
+
+    `reader`: an already parsed `gguf.GGUFReader` of `src_file` (parsing takes seconds).
+    """
+    import gguf
+
+    src_file = Path(src_file)
+    if not src_file.is_file():
+        raise ModelFormatError(f"{src_file}: no such GGUF file")
+    if reader is None:
+        try:
+            reader = gguf.GGUFReader(str(src_file))
+        except Exception as e:
+            raise ModelFormatError(f"{src_file}: not a readable GGUF file ({e})") from e
+    by_gguf = {t.name: t for t in reader.tensors}
+    config = gguf_config(reader, by_gguf)
+    config["vocab_size"] = int(by_gguf["token_embd.weight"].shape[1])
+
+    tensors = {}  # HF name -> GGUF tensor
+    for name, t in by_gguf.items():
+        hf = gguf_to_hf(name)
+        if hf is None:
+            if GGUF_IGNORED.match(name):
+                continue
+            raise UnsupportedModelError(f"{src_file}: GGUF tensor {name!r} has no meaning in "
+                                        f"flashrt's llama model; this variant is not supported")
+        tensors[hf] = t
+    resident, ffn = expected_tensors("llama", config)
+    for name, shape in list(resident.items()) + [nv for layer in ffn for nv in layer.values()]:
+        if name not in tensors:
+            raise ModelFormatError(f"{src_file}: tensor for {name!r} is missing")
+        got = tuple(int(s) for s in reversed(tensors[name].shape))
+        if got != tuple(shape):
+            raise ModelFormatError(f"{src_file}: tensor for {name!r} has shape {got}, the "
+                                   f"metadata implies {tuple(shape)}")
+
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+
+    def load(name):
+        w = _dequantize(tensors[name])
+        if name.endswith("self_attn.q_proj.weight"):
+            w = unpermute_qk(w, n_head)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = unpermute_qk(w, n_kv)
+        return w
+
+    tok = None
+    if "tokenizer.ggml.model" in reader.fields:
+        tok = tokenizer_from_gguf(reader)
+    else:
+        warnings.warn(f"{src_file}: no tokenizer metadata; the converted model will have no "
+                      f"tokenizer (token ids only)", stacklevel=2)
+    source = {"kind": "gguf", "path": str(src_file.absolute()),
+              "quantization": _quantization(reader)}
+    with ModelWriter(out_dir, "llama", config, dtype, overwrite=overwrite, source=source) as w:
+        layer_prefix = "model.layers."
+        for name in resident:
+            if not name.startswith(layer_prefix):
+                w.add_resident(name, load(name))
+        for l, parts in enumerate(_progress(ffn, progress, desc="convert", unit="layer")):
+            for name in resident:
+                if name.startswith(f"{layer_prefix}{l}."):
+                    w.add_resident(name, load(name))
+            w.add_ffn_layer(l, make_bundles(*(load(parts[p][0]) for p in w.parts)))
+        if tok is not None:
+            w.add_tokenizer(*tok)
+        return w.commit()

@@ -1,0 +1,174 @@
+"""manifest.json: what a flashrt model directory holds and where.
+
+The manifest is written last, so a directory with a valid manifest is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ModelFormatError
+
+MAGIC = "flashrt-model"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+RESIDENT_NAME = "resident.safetensors"
+FFN_NAME = "ffn.bin"
+TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+ALIGNMENT = 4096
+DTYPES = ("float16", "float32")
+ARCHITECTURES = ("llama", "opt")
+
+HEAD_BYTES = 1 << 20  # head hash covers the first and the last MiB
+_HASH_CHUNK = 8 << 20
+REDO = "re-run `flashrt convert` to rebuild the model directory"
+
+
+def _blake2b():
+    return hashlib.blake2b(digest_size=16)
+
+
+def head_hash(path) -> str:
+    """blake2b of the first and the last MiB (the whole file when it is <= 2 MiB)."""
+    size = os.path.getsize(path)
+    h = _blake2b()
+    with open(path, "rb") as f:
+        if size <= 2 * HEAD_BYTES:
+            h.update(f.read())
+        else:
+            h.update(f.read(HEAD_BYTES))
+            f.seek(size - HEAD_BYTES)
+            h.update(f.read(HEAD_BYTES))
+    return h.hexdigest()
+
+
+def full_hash(path) -> str:
+    """blake2b of the whole file."""
+    h = _blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fail(what: str, path=None):
+    where = f"{path}: " if path is not None else ""
+    raise ModelFormatError(f"{where}{what}; {REDO}")
+
+
+@dataclass
+class Manifest:
+    """The parsed manifest.json. `ffn`, `files` and `source` are the JSON objects as written."""
+
+    architecture: str
+    config: dict
+    dtype: str
+    ffn: dict
+    files: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    created_by: str = "flashrt"
+    magic: str = MAGIC
+    format_version: int = FORMAT_VERSION
+
+    # -- JSON ------------------------------------------------------------------------
+    def to_json(self) -> str:
+        d = asdict(self)
+        order = ["magic", "format_version", "architecture", "config", "dtype", "ffn",
+                 "files", "source", "created_by"]
+        return json.dumps({k: d[k] for k in order}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, path=None) -> "Manifest":
+        """Parse and validate; ModelFormatError (naming `path`) on anything wrong."""
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            _fail(f"manifest is not valid JSON ({e})", path)
+        if not isinstance(d, dict):
+            _fail("manifest is not a JSON object", path)
+        if d.get("magic") != MAGIC:
+            _fail(f"not a flashrt model manifest (magic {d.get('magic')!r}, "
+                  f"expected {MAGIC!r})", path)
+        version = d.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            _fail(f"bad format_version {version!r}", path)
+        if version > FORMAT_VERSION:
+            raise ModelFormatError(
+                f"{path}: model format version {version} is newer than this flashrt "
+                f"supports ({FORMAT_VERSION}); upgrade flashrt (pip install -U flashrt)"
+            )
+        if version < 1:
+            _fail(f"bad format_version {version!r}", path)
+        missing = [k for k in ("architecture", "config", "dtype", "ffn", "files") if k not in d]
+        if missing:
+            _fail(f"manifest lacks required field(s) {missing}", path)
+        known = {f for f in cls.__dataclass_fields__}
+        m = cls(**{k: v for k, v in d.items() if k in known})
+        m.validate(path)
+        return m
+
+    # -- checks ----------------------------------------------------------------------
+    def validate(self, path=None) -> None:
+        """Internal consistency (no file access). ModelFormatError on anything wrong."""
+        if self.architecture not in ARCHITECTURES:
+            _fail(f"unknown architecture {self.architecture!r} (expected one of "
+                  f"{list(ARCHITECTURES)})", path)
+        if self.dtype not in DTYPES:
+            _fail(f"unknown dtype {self.dtype!r} (expected one of {list(DTYPES)})", path)
+        if not isinstance(self.config, dict) or not isinstance(self.files, dict):
+            _fail("manifest 'config' and 'files' must be objects", path)
+        for name, info in self.files.items():
+            if (not isinstance(info, dict) or not isinstance(info.get("bytes"), int)
+                    or not isinstance(info.get("head_hash"), str)):
+                _fail(f"manifest entry for file {name!r} lacks 'bytes'/'head_hash'", path)
+            if os.path.basename(name) != name or name in ("", ".", ".."):
+                _fail(f"manifest names a file outside the directory: {name!r}", path)
+        for name in (RESIDENT_NAME,):
+            if name not in self.files:
+                _fail(f"manifest does not list {name}", path)
+        f = self.ffn
+        if not isinstance(f, dict):
+            _fail("manifest 'ffn' must be an object", path)
+        need = ["file", "parts", "n_neurons", "dim", "row_bytes", "alignment",
+                "layer_offsets", "file_bytes"]
+        missing = [k for k in need if k not in f]
+        if missing:
+            _fail(f"manifest 'ffn' lacks field(s) {missing}", path)
+        from ..ffn_layout import parts_for  # no cycle: ffn_layout imports only numpy
+
+        parts = tuple(f["parts"])
+        if parts != parts_for(self.architecture):
+            _fail(f"ffn parts {list(parts)} do not match architecture "
+                  f"{self.architecture!r}", path)
+        ints = ["n_neurons", "dim", "row_bytes", "alignment", "file_bytes"]
+        if not all(isinstance(f[k], int) and f[k] > 0 for k in ints):
+            _fail(f"ffn fields {ints} must be positive integers", path)
+        itemsize = 2 if self.dtype == "float16" else 4
+        if f["row_bytes"] != len(parts) * f["dim"] * itemsize:
+            _fail(f"ffn row_bytes {f['row_bytes']} != {len(parts)} parts x dim {f['dim']} x "
+                  f"{itemsize} bytes", path)
+        if f["file"] not in self.files:
+            _fail(f"manifest does not list the FFN file {f['file']!r}", path)
+        if self.files[f["file"]]["bytes"] != f["file_bytes"]:
+            _fail("ffn file_bytes disagrees with the files table", path)
+        offsets = f["layer_offsets"]
+        n_layers = self.config.get("num_hidden_layers")
+        if not isinstance(offsets, list) or len(offsets) != n_layers:
+            _fail(f"ffn layer_offsets has {len(offsets) if isinstance(offsets, list) else '?'} "
+                  f"entries; config says num_hidden_layers={n_layers}", path)
+        layer_bytes = f["n_neurons"] * f["row_bytes"]
+        end = 0
+        for l, off in enumerate(offsets):
+            if not isinstance(off, int) or off < end or off % f["alignment"]:
+                _fail(f"ffn layer_offsets[{l}]={off!r} is not an aligned offset past the "
+                      f"previous layer (ends at {end})", path)
+            end = off + layer_bytes
+        if end > f["file_bytes"]:
+            _fail(f"ffn layers end at byte {end}, past the file size {f['file_bytes']}", path)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.ffn["layer_offsets"])

@@ -1,0 +1,215 @@
+"""Open and check a flashrt model directory.
+
+`ModelFiles.open(path)` checks the magic, format version, required fields, every
+listed file's size and head hash (first + last MiB), and the FFN layout; anything
+wrong raises ModelFormatError naming the file. `verify(full=True)` re-hashes every
+byte against the hashes stored at conversion time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from .manifest import (
+    MANIFEST_NAME,
+    REDO,
+    RESIDENT_NAME,
+    TOKENIZER_CONFIG_NAME,
+    TOKENIZER_NAME,
+    Manifest,
+    full_hash,
+    head_hash,
+)
+
+
+class ModelFiles:
+    """A checked model directory. Holds no open files."""
+
+    def __init__(self, path, manifest: Manifest):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, path) -> "ModelFiles":
+        path = Path(path)
+        mpath = path / MANIFEST_NAME
+        if not path.is_dir():
+            raise ModelFormatError(
+                f"{path}: no such model directory; create one with `flashrt convert`")
+        if not mpath.is_file():
+            raise ModelFormatError(
+                f"{path}: not a flashrt model directory (no {MANIFEST_NAME}); "
+                f"create it with `flashrt convert` (an interrupted conversion leaves none)")
+        try:
+            text = mpath.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{mpath}: cannot read the manifest ({e}); {REDO}") from e
+        manifest = Manifest.from_json(text, mpath)
+        self = cls(path, manifest)
+        self._check_files()
+        return self
+
+    def _check_files(self) -> None:
+        for name, info in self.manifest.files.items():
+            p = self.path / name
+            if not p.is_file():
+                raise ModelFormatError(f"{p}: file is missing; {REDO}")
+            size = p.stat().st_size
+            if size != info["bytes"]:
+                what = "truncated" if size < info["bytes"] else "longer than recorded"
+                raise ModelFormatError(
+                    f"{p}: file is {what} ({size} bytes, manifest says {info['bytes']}); {REDO}")
+            if head_hash(p) != info["head_hash"]:
+                raise ModelFormatError(
+                    f"{p}: contents do not match the manifest (head hash differs; "
+                    f"the file is corrupt or was replaced); {REDO}")
+
+    def verify(self, full: bool = True) -> None:
+        """Re-check sizes and head hashes; with full=True also hash every byte of every file."""
+        self._check_files()
+        if not full:
+            return
+        for name, info in self.manifest.files.items():
+            p = self.path / name
+            if "hash" not in info:
+                raise ModelFormatError(f"{p}: the manifest stores no full hash; {REDO}")
+            if full_hash(p) != info["hash"]:
+                raise ModelFormatError(f"{p}: contents are corrupt (full hash differs); {REDO}")
+
+    # -- lifetime (nothing is held open; a context manager for symmetry) -------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        pass
+
+    # -- metadata --------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return self.manifest.config
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest.architecture
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest.dtype).newbyteorder("<")
+
+    @property
+    def n_layers(self) -> int:
+        return self.manifest.n_layers
+
+    # -- resident tensors ------------------------------------------------------------
+    @property
+    def resident_path(self) -> Path:
+        return self.path / RESIDENT_NAME
+
+    @property
+    def resident_bytes(self) -> int:
+        """RAM the resident tensors take once loaded (their data bytes, header excluded)."""
+        p = self.resident_path
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        size = self.manifest.files[RESIDENT_NAME]["bytes"]
+        if not 0 < n <= size - 8:
+            raise ModelFormatError(f"{p}: bad safetensors header length {n}; {REDO}")
+        return size - 8 - n
+
+    def load_resident(self) -> dict:
+        """Every non-FFN tensor, {HF name: array} owned in RAM (2-D model dtype, 1-D float32)."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        p = self.resident_path
+        try:
+            tensors = load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFormatError(f"{p}: cannot read the resident tensors ({e}); {REDO}") from e
+        for name, a in tensors.items():
+            want = self.dtype if a.ndim >= 2 else np.dtype("<f4")
+            if a.dtype != want:
+                raise ModelFormatError(
+                    f"{p}: tensor {name!r} is {a.dtype}, expected {want.name}; {REDO}")
+        return tensors
+
+    # -- FFN bundles -----------------------------------------------------------------
+    @property
+    def ffn_path(self) -> Path:
+        return self.path / self.manifest.ffn["file"]
+
+    @property
+    def ffn_parts(self) -> tuple:
+        return tuple(self.manifest.ffn["parts"])
+
+    @property
+    def n_neurons(self) -> int:
+        return self.manifest.ffn["n_neurons"]
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.ffn["dim"]
+
+    @property
+    def ffn_row_bytes(self) -> int:
+        return self.manifest.ffn["row_bytes"]
+
+    @property
+    def ffn_row_elems(self) -> int:
+        return len(self.ffn_parts) * self.dim
+
+    @property
+    def ffn_alignment(self) -> int:
+        return self.manifest.ffn["alignment"]
+
+    @property
+    def ffn_layer_bytes(self) -> int:
+        return self.n_neurons * self.ffn_row_bytes
+
+    @property
+    def ffn_bytes(self) -> int:
+        """RAM all layers' bundles take (n_layers * n_neurons * row_bytes, no padding)."""
+        return self.n_layers * self.ffn_layer_bytes
+
+    def ffn_layer_offset(self, layer: int) -> int:
+        offsets = self.manifest.ffn["layer_offsets"]
+        if not 0 <= layer < len(offsets):
+            raise IndexError(f"layer {layer} out of range (model has {len(offsets)} layers)")
+        return offsets[layer]
+
+    def read_ffn_layer(self, layer: int) -> np.ndarray:
+        """Layer `layer`'s bundles, (n_neurons, n_parts * dim) in the model dtype (plain read)."""
+        offset = self.ffn_layer_offset(layer)
+        count = self.n_neurons * self.ffn_row_elems
+        a = np.fromfile(self.ffn_path, dtype=self.dtype, count=count, offset=offset)
+        if a.size != count:
+            raise ModelFormatError(f"{self.ffn_path}: layer {layer} is truncated; {REDO}")
+        return a.reshape(self.n_neurons, self.ffn_row_elems)  # (n_neurons, n_parts * dim)
+
+    # -- tokenizer -------------------------------------------------------------------
+    @property
+    def tokenizer_dir(self):
+        """The directory holding tokenizer.json (this one), or None when there is none."""
+        return self.path if (self.path / TOKENIZER_NAME).is_file() else None
+
+    def tokenizer_config(self) -> dict:
+        p = self.path / TOKENIZER_CONFIG_NAME
+        if not p.is_file():
+            return {}
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ModelFormatError(f"{p}: not valid JSON ({e}); {REDO}") from e
+
+    def __repr__(self):
+        return (f"ModelFiles({os.fspath(self.path)!r}, {self.architecture}, "
+                f"{self.n_layers} layers, {self.manifest.dtype})")

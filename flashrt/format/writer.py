@@ -1,0 +1,325 @@
+"""Write a flashrt model directory.
+
+    with ModelWriter(out_dir, "llama", config, "float16") as w:
+        w.add_resident("model.embed_tokens.weight", embed)      # any order
+        for l in range(n_layers):
+            w.add_ffn_layer(l, bundles)                          # layers in order
+        w.add_tokenizer(tokenizer_json, tokenizer_config)
+        w.commit()
+
+Everything goes to `<out_dir>.tmp-<pid>` and is renamed into place by `commit()`
+(also called on a clean exit from the `with`); an exception inside the `with`
+removes the temp dir, so an interrupted conversion never leaves a valid-looking
+model behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from ..ffn_layout import parts_for
+from .manifest import (
+    ALIGNMENT,
+    ARCHITECTURES,
+    DTYPES,
+    FFN_NAME,
+    MANIFEST_NAME,
+    RESIDENT_NAME,
+    TOKENIZER_CONFIG_NAME,
+    TOKENIZER_NAME,
+    Manifest,
+    _blake2b,
+    head_hash,
+    full_hash,
+)
+
+
+class OutputExistsError(ModelFormatError, FileExistsError):
+    """The output directory exists and overwrite was not asked for."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("flashrt")
+    except Exception:  # not installed (running from a source tree)
+        return "0.1.0"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ModelWriter:
+    """Builds a model directory in a temp dir, then renames it into place."""
+
+    def __init__(self, out_dir, architecture: str, config: dict, dtype="float16",
+                 overwrite: bool = False, source: dict | None = None,
+                 alignment: int = ALIGNMENT):
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        dtype = np.dtype(dtype).name
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"alignment must be a power of two, got {alignment}")
+        self.out_dir = Path(os.path.abspath(out_dir))
+        self.architecture = architecture
+        self.config = dict(config)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.overwrite = overwrite
+        self.source = dict(source or {})
+        self.alignment = alignment
+        self.parts = parts_for(architecture)
+        self._check_output()
+
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_dirs()
+        self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.tmp-{os.getpid()}")
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir()
+        self._resident: dict[str, np.ndarray] = {}
+        self._ffn_file = open(self.tmp_dir / FFN_NAME, "wb")
+        self._ffn_hash = _blake2b()
+        self._ffn_pos = 0
+        self._offsets: list[int] = []
+        self._n_neurons = None
+        self._dim = None
+        self._tokenizer = None
+        self._done = False  # committed or aborted
+
+    # -- context manager -------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        return False
+
+    def abort(self) -> None:
+        """Remove the temp dir; nothing is left behind."""
+        if not self._ffn_file.closed:
+            self._ffn_file.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._done = True
+
+    # -- adding content --------------------------------------------------------------
+    def add_resident(self, name: str, array) -> None:
+        """A non-FFN tensor under its HF name: 2-D in the model dtype, 1-D as float32."""
+        self._check_open()
+        if name in self._resident:
+            raise ValueError(f"resident tensor {name!r} added twice")
+        array = np.asarray(array)
+        dtype = self.dtype if array.ndim >= 2 else np.dtype("<f4")
+        with np.errstate(over="ignore"):  # overflow is reported by _check_finite
+            out = np.ascontiguousarray(array, dtype=dtype)
+        self._check_finite(out, array, f"resident tensor {name!r}")
+        self._resident[name] = out
+
+    def add_ffn_layer(self, layer: int, bundles) -> None:
+        """Layer `layer`'s bundle matrix (n_neurons, n_parts * dim); layers in order 0, 1, ..."""
+        self._check_open()
+        if layer != len(self._offsets):
+            raise ValueError(f"FFN layers must be added in order: expected layer "
+                             f"{len(self._offsets)}, got {layer}")
+        bundles = np.asarray(bundles)
+        n_parts = len(self.parts)
+        if bundles.ndim != 2 or bundles.shape[1] % n_parts:
+            raise ValueError(f"layer {layer}: bundles must be (n_neurons, {n_parts} * dim), "
+                             f"got {bundles.shape}")
+        n, dim = bundles.shape[0], bundles.shape[1] // n_parts
+        if self._n_neurons is None:
+            self._n_neurons, self._dim = n, dim
+        elif (n, dim) != (self._n_neurons, self._dim):
+            raise ValueError(f"layer {layer}: bundles {bundles.shape} differ from layer 0's "
+                             f"({self._n_neurons}, {n_parts * self._dim})")
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(bundles, dtype=self.dtype)  # (n_neurons, n_parts * dim)
+        self._check_finite(out, bundles, f"FFN layer {layer}")
+        self._pad_ffn()
+        self._offsets.append(self._ffn_pos)
+        self._write_ffn(memoryview(out).cast("B"))
+
+    def add_tokenizer(self, tokenizer_json: str, tokenizer_config: dict) -> None:
+        """tokenizer.json (HF tokenizers JSON text) and tokenizer_config.json (a dict)."""
+        self._check_open()
+        if not isinstance(tokenizer_json, str):
+            raise TypeError("tokenizer_json must be the JSON text (str)")
+        self._tokenizer = (tokenizer_json, dict(tokenizer_config))
+
+    # -- commit ----------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Finish the files, write the manifest last, and rename the directory into place."""
+        self._check_open()
+        n_layers = self.config.get("num_hidden_layers")
+        if len(self._offsets) != n_layers:
+            raise ValueError(f"{len(self._offsets)} FFN layers written; config says "
+                             f"num_hidden_layers={n_layers}")
+        if not self._resident:
+            raise ValueError("no resident tensors were added")
+        self._pad_ffn()
+        self._ffn_file.flush()
+        os.fsync(self._ffn_file.fileno())
+        self._ffn_file.close()
+
+        from safetensors.numpy import save_file
+
+        save_file(self._resident, str(self.tmp_dir / RESIDENT_NAME),
+                  metadata={"format": "flashrt", "dtype": self.dtype.name})
+        self._resident = {}
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp_dir / RESIDENT_NAME, 0o666 & ~umask)  # save_file creates it 0600
+        names = [RESIDENT_NAME]
+        if self._tokenizer is not None:
+            text, cfg = self._tokenizer
+            (self.tmp_dir / TOKENIZER_NAME).write_text(text, encoding="utf-8")
+            (self.tmp_dir / TOKENIZER_CONFIG_NAME).write_text(
+                json.dumps(cfg, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            names += [TOKENIZER_NAME, TOKENIZER_CONFIG_NAME]
+
+        files = {}
+        for name in names:
+            p = self.tmp_dir / name
+            files[name] = {"bytes": p.stat().st_size, "head_hash": head_hash(p),
+                           "hash": full_hash(p)}
+        p = self.tmp_dir / FFN_NAME
+        files[FFN_NAME] = {"bytes": p.stat().st_size, "head_hash": head_hash(p),
+                           "hash": self._ffn_hash.hexdigest()}
+        manifest = Manifest(
+            architecture=self.architecture,
+            config=self.config,
+            dtype=self.dtype.name,
+            ffn={"file": FFN_NAME, "parts": list(self.parts), "n_neurons": self._n_neurons,
+                 "dim": self._dim, "row_bytes": self._n_row_bytes(),
+                 "alignment": self.alignment, "layer_offsets": list(self._offsets),
+                 "file_bytes": self._ffn_pos},
+            files=files,
+            source=self.source,
+            created_by=f"flashrt {_version()}",
+        )
+        manifest.validate(self.tmp_dir / MANIFEST_NAME)
+        with open(self.tmp_dir / MANIFEST_NAME, "w", encoding="utf-8") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.tmp_dir)
+        self._move_into_place()
+        self._done = True
+        return self.out_dir
+
+    # -- internals -------------------------------------------------------------------
+    def _check_open(self):
+        if self._done:
+            raise ValueError("ModelWriter is already committed or aborted")
+
+    def _check_output(self):
+        if os.path.lexists(self.out_dir) and not self.overwrite:
+            raise OutputExistsError(
+                f"{self.out_dir} already exists; choose another output path or pass "
+                f"overwrite=True (--overwrite) to replace it")
+        if os.path.lexists(self.out_dir) and not self.out_dir.is_dir():
+            raise OutputExistsError(f"{self.out_dir} exists and is not a directory; "
+                                    f"remove it or choose another output path")
+
+    def _remove_stale_temp_dirs(self):
+        prefix = f"{self.out_dir.name}.tmp-"
+        for p in self.out_dir.parent.glob(prefix + "*"):
+            pid = p.name[len(prefix):]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _check_finite(self, out, src, what):
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            if np.isfinite(src).all():
+                raise ModelFormatError(
+                    f"{what} overflows {self.dtype.name} (values up to "
+                    f"{float(np.abs(src).max()):.3g}); convert with dtype='float32'")
+            raise ModelFormatError(f"{what} contains NaN or infinite values in the source "
+                                   f"checkpoint; the checkpoint is corrupt")
+
+    def _n_row_bytes(self) -> int:
+        if self._dim is None:
+            raise ValueError("no FFN layers were added")
+        return len(self.parts) * self._dim * self.dtype.itemsize
+
+    def _write_ffn(self, data) -> None:
+        self._ffn_file.write(data)
+        self._ffn_hash.update(data)
+        self._ffn_pos += len(data)
+
+    def _pad_ffn(self) -> None:
+        pad = -self._ffn_pos % self.alignment
+        if pad:
+            self._write_ffn(bytes(pad))
+
+    def _move_into_place(self) -> None:
+        out = self.out_dir
+        if os.path.lexists(out):
+            if not self.overwrite:  # appeared while we were converting
+                self._check_output()
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            if os.path.lexists(old):
+                shutil.rmtree(old)
+            os.rename(out, old)
+            try:
+                os.rename(self.tmp_dir, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp_dir, out)
+        _fsync_dir(out.parent)
+
+
+def register_file(model_dir, name: str) -> None:
+    """Record a file added to an existing model directory (e.g. predictors.npz) in its
+    manifest — size, head hash and full hash — replacing the manifest atomically."""
+    model_dir = Path(model_dir)
+    mpath = model_dir / MANIFEST_NAME
+    manifest = Manifest.from_json(mpath.read_text(encoding="utf-8"), mpath)
+    p = model_dir / name
+    if os.path.basename(name) != name or not p.is_file():
+        raise ValueError(f"{p}: not a file inside the model directory")
+    manifest.files[name] = {"bytes": p.stat().st_size, "head_hash": head_hash(p),
+                            "hash": full_hash(p)}
+    tmp = mpath.with_name(f"{MANIFEST_NAME}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, mpath)

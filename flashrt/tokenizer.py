@@ -1,0 +1,255 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus BOS/EOS rules and the chat template.
+
+Built from a model directory's tokenizer.json + tokenizer_config.json (`from_dir`),
+or from GGUF metadata (`tokenizer_from_gguf`, used by the GGUF converter).
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .errors import ModelFormatError, UnsupportedModelError
+
+# -- GGUF vocabularies -----------------------------------------------------------------
+# Pre-tokenizer regexes of llama.cpp's BPE pre-types (as in the models' tokenizer.json).
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+def _pre_tokenizer(pre: str):
+    """(pre_tokenizer, ignore_merges) for a llama.cpp BPE pre-type name."""
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre == "smollm":
+        return pt.Sequence([pt.Digits(individual_digits=True),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=True)]), False
+    if pre == "gpt-2":
+        return pt.ByteLevel(add_prefix_space=False, use_regex=True), False
+    if pre in ("llama3", "llama-bpe"):
+        return pt.Sequence([pt.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
+                            byte_level]), True
+    if pre == "qwen2":
+        return pt.Sequence([pt.Split(Regex(_QWEN2_REGEX), behavior="isolated"),
+                            byte_level]), False
+    raise UnsupportedModelError(
+        f"GGUF tokenizer pre-type {pre!r} is not supported (flashrt knows smollm, gpt-2, "
+        f"llama-bpe/llama3, qwen2); convert the Hugging Face checkpoint instead")
+
+
+def _drop_missing_bytes(pre_tokenizer, vocab, merges):
+    """Some vocabularies lack byte tokens (SmolLM2 lacks 21, e.g. 0x04 and 0xF1). llama.cpp
+    keeps such a byte as a symbol that blocks merges across it, then drops it; `tokenizers`
+    drops it first and merges its neighbours. Splitting there (and removing it) after the
+    byte-level mapping gives llama.cpp's ids."""
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    in_merges = {c for a, b in merges for c in a + b}
+    missing = sorted(c for c in pt.ByteLevel.alphabet() if c not in vocab and c not in in_merges)
+    if not missing:
+        return pre_tokenizer
+    cls = "".join("\\" + c if c in "[]\\^-" else c for c in missing)
+    return pt.Sequence([pre_tokenizer, pt.Split(Regex(f"[{cls}]"), behavior="removed")])
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def tokenizer_from_gguf(reader):
+    """(tokenizer_json_str, tokenizer_config dict) from a gguf.GGUFReader's metadata.
+
+    BPE vocabularies ("gpt2" model) only: BPE(vocab, merges), the pre-type's
+    pre-tokenizer, a ByteLevel decoder, control tokens (type 3) as special tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
+
+    model = _field(reader, "tokenizer.ggml.model")
+    if model is None:
+        raise ModelFormatError("the GGUF file has no tokenizer metadata (tokenizer.ggml.model)")
+    if model != "gpt2":
+        raise UnsupportedModelError(
+            f"GGUF tokenizer model {model!r} is not supported (flashrt reads BPE 'gpt2' "
+            f"vocabularies); convert the Hugging Face checkpoint instead")
+    pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
+    pre_tokenizer, ignore_merges = _pre_tokenizer(pre)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges") or []]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tk = HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    tk.pre_tokenizer = _drop_missing_bytes(pre_tokenizer, vocab, merges)
+    tk.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED]
+    tk.add_special_tokens(special)
+    if user:
+        tk.add_tokens(user)
+
+    def tok(key):
+        i = _field(reader, key)
+        return (int(i), tokens[int(i)]) if i is not None and 0 <= int(i) < len(tokens) else (None, None)
+
+    bos_id, bos = tok("tokenizer.ggml.bos_token_id")
+    eos_id, eos = tok("tokenizer.ggml.eos_token_id")
+    eos_ids = [eos_id] if eos_id is not None else []
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        i, _ = tok(key)
+        if i is not None and i not in eos_ids:
+            eos_ids.append(i)
+    config = {"chat_template": _field(reader, "tokenizer.chat_template"),
+              "bos_token": bos, "eos_token": eos,
+              "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+              "bos_token_id": bos_id, "eos_token_ids": eos_ids}
+    return tk.to_str(), config
+
+
+# -- chat templates -------------------------------------------------------------------
+def _raise_exception(message):
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _compile_template(source: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+# -- the tokenizer --------------------------------------------------------------------
+class Tokenizer:
+    """encode/decode with the model's BOS rule; chat template rendering."""
+
+    def __init__(self, tokenizer, config: dict | None = None):
+        cfg = dict(config or {})
+        self._tk = tokenizer  # tokenizers.Tokenizer
+        self.chat_template = cfg.get("chat_template")
+        self.bos_token = cfg.get("bos_token")
+        self.eos_token = cfg.get("eos_token")
+        bos_id = cfg.get("bos_token_id")
+        if bos_id is None and self.bos_token is not None:
+            bos_id = tokenizer.token_to_id(self.bos_token)
+        self.bos_token_id = bos_id
+        eos_ids = set(int(i) for i in cfg.get("eos_token_ids") or [])
+        if self.eos_token is not None and tokenizer.token_to_id(self.eos_token) is not None:
+            eos_ids.add(tokenizer.token_to_id(self.eos_token))
+        self.eos_token_ids = eos_ids
+        self.add_bos_token = bool(cfg.get("add_bos_token", False))
+        if self.add_bos_token and self.bos_token_id is None:
+            raise ModelFormatError("tokenizer config asks to add BOS but names no BOS token")
+        self._template = None
+
+    @classmethod
+    def from_json(cls, tokenizer_json: str, config: dict | None = None) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(tokenizer_json), config)
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        """From `<path>/tokenizer.json` and (optional) `<path>/tokenizer_config.json`."""
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise ModelFormatError(f"{path}: no tokenizer.json (this model was converted "
+                                   f"without a tokenizer; pass token ids instead)")
+        tc = path / "tokenizer_config.json"
+        try:
+            config = json.loads(tc.read_text(encoding="utf-8")) if tc.is_file() else {}
+            return cls.from_json(tj.read_text(encoding="utf-8"), config)
+        except ModelFormatError:
+            raise
+        except Exception as e:
+            raise ModelFormatError(f"{path}: cannot load the tokenizer ({e}); re-run "
+                                   f"`flashrt convert`") from e
+
+    @classmethod
+    def from_gguf(cls, gguf_path) -> "Tokenizer":
+        import gguf
+
+        return cls.from_json(*tokenizer_from_gguf(gguf.GGUFReader(str(gguf_path))))
+
+    # -- ids -----------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list:
+        """Token ids of `text` (special tokens written in the text are matched);
+        BOS prepended iff add_bos_token (or `add_bos`)."""
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos_token if add_bos is None else add_bos) and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str):
+        return self._tk.token_to_id(token)
+
+    def id_to_token(self, token_id: int):
+        return self._tk.id_to_token(int(token_id))
+
+    def decode_stream(self, skip_special_tokens: bool = False) -> "StreamDecoder":
+        """An incremental decoder: feed ids one at a time, get text deltas back."""
+        return StreamDecoder(self, skip_special_tokens)
+
+    # -- chat ----------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render `messages` ([{"role", "content"}, ...]) with the model's chat template."""
+        if not self.chat_template:
+            raise ModelFormatError("this model has no chat template; use plain generation")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+        variables.update(kwargs)
+        return self._template.render(messages=list(messages),
+                                     add_generation_prompt=add_generation_prompt, **variables)
+
+
+class StreamDecoder:
+    """Text deltas for a growing id sequence; holds back incomplete UTF-8 (U+FFFD) tails."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids = []
+        self._prefix = 0  # ids[prefix:read] were already emitted (context for the decoder)
+        self._read = 0
+
+    def step(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        before = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
+        text = self._tok.decode(self._ids[self._prefix:], self._skip)
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held back (at the end of generation)."""
+        before = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
+        text = self._tok.decode(self._ids[self._prefix:], self._skip)
+        self._prefix = self._read = len(self._ids)
+        return text[len(before):]
