@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,7 +105,9 @@ class Generator:
         self.files = ModelFiles.open(self.path)
         try:
             self.config = self.files.config
+            rss_before = _rss_bytes()
             self.tokenizer = Tokenizer.from_dir(self.files.tokenizer_dir) if self.files.tokenizer_dir else None
+            tokenizer_bytes = max(_rss_bytes() - rss_before, 0)  # the Rust BPE tables: ~50 MB for SmolLM2
             n_ctx_model = int(self.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
             self.plan = None
             self.select = None
@@ -120,7 +123,8 @@ class Generator:
                 self.select = choose_select(self.files, select) if mode == "flash" else "all"
                 pred = predictors_path(self.files)
                 pred_bytes = pred.stat().st_size if self.select == "predictor" else 0
-                self.plan = plan_budget(self.files, mode, memory_budget, max_context, n_ctx_model, pred_bytes)
+                self.plan = plan_budget(self.files, mode, memory_budget, max_context, n_ctx_model, pred_bytes,
+                                        tokenizer_bytes)
                 self.max_context = self.plan.max_context
             weights = self.files.load_resident()
             if mode == "dense":
@@ -301,6 +305,15 @@ class Generator:
 
     def __repr__(self) -> str:
         return f"Generator({str(self.path)!r}, mode={self.mode!r})"
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class _IncrementalText:

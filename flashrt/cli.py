@@ -86,7 +86,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .flash.budget import ffn_bytes, resident_bytes
     from .format.reader import ModelFiles
     from .home import resolve_model_path
 
@@ -104,8 +103,8 @@ def cmd_info(args) -> int:
             "ffn_neurons": files.n_neurons,
             "ffn_parts": list(files.ffn_parts),
             "ffn_row_bytes": files.ffn_row_bytes,
-            "bytes_resident": resident_bytes(files),
-            "bytes_ffn": ffn_bytes(files),
+            "bytes_resident": files.resident_bytes,
+            "bytes_ffn": files.ffn_bytes,
             "vocab_size": files.config.get("vocab_size"),
             "max_position_embeddings": files.config.get("max_position_embeddings"),
             "tokenizer": files.tokenizer_dir is not None,

@@ -15,9 +15,9 @@ from ..errors import BudgetError
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-KV_BUDGET_SHARE = 0.15  # under a budget, the default context uses at most this share of it
+KV_BUDGET_SHARE = 0.10  # under a budget, the default context uses at most this share of it
 MIN_CONTEXT = 256
-STREAM_CHUNK_BYTES = 4 << 20  # prefill / naive stream each layer through a buffer this size
+STREAM_CHUNK_BYTES = 2 << 20  # prefill / naive stream each layer through a buffer this size
 MIN_CACHE_SHARE = 0.05  # flash mode needs room for at least this share of each layer's neurons
 
 
@@ -70,6 +70,7 @@ class BudgetPlan:
     budget: int | None
     resident_bytes: int
     predictor_bytes: int
+    tokenizer_bytes: int  # measured when it was loaded
     kv_bytes: int
     working_bytes: int
     cache_rows: int  # per layer (flash mode); 0 in naive mode
@@ -79,7 +80,8 @@ class BudgetPlan:
 
     @property
     def total(self) -> int:
-        return self.resident_bytes + self.predictor_bytes + self.kv_bytes + self.working_bytes + self.cache_bytes
+        return (self.resident_bytes + self.predictor_bytes + self.tokenizer_bytes + self.kv_bytes
+                + self.working_bytes + self.cache_bytes)
 
     @property
     def cache_share(self) -> float:
@@ -88,18 +90,9 @@ class BudgetPlan:
     def describe(self) -> str:
         b = fmt_bytes(self.budget) if self.budget else "none"
         return (f"budget {b}: resident {fmt_bytes(self.resident_bytes)}, predictors {fmt_bytes(self.predictor_bytes)}, "
+                f"tokenizer {fmt_bytes(self.tokenizer_bytes)}, "
                 f"KV cache {fmt_bytes(self.kv_bytes)} ({self.max_context} tokens), buffers {fmt_bytes(self.working_bytes)}, "
                 f"neuron caches {fmt_bytes(self.cache_bytes)} ({self.cache_rows}/{self.n_neurons} neurons per layer)")
-
-
-def resident_bytes(files) -> int:
-    """DRAM the resident tensors take once loaded (their file holds them raw, plus a small header)."""
-    return files.resident_path.stat().st_size
-
-
-def ffn_bytes(files) -> int:
-    """The FFN weights of all layers (what flash mode leaves on flash)."""
-    return files.n_layers * files.n_neurons * files.ffn_row_bytes
 
 
 def _default_context(config: dict, budget: int | None, max_context: int | None, n_ctx_model: int) -> int:
@@ -116,7 +109,7 @@ def _default_context(config: dict, budget: int | None, max_context: int | None, 
 
 
 def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_model: int,
-                predictor_bytes: int = 0) -> BudgetPlan:
+                predictor_bytes: int = 0, tokenizer_bytes: int = 0) -> BudgetPlan:
     """Split the budget. With no budget, flash mode caches every neuron (a DRAM-sized cache)."""
     config = files.config
     budget = parse_size(memory_budget) if memory_budget is not None else None
@@ -124,7 +117,7 @@ def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_
     n_layers = int(config["num_hidden_layers"])
     row_bytes = files.ffn_row_bytes
     n_neurons = files.n_neurons
-    fixed = dict(resident_bytes=resident_bytes(files), predictor_bytes=predictor_bytes,
+    fixed = dict(resident_bytes=files.resident_bytes, predictor_bytes=predictor_bytes, tokenizer_bytes=tokenizer_bytes,
                  kv_bytes=ctx * kv_bytes_per_token(config), working_bytes=working_bytes(config, row_bytes, ctx))
     fixed_total = sum(fixed.values())
     if mode == "naive":
@@ -141,6 +134,7 @@ def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_
         raise BudgetError(
             f"a memory budget of {fmt_bytes(budget)} is too small for {files.path.name} in {mode} mode: "
             f"it needs at least {fmt_bytes(need)} (resident tensors {fmt_bytes(fixed['resident_bytes'])}, "
+            f"tokenizer {fmt_bytes(fixed['tokenizer_bytes'])}, "
             f"KV cache {fmt_bytes(fixed['kv_bytes'])} for {ctx} tokens, buffers {fmt_bytes(fixed['working_bytes'])}"
             + ("" if mode == "naive" else f", neuron caches of {MIN_CACHE_SHARE:.0%} of the FFN")
             + "); raise the budget or lower max_context"
@@ -152,7 +146,7 @@ def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_
 def check_dense_budget(files, memory_budget, max_context: int) -> None:
     """Dense mode holds everything in DRAM: refuse a budget smaller than that."""
     budget = parse_size(memory_budget)
-    need = (resident_bytes(files) + ffn_bytes(files) + max_context * kv_bytes_per_token(files.config)
+    need = (files.resident_bytes + files.ffn_bytes + max_context * kv_bytes_per_token(files.config)
             + working_bytes(files.config, files.ffn_row_bytes, max_context))
     if budget < need:
         raise BudgetError(f"dense mode keeps the whole model in DRAM and needs {fmt_bytes(need)}, more than the "

@@ -128,6 +128,7 @@ class FlashFFN:
         cache = self.caches[layer]
         t0 = time.perf_counter_ns()
         ids = self.selector.select(layer, x)
+        self._last_selected = ids
         t1 = time.perf_counter_ns()
         missing, first = cache.admit(ids, step)
         t2 = time.perf_counter_ns()
@@ -153,5 +154,33 @@ class FlashFFN:
         if self.spec.down_bias is not None:
             y += self.spec.down_bias[layer]
         ns_compute = time.perf_counter_ns() - t0
-        self.stats.add_layer(n_selected, rows.shape[0], n_read, ns_predict, ns_cache, ns_io, ns_compute)
+        n_computed = rows.shape[0]
+        if n_selected > cache.capacity:  # the selection overflows the cache: stream the rest through
+            ns_io_rest, ns_rest, n_rest = self._overflow(layer, x, y)
+            ns_io += ns_io_rest
+            ns_compute += ns_rest
+            n_read += n_rest
+            n_computed += n_rest
+        self.stats.add_layer(n_selected, n_computed, n_read, ns_predict, ns_cache, ns_io, ns_compute)
         return y
+
+    def _overflow(self, layer: int, x: np.ndarray, y: np.ndarray):
+        """Selected neurons the cache had no room for: read them into the chunk buffer each token
+        and add their share to y, so a selection larger than the cache is still computed exactly."""
+        cache = self.caches[layer]
+        ids = self._last_selected
+        rest = np.sort(ids[cache.id_to_slot[ids] < 0])  # (n_rest,) int64
+        up_bias = self.spec.up_bias[layer] if self.spec.up_bias is not None else None
+        ns_io = ns_compute = 0
+        for start in range(0, rest.size, self.chunk_rows):
+            part_ids = rest[start:start + self.chunk_rows]
+            chunk = self._chunk[:part_ids.size]
+            t0 = time.perf_counter_ns()
+            self.loader.read_rows(self.layer_offsets[layer], self.row_bytes, part_ids, chunk)
+            t1 = time.perf_counter_ns()
+            bias = None if up_bias is None else up_bias[part_ids]
+            kernels.ffn_rows(chunk, x, self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads)
+            y += self._part
+            ns_io += t1 - t0
+            ns_compute += time.perf_counter_ns() - t1
+        return ns_io, ns_compute, int(rest.size)

@@ -126,14 +126,40 @@ class ModelFiles:
         return size - 8 - n
 
     def load_resident(self) -> dict:
-        """Every non-FFN tensor, {HF name: array} owned in RAM (2-D model dtype, 1-D float32)."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        """Every non-FFN tensor, {HF name: array} owned in RAM (2-D model dtype, 1-D float32).
 
+        Each tensor is read straight into its own array (no whole-file buffer, no mmap), so
+        opening a model never holds more than the tensors themselves: the memory budget counts
+        on it. The file is safetensors; its header is parsed with the safetensors rules.
+        """
         p = self.resident_path
+        dtypes = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
         try:
-            tensors = load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as e:
+            with open(p, "rb") as f:
+                n_header = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n_header))
+                base = 8 + n_header
+                size = os.fstat(f.fileno()).st_size
+                tensors = {}
+                for name, info in header.items():
+                    if name == "__metadata__":
+                        continue
+                    dtype = dtypes.get(info.get("dtype"))
+                    shape = tuple(info["shape"])
+                    begin, end = info["data_offsets"]
+                    if dtype is None:
+                        raise ModelFormatError(f"{p}: tensor {name!r} has dtype {info.get('dtype')}; {REDO}")
+                    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                    if end - begin != n_bytes or base + end > size or begin < 0:
+                        raise ModelFormatError(f"{p}: tensor {name!r} has bad offsets {begin}..{end}; {REDO}")
+                    a = np.empty(shape, dtype)
+                    f.seek(base + begin)
+                    if f.readinto(memoryview(a).cast("B")) != n_bytes:
+                        raise ModelFormatError(f"{p}: tensor {name!r} is truncated; {REDO}")
+                    tensors[name] = a
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if isinstance(e, ModelFormatError):
+                raise
             raise ModelFormatError(f"{p}: cannot read the resident tensors ({e}); {REDO}") from e
         for name, a in tensors.items():
             want = self.dtype if a.ndim >= 2 else np.dtype("<f4")

@@ -1,0 +1,375 @@
+"""Calibration: record activations with the dense forward pass, fit each layer's predictor,
+allocate per-layer keep fractions under one model-wide target, store predictors.npz.
+
+    report = calibrate("models/smollm2", texts=None, n_tokens=4096, sparsity=0.5)
+    print(report.summary())
+
+With no texts the calibration text is sampled from the model itself (temperature 1).
+
+Gated FFNs: a neuron "counts" when |h| = |silu(gate.x) * (up.x)| exceeds the layer's
+magnitude threshold, calibrated so that the layer keeps its share of neurons; the
+predictor estimates |h| and the runtime keeps the top keep_fraction of neurons by score.
+Per-layer keep fractions are allocated greedily by measured output error (as TEAL does):
+each step gives one more grid step of neurons to the layer whose FFN output error drops
+most, until the model-wide mean keep fraction reaches 1 - sparsity.
+
+ReLU FFNs: a neuron fires when its pre-activation is > 0; the score threshold is set on
+held-out tokens to reach `target_recall`, and the report gives recall, precision and
+false-positive rate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from .fit import fit_layer
+from .lowrank import default_rank, ffn_macs, n_keep, topk_mask
+from .store import PredictorSet
+
+GRID = np.round(np.arange(0.1, 1.0001, 0.05), 4)   # keep fractions the allocator moves between
+
+
+# -- error curves and allocation ------------------------------------------------------------
+def output_error_curve(scores, H, W_down, grid=GRID, max_tokens=1024):
+    """Relative squared FFN output error ||(H * ~keep) @ down.T||^2 / ||H @ down.T||^2 per keep fraction.
+
+    keep = each token's top fraction by score. scores (T, n), H (T, n) recorded h,
+    W_down (d, n) (HF layout). Uses at most max_tokens tokens. Returns (len(grid),) float64.
+    """
+    H = np.asarray(H[:max_tokens], np.float32)
+    scores = np.asarray(scores[:max_tokens])
+    Wd = np.asarray(W_down, np.float32)
+    ref = float(np.sum(np.square(H @ Wd.T))) or 1.0
+    T, n = H.shape
+    order = np.argsort(-scores, axis=1)                                  # (T, n) best first
+    position = np.empty((T, n), np.int32)                                # rank of each neuron
+    np.put_along_axis(position, order, np.arange(n, dtype=np.int32)[None, :].repeat(T, 0), axis=1)
+    out = np.empty(len(grid))
+    for j, f in enumerate(grid):
+        k = n_keep(n, f)
+        E = np.where(position >= k, H, 0.0).astype(np.float32) @ Wd.T    # (T, d) dropped output
+        out[j] = float(np.sum(np.square(E))) / ref
+    return out
+
+
+def allocate_keep_fractions(curves, target_keep, grid=GRID, floor=None):
+    """Per-layer keep fractions with mean target_keep, minimising the summed error (greedy).
+
+    curves: (L, len(grid)) error per layer and keep fraction (non-increasing in the fraction).
+    floor: lowest fraction any layer gets (default: target_keep / 2).
+    """
+    curves = np.asarray(curves, np.float64)
+    L = curves.shape[0]
+    grid = np.asarray(grid)
+    floor = target_keep / 2 if floor is None else floor
+    idx = np.full(L, int(np.searchsorted(grid, floor - 1e-9)))
+    idx = np.minimum(idx, len(grid) - 1)
+    if grid[idx[0]] >= target_keep:
+        return np.full(L, float(target_keep))
+    last = None
+    while grid[idx].mean() < target_keep - 1e-9:
+        gains = np.full(L, -np.inf)
+        ok = idx < len(grid) - 1
+        gains[ok] = (curves[ok, idx[ok]] - curves[ok, idx[ok] + 1]) / (grid[idx[ok] + 1] - grid[idx[ok]])
+        best = int(np.argmax(gains))
+        if not np.isfinite(gains[best]):
+            break
+        idx[best] += 1
+        last = best
+    f = grid[idx].astype(np.float64)
+    if last is not None and f.mean() > target_keep:
+        f[last] -= (f.mean() - target_keep) * L          # the last step overshot: take back the excess
+    return f
+
+
+# -- per-layer quality figures ------------------------------------------------------------------
+def gated_layer_report(scores, H, keep_fraction, W_down=None):
+    """Figures for one gated layer on held-out tokens at its keep fraction.
+
+    The true set: neurons whose |h| exceeds the layer's magnitude threshold (the quantile of
+    |h| leaving keep_fraction of all (token, neuron) pairs above it). The predicted set: each
+    token's top keep_fraction by score.
+    """
+    A = np.abs(H)
+    thr = float(np.quantile(A, 1.0 - keep_fraction))
+    true = A > thr
+    pred = topk_mask(scores, keep_fraction)
+    oracle = topk_mask(A, keep_fraction)
+    tp = float((true & pred).sum())
+    rep = {
+        "keep_fraction": float(keep_fraction),
+        "predicted_fraction": float(pred.mean()),
+        "true_fraction": float(true.mean()),
+        "mag_threshold": thr,
+        "recall": tp / max(1.0, float(true.sum())),
+        "precision": tp / max(1.0, float(pred.sum())),
+        "topk_recall": float((oracle & pred).sum()) / max(1.0, float(oracle.sum())),
+        "mass_captured": float((A * pred).sum() / max(1e-30, A.sum())),
+        "oracle_mass_captured": float((A * oracle).sum() / max(1e-30, A.sum())),
+    }
+    if W_down is not None:
+        Wd = np.asarray(W_down, np.float32)
+        Y = H @ Wd.T
+        ref = float(np.linalg.norm(Y)) or 1.0
+        rep["output_rel_err"] = float(np.linalg.norm((H * ~pred) @ Wd.T)) / ref
+        rep["oracle_output_rel_err"] = float(np.linalg.norm((H * ~oracle) @ Wd.T)) / ref
+    return rep
+
+
+def relu_threshold_for_recall(scores, fires, target_recall):
+    """The largest score threshold t with recall(scores > t) >= target_recall."""
+    pos = np.sort(scores[fires])
+    if pos.size == 0:
+        return 0.0
+    k = int(np.floor((1.0 - target_recall) * pos.size))   # positives allowed below t
+    k = min(max(k, 0), pos.size - 1)
+    return float(np.nextafter(pos[k], -np.inf))
+
+
+def relu_layer_report(scores, fires, threshold):
+    pred = scores > threshold
+    tp = float((pred & fires).sum())
+    n_neg = float((~fires).sum())
+    return {
+        "threshold": float(threshold),
+        "predicted_fraction": float(pred.mean()),
+        "true_fraction": float(fires.mean()),
+        "recall": tp / max(1.0, float(fires.sum())),
+        "precision": tp / max(1.0, float(pred.sum())),
+        "fp_rate": float((pred & ~fires).sum()) / max(1.0, n_neg),
+    }
+
+
+# -- the whole model ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class CalibrationReport:
+    kind: str
+    sparsity: float
+    n_tokens: int
+    n_fit: int
+    n_val: int
+    ranks: list
+    layers: list                      # per-layer dicts (recall, precision, predicted_fraction, ...)
+    seconds: float
+    predictor_macs: int = 0           # per token, all layers
+    ffn_macs: int = 0                 # per token, all layers
+    path: str | None = None
+
+    def summary(self):
+        lines = [f"predictors ({self.kind}), sparsity target {self.sparsity:.2f}, {self.n_fit} fit + "
+                 f"{self.n_val} held-out tokens, {self.seconds:.0f} s; cost "
+                 f"{100.0 * self.predictor_macs / max(1, self.ffn_macs):.1f}% of the dense FFN MACs"]
+        if self.kind == "product":
+            lines.append("layer rank  keep  recall precision topk_rec  mass(oracle)   out_err(oracle)")
+            for i, r in enumerate(self.layers):
+                lines.append(f"{i:5d} {self.ranks[i]:4d} {r['keep_fraction']:.3f}  {r['recall']:.3f}  "
+                             f"{r['precision']:.3f}     {r['topk_recall']:.3f}   {r['mass_captured']:.3f}"
+                             f"({r['oracle_mass_captured']:.3f})  {r.get('output_rel_err', float('nan')):.3f}"
+                             f"({r.get('oracle_output_rel_err', float('nan')):.3f})")
+        else:
+            lines.append("layer rank  recall precision fp_rate  predicted true")
+            for i, r in enumerate(self.layers):
+                lines.append(f"{i:5d} {self.ranks[i]:4d}  {r['recall']:.3f}  {r['precision']:.3f}    "
+                             f"{r['fp_rate']:.3f}    {r['predicted_fraction']:.3f}   {r['true_fraction']:.3f}")
+        if self.path:
+            lines.append(f"saved {self.path}")
+        return "\n".join(lines)
+
+
+def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, val_fraction=0.2,
+                   target_recall=0.95, epochs=8, allocate=True, dtype=np.float32, progress=False, seed=0,
+                   meta=None):
+    """Fit, allocate and report on recorded activations (the model-free core of `calibrate`).
+
+    X_layers: per layer (T, d) FFN inputs; H_layers: per layer (T, n) recorded h.
+    weights: per layer (gate (n, d), up (n, d), down (d, n)) if gated else (up (n, d), up_bias|None, down (d, n)).
+    rank: int, per-layer list, or None (default_rank: under 5% of the dense FFN MACs).
+    Returns (PredictorSet, CalibrationReport).
+    """
+    t0 = time.perf_counter()
+    L = len(X_layers)
+    d = X_layers[0].shape[1]
+    n = H_layers[0].shape[1]
+    if rank is None:
+        rank = default_rank(gated, d, n)
+    ranks = [int(r) for r in (rank if isinstance(rank, (list, tuple, np.ndarray)) else [rank] * L)]
+    if len(ranks) != L:
+        raise ValueError(f"fit_predictors: {len(ranks)} ranks for {L} layers")
+    T = X_layers[0].shape[0]
+    n_val = max(1, int(round(T * val_fraction))) if T > 1 else 0
+    n_fit = T - n_val
+    preds, val_scores = [], []
+    bar = _progress(L, "fit predictors", progress)
+    for l in range(L):
+        X = np.asarray(X_layers[l], np.float32)
+        H = np.asarray(H_layers[l], np.float32)
+        if gated:
+            Wg, Wu, _ = weights[l]
+            p, _hist = fit_layer(X[:n_fit], H[:n_fit], (Wg, Wu), ranks[l], kind="product", epochs=epochs,
+                                 seed=seed + l)
+        else:
+            Wu, bu, _ = weights[l]
+            p, _hist = fit_layer(X[:n_fit], H[:n_fit], Wu, ranks[l], kind="relu", bias_init=bu,
+                                 epochs=epochs, seed=seed + l)
+        preds.append(p)
+        val_scores.append(p.scores_batch(X[n_fit:]))
+        bar.update(1)
+    bar.close()
+    layers = []
+    if gated:
+        target_keep = 1.0 - sparsity
+        if allocate and L > 1:
+            curves = np.stack([output_error_curve(val_scores[l], np.asarray(H_layers[l][n_fit:], np.float32),
+                                                  weights[l][2]) for l in range(L)])
+            keep = allocate_keep_fractions(curves, target_keep)
+        else:
+            keep = np.full(L, target_keep)
+        for l in range(L):
+            s = val_scores[l]
+            rep = gated_layer_report(s, np.asarray(H_layers[l][n_fit:], np.float32), keep[l], weights[l][2])
+            preds[l].keep_fraction = float(keep[l])
+            preds[l].threshold = float(np.quantile(s, 1.0 - keep[l]))
+            rep["score_threshold"] = preds[l].threshold
+            layers.append(rep)
+    else:
+        for l in range(L):
+            fires = np.asarray(H_layers[l][n_fit:]) > 0
+            t = relu_threshold_for_recall(val_scores[l], fires, target_recall)
+            preds[l].threshold = t
+            preds[l].keep_fraction = None
+            layers.append(relu_layer_report(val_scores[l], fires, t))
+    if dtype != np.float32:
+        preds = [_cast(p, dtype) for p in preds]
+    kind = "product" if gated else "relu"
+    info = {"sparsity": float(sparsity), "n_tokens": int(T), "n_fit": int(n_fit), "n_val": int(n_val),
+            "epochs": int(epochs), "target_recall": float(target_recall), "layers": layers}
+    if meta:
+        info.update(meta)
+    pset = PredictorSet(preds, info=info)
+    report = CalibrationReport(kind, float(sparsity), int(T), n_fit, n_val, ranks, layers,
+                               time.perf_counter() - t0,
+                               predictor_macs=sum(p.macs for p in preds), ffn_macs=L * ffn_macs(gated, d, n))
+    return pset, report
+
+
+def _cast(p, dtype):
+    from .lowrank import LowRankPredictor
+    return LowRankPredictor(p.kind, p.A.astype(dtype), p.B.astype(dtype), p.bias, p.bias_gate, p.r_gate,
+                            p.keep_fraction, p.threshold)
+
+
+class _NoBar:
+    def update(self, k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="layer")
+
+
+
+def _sample_token(logits, rng, temperature=1.0):
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, progress=True, ctx=512,
+              epochs=8, target_recall=0.95, allocate=True, dtype="float16", seed=0, save=True,
+              n_threads=None):
+    """Record activations with the dense forward pass, fit, allocate, save predictors.npz.
+
+    model_dir: a flashrt model directory. texts: list of strings (or one string) to run
+    through the model; None samples n_tokens of text from the model itself (temperature 1,
+    sequences of `ctx` tokens started from BOS), which records the decode distribution.
+    sparsity: model-wide fraction of neurons skipped per token (gated models).
+    rank: int, per-layer list, or None (largest rank under 5% of the dense FFN MACs).
+    dtype: storage dtype of the factors ("float16" halves the file; scoring is float32).
+    Returns the CalibrationReport (report.summary() prints the per-layer table).
+    """
+    from flashrt.ffn_dense import DenseFFN
+    from flashrt.ffn_spec import ffn_spec
+    from flashrt.flash.recording import RecordingFFN
+    from flashrt.format.reader import ModelFiles
+    from flashrt.linear import linear
+    from flashrt.models import build_model
+
+    t0 = time.perf_counter()
+    files = ModelFiles.open(model_dir)
+    arch, config = files.architecture, files.config
+    weights = files.load_resident()
+    spec = ffn_spec(arch, config, weights)
+    L, d = files.n_layers, files.dim
+    bundles = [np.ascontiguousarray(files.read_ffn_layer(l)) for l in range(L)]   # (n, n_parts * d) each
+    dense = DenseFFN(bundles, spec.gated, spec.act, spec.up_bias, spec.down_bias, n_threads=n_threads)
+    rec = RecordingFFN(dense, max_tokens=n_tokens)
+    lin = (lambda W, x, bias=None: linear(W, x, bias, n_threads=n_threads))
+    model = build_model(arch, config, weights, rec, lin)
+    ctx = int(min(ctx, config.get("max_position_embeddings", ctx)))
+    rng = np.random.default_rng(seed)
+    if texts is not None:
+        from flashrt.tokenizer import Tokenizer
+        if files.tokenizer_dir is None:
+            raise ModelFormatError(f"{model_dir}: calibration texts were given but the model has no "
+                                   f"tokenizer; pass texts=None to sample calibration text from the model")
+        tok = Tokenizer.from_dir(files.tokenizer_dir)
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = np.array([i for t in texts for i in tok.encode(t)], dtype=np.int64)
+        if ids.size < 2:
+            raise ValueError("calibrate: the calibration texts hold fewer than 2 tokens")
+        chunks = [ids[i: i + ctx] for i in range(0, min(ids.size, n_tokens), ctx)]
+        bar = _progress(len(chunks), "record", progress)
+        for c in chunks:
+            model.forward(c, model.make_cache(len(c)))
+            bar.update(1)
+        bar.close()
+        source = {"kind": "text", "n_texts": len(texts)}
+    else:
+        bos = config.get("bos_token_id")
+        bos = int(bos[0] if isinstance(bos, list) else bos) if bos is not None else 0
+        bar = _progress(n_tokens, "sample + record", progress)
+        while rec.n_recorded(0) < n_tokens:
+            kv = model.make_cache(ctx)
+            tok_id = bos
+            for _ in range(min(ctx, n_tokens - rec.n_recorded(0))):
+                logits = model.forward(np.array([tok_id]), kv)
+                tok_id = _sample_token(logits[-1], rng)
+                bar.update(1)
+        bar.close()
+        source = {"kind": "sampled", "temperature": 1.0}
+    t_record = time.perf_counter() - t0
+    X_layers, H_layers, fit_weights = [], [], []
+    for l in range(L):
+        X, H = rec.arrays(l)
+        X_layers.append(X)
+        H_layers.append(H)
+        B = bundles[l]
+        if spec.gated:
+            fit_weights.append((B[:, :d], B[:, d:2 * d], B[:, 2 * d:].T))
+        else:
+            fit_weights.append((B[:, :d], None if spec.up_bias is None else spec.up_bias[l], B[:, d:].T))
+    rec.clear()
+    pset, report = fit_predictors(X_layers, H_layers, fit_weights, spec.gated, sparsity=sparsity, rank=rank,
+                                  target_recall=target_recall, epochs=epochs, allocate=allocate,
+                                  dtype=np.dtype(dtype), progress=progress, seed=seed,
+                                  meta={"source": source, "ctx": ctx, "record_seconds": t_record})
+    report.seconds = time.perf_counter() - t0
+    if save:
+        report.path = str(pset.save(model_dir))
+    return report
+

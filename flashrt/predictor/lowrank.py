@@ -1,0 +1,176 @@
+"""Low-rank neuron predictors: which FFN neurons matter for this token, before reading them.
+
+One `LowRankPredictor` per layer, fed the FFN's input x (d,) (after the norm):
+
+    z = A @ x                                  # (r,)   the r * d MACs
+    kind "relu"    : s = B @ z + bias          # (n,)   logit of "pre-activation > 0"
+    kind "product" : g = B[:, :r_gate] @ z[:r_gate] + bias_gate     # gate estimate
+                     u = B[:, r_gate:] @ z[r_gate:] + bias          # up estimate
+                     s = |silu(g) * u|         # estimated output magnitude |h|
+
+Both cost r * (d + n) MACs per token: the product kind splits its rank between the
+gate and the up estimates, so a gated predictor costs what a single low-rank does.
+Gated FFNs are scored by the product because a neuron's contribution is
+|silu(gate.x) * (up.x)|: thresholding the gate alone loses far more (see DESIGN.md).
+
+Selection is top-k by score with a per-layer `keep_fraction` (a fixed fraction of the
+layer's neurons, highest score first), or, with keep_fraction None, every neuron whose
+score exceeds `threshold` (ReLU models: the fire/no-fire decision).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KINDS = ("relu", "product")
+
+
+def silu(z):
+    """silu(z) = z * sigmoid(z), float32, overflow-safe."""
+    return z / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+
+
+def predictor_macs(kind, rank, dim, n_neurons):
+    """Multiply-accumulates per token of a rank-`rank` predictor (both kinds: r * (d + n))."""
+    del kind  # same cost for both kinds
+    return int(rank) * (int(dim) + int(n_neurons))
+
+
+def ffn_macs(gated, dim, n_neurons):
+    """Multiply-accumulates per token of the dense FFN (gate, up, down or up, down)."""
+    return (3 if gated else 2) * int(dim) * int(n_neurons)
+
+
+def default_rank(gated, dim, n_neurons, budget=0.05, multiple=4):
+    """The largest rank (a multiple of `multiple`) whose cost is under `budget` of the dense FFN."""
+    r = int(budget * ffn_macs(gated, dim, n_neurons) / (dim + n_neurons))
+    r -= r % multiple
+    if predictor_macs("product" if gated else "relu", r, dim, n_neurons) >= budget * ffn_macs(gated, dim, n_neurons):
+        r -= multiple
+    return max(multiple, r)
+
+
+class LowRankPredictor:
+    """The predictor of one layer.
+
+    A: (r, d) float32|float16        shared first factor (rows [:r_gate] feed the gate estimate)
+    B: (n, r) float32|float16        second factor
+    bias: (n,) float32               relu: logit bias; product: bias of the up estimate
+    bias_gate: (n,) float32 | None   product only: bias of the gate estimate
+    r_gate: int                      product only: how many of the r ranks estimate the gate
+    keep_fraction: float | None      default top-k fraction for select()
+    threshold: float                 score threshold for select() when keep_fraction is None
+    """
+
+    def __init__(self, kind, A, B, bias=None, bias_gate=None, r_gate=0, keep_fraction=None, threshold=0.0):
+        if kind not in KINDS:
+            raise ValueError(f"LowRankPredictor: kind must be one of {KINDS}, got {kind!r}")
+        A = np.ascontiguousarray(A)
+        B = np.ascontiguousarray(B)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"LowRankPredictor: need A (r, d) and B (n, r), got A {A.shape} and B {B.shape}")
+        if A.dtype not in (np.float16, np.float32) or B.dtype not in (np.float16, np.float32):
+            raise ValueError(f"LowRankPredictor: A and B must be float16 or float32, got {A.dtype}, {B.dtype}")
+        n, r = B.shape
+        self.kind = kind
+        self.A = A                                   # (r, d) float32|float16
+        self.B = B                                   # (n, r) float32|float16
+        self.bias = np.zeros(n, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)  # (n,)
+        if self.bias.shape != (n,):
+            raise ValueError(f"LowRankPredictor: bias must be ({n},), got {self.bias.shape}")
+        if kind == "product":
+            if not 0 < r_gate < r:
+                raise ValueError(f"LowRankPredictor: product kind needs 0 < r_gate < r = {r}, got {r_gate}")
+            self.bias_gate = (np.zeros(n, np.float32) if bias_gate is None
+                              else np.ascontiguousarray(bias_gate, np.float32))  # (n,)
+            if self.bias_gate.shape != (n,):
+                raise ValueError(f"LowRankPredictor: bias_gate must be ({n},), got {self.bias_gate.shape}")
+            self.r_gate = int(r_gate)
+        else:
+            self.bias_gate = None
+            self.r_gate = 0
+        self.keep_fraction = None if keep_fraction is None else float(keep_fraction)
+        if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(f"LowRankPredictor: keep_fraction must be in (0, 1], got {keep_fraction}")
+        self.threshold = float(threshold)
+        # float32 copies for scoring when stored in float16 (NumPy's float16 matmul is slow)
+        self._A32 = A.astype(np.float32, copy=False)
+        self._B32 = B.astype(np.float32, copy=False)
+        if kind == "product":
+            self._Bg = np.ascontiguousarray(self._B32[:, : self.r_gate])   # (n, r_gate)
+            self._Bu = np.ascontiguousarray(self._B32[:, self.r_gate:])    # (n, r - r_gate)
+
+    @property
+    def rank(self):
+        return self.A.shape[0]
+
+    @property
+    def dim(self):
+        return self.A.shape[1]
+
+    @property
+    def n_neurons(self):
+        return self.B.shape[0]
+
+    @property
+    def macs(self):
+        return predictor_macs(self.kind, self.rank, self.dim, self.n_neurons)
+
+    def scores_batch(self, X):
+        """X (T, d) float32 -> (T, n) float32 scores (higher = more likely needed)."""
+        X = np.asarray(X, dtype=np.float32)
+        Z = X @ self._A32.T                                         # (T, r)
+        if self.kind == "relu":
+            return Z @ self._B32.T + self.bias
+        g = Z[:, : self.r_gate] @ self._Bg.T + self.bias_gate       # (T, n)
+        u = Z[:, self.r_gate:] @ self._Bu.T + self.bias             # (T, n)
+        return np.abs(silu(g) * u)
+
+    def scores(self, x):
+        """x (d,) float32 -> (n,) float32 scores."""
+        return self.scores_batch(np.asarray(x, dtype=np.float32).reshape(1, -1))[0]
+
+    def select(self, x, keep_fraction=None):
+        """Neuron ids (int64) to compute for x (d,), highest score first.
+
+        keep_fraction (or the predictor's own): the top ceil(f * n) neurons by score.
+        Neither set: every neuron with score > threshold.
+        """
+        s = self.scores(x)
+        f = self.keep_fraction if keep_fraction is None else keep_fraction
+        return select_from_scores(s, f, self.threshold)
+
+    def __repr__(self):
+        f = "None" if self.keep_fraction is None else f"{self.keep_fraction:.3f}"
+        return (f"LowRankPredictor(kind={self.kind!r}, rank={self.rank}, d={self.dim}, n={self.n_neurons}, "
+                f"keep_fraction={f}, threshold={self.threshold:.4g})")
+
+
+def n_keep(n, keep_fraction):
+    """How many of n neurons a keep fraction selects (at least 1)."""
+    return max(1, min(n, int(np.ceil(keep_fraction * n - 1e-9))))
+
+
+def select_from_scores(s, keep_fraction, threshold=0.0):
+    """s (n,) -> int64 ids in decreasing score order (top-k by fraction, or s > threshold)."""
+    n = s.shape[0]
+    if keep_fraction is None:
+        ids = np.flatnonzero(s > threshold)
+        return ids[np.argsort(-s[ids], kind="stable")].astype(np.int64)
+    k = n_keep(n, keep_fraction)
+    if k >= n:
+        return np.argsort(-s, kind="stable").astype(np.int64)
+    ids = np.argpartition(-s, k - 1)[:k]
+    return ids[np.argsort(-s[ids], kind="stable")].astype(np.int64)
+
+
+def topk_mask(S, keep_fraction):
+    """S (T, n) scores -> (T, n) bool mask of each row's top ceil(f * n)."""
+    T, n = S.shape
+    k = n_keep(n, keep_fraction)
+    m = np.zeros((T, n), bool)
+    if k >= n:
+        m[:] = True
+        return m
+    idx = np.argpartition(-S, k - 1, axis=1)[:, :k]
+    np.put_along_axis(m, idx, True, axis=1)
+    return m

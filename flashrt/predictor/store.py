@@ -1,0 +1,207 @@
+"""All layers' predictors, stored in the model directory as predictors.npz.
+
+The file is a NumPy .npz (uncompressed) holding, per layer l, `l{l}.A` (r, d),
+`l{l}.B` (n, r), `l{l}.bias` (n,) and for product predictors `l{l}.bias_gate` (n,),
+plus `header`: a uint8 array of UTF-8 JSON
+    {"magic": "flashrt-predictors", "version": 1, "kind": "product"|"relu",
+     "n_layers", "dim", "n_neurons",
+     "layers": [{"rank", "r_gate", "keep_fraction", "threshold", "dtype"}, ...],
+     "checksum": "<blake2b-256 hex over every array's name, dtype, shape and bytes>",
+     "info": {...calibration settings and per-layer report...}}
+It is written to a temporary file in the same directory and renamed into place, so a
+reader sees the old file or the new one, never half of one. Any damage (truncation,
+flipped bytes, wrong magic or version, a checksum that does not match) raises
+ModelFormatError telling the user to run `flashrt calibrate` again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from .lowrank import LowRankPredictor
+
+PREDICTORS_NAME = "predictors.npz"
+MAGIC = "flashrt-predictors"
+VERSION = 1
+REDO = "run `flashrt calibrate <model_dir>` to fit the predictors again"
+
+
+def _checksum(arrays):
+    """blake2b-256 over (name, dtype, shape, bytes) of every array, in name order."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype.str).encode())
+        h.update(repr(tuple(a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class PredictorSet:
+    """One LowRankPredictor per layer plus calibration info (a plain dict, stored in the header)."""
+
+    def __init__(self, predictors, info=None):
+        self.predictors = list(predictors)
+        if not self.predictors:
+            raise ValueError("PredictorSet: no predictors")
+        kinds = {p.kind for p in self.predictors}
+        if len(kinds) != 1:
+            raise ValueError(f"PredictorSet: mixed predictor kinds {sorted(kinds)}")
+        self.kind = kinds.pop()
+        self.info = dict(info or {})
+
+    def __len__(self):
+        return len(self.predictors)
+
+    def __getitem__(self, layer):
+        return self.predictors[layer]
+
+    def __iter__(self):
+        return iter(self.predictors)
+
+    @property
+    def n_layers(self):
+        return len(self.predictors)
+
+    @property
+    def dim(self):
+        return self.predictors[0].dim
+
+    @property
+    def n_neurons(self):
+        return self.predictors[0].n_neurons
+
+    @property
+    def nbytes(self):
+        """DRAM the predictors' arrays hold (as stored, plus float32 working copies when float16)."""
+        total = 0
+        for p in self.predictors:
+            total += p.A.nbytes + p.B.nbytes + p.bias.nbytes
+            if p.bias_gate is not None:
+                total += p.bias_gate.nbytes
+            if p.A.dtype != np.float32:
+                total += p._A32.nbytes + p._B32.nbytes
+        return total
+
+    @property
+    def macs(self):
+        """Multiply-accumulates per token over all layers."""
+        return sum(p.macs for p in self.predictors)
+
+    def keep_fractions(self):
+        return [p.keep_fraction for p in self.predictors]
+
+    def set_sparsity(self, sparsity):
+        """Scale every layer's keep fraction so the mean is 1 - sparsity (keeps the allocation's shape)."""
+        target = 1.0 - float(sparsity)
+        f = np.array([1.0 if p.keep_fraction is None else p.keep_fraction for p in self.predictors])
+        f = np.clip(f * (target / f.mean()), 0.01, 1.0)
+        for p, k in zip(self.predictors, f):
+            p.keep_fraction = float(k)
+
+    # -- storage ---------------------------------------------------------------------------------
+    def _arrays(self):
+        arrays = {}
+        for l, p in enumerate(self.predictors):
+            arrays[f"l{l}.A"] = p.A
+            arrays[f"l{l}.B"] = p.B
+            arrays[f"l{l}.bias"] = p.bias
+            if p.bias_gate is not None:
+                arrays[f"l{l}.bias_gate"] = p.bias_gate
+        return arrays
+
+    def save(self, model_dir_or_file):
+        """Write predictors.npz atomically (temp file + rename). Returns the path."""
+        path = _file_path(model_dir_or_file)
+        arrays = self._arrays()
+        header = {
+            "magic": MAGIC, "version": VERSION, "kind": self.kind,
+            "n_layers": self.n_layers, "dim": self.dim, "n_neurons": self.n_neurons,
+            "layers": [{"rank": p.rank, "r_gate": p.r_gate, "keep_fraction": p.keep_fraction,
+                        "threshold": p.threshold, "dtype": str(p.A.dtype)} for p in self.predictors],
+            "checksum": _checksum(arrays),
+            "info": _jsonable(self.info),
+        }
+        blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, header=blob, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return path
+
+    @classmethod
+    def load(cls, model_dir_or_file, dim=None, n_neurons=None, n_layers=None):
+        """Read and verify predictors.npz; ModelFormatError if missing, corrupt or for another shape."""
+        path = _file_path(model_dir_or_file)
+        if not path.is_file():
+            raise ModelFormatError(f"{path}: no predictors; {REDO}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = dict((name, z[name]) for name in z.files)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zipfile.LargeZipFile) as e:
+            raise ModelFormatError(f"{path}: cannot read the predictors ({type(e).__name__}: {e}); {REDO}") from e
+        if "header" not in files:
+            raise ModelFormatError(f"{path}: not a flashrt predictors file (no header); {REDO}")
+        try:
+            header = json.loads(files.pop("header").tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ModelFormatError(f"{path}: the predictors header is not valid JSON ({e}); {REDO}") from e
+        if not isinstance(header, dict) or header.get("magic") != MAGIC:
+            raise ModelFormatError(f"{path}: not a flashrt predictors file (bad magic); {REDO}")
+        if header.get("version") != VERSION:
+            raise ModelFormatError(f"{path}: predictors format version {header.get('version')!r}, this flashrt "
+                                   f"reads version {VERSION}; {REDO}")
+        if _checksum(files) != header.get("checksum"):
+            raise ModelFormatError(f"{path}: predictors checksum mismatch (the file is corrupt); {REDO}")
+        try:
+            preds = []
+            for l, meta in enumerate(header["layers"]):
+                preds.append(LowRankPredictor(
+                    header["kind"], files[f"l{l}.A"], files[f"l{l}.B"], files[f"l{l}.bias"],
+                    files.get(f"l{l}.bias_gate"), meta["r_gate"], meta["keep_fraction"], meta["threshold"]))
+            pset = cls(preds, info=header.get("info"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"{path}: predictors file is inconsistent ({e}); {REDO}") from e
+        for what, want, got in (("dim", dim, pset.dim), ("n_neurons", n_neurons, pset.n_neurons),
+                                ("n_layers", n_layers, pset.n_layers)):
+            if want is not None and int(want) != got:
+                raise ModelFormatError(f"{path}: predictors were fitted for {what}={got}, the model has "
+                                       f"{want}; {REDO}")
+        return pset
+
+    def __repr__(self):
+        ranks = sorted({p.rank for p in self.predictors})
+        return f"PredictorSet(kind={self.kind!r}, n_layers={self.n_layers}, ranks={ranks})"
+
+
+def _file_path(model_dir_or_file):
+    p = Path(model_dir_or_file)
+    return p if p.suffix == ".npz" else p / PREDICTORS_NAME
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
