@@ -9,9 +9,13 @@ With no texts the calibration text is sampled from the model itself (temperature
 Gated FFNs: a neuron "counts" when |h| = |silu(gate.x) * (up.x)| exceeds the layer's
 magnitude threshold, calibrated so that the layer keeps its share of neurons; the
 predictor estimates |h| and the runtime keeps the top keep_fraction of neurons by score.
-Per-layer keep fractions are allocated greedily by measured output error (as TEAL does):
-each step gives one more grid step of neurons to the layer whose FFN output error drops
-most, until the model-wide mean keep fraction reaches 1 - sparsity.
+With allocate=True the per-layer keep fractions are allocated greedily by measured FFN
+output error (as TEAL does): each step gives one more grid step of neurons to the layer
+whose relative output error drops most, until the mean keep fraction reaches
+1 - sparsity. It is off by default: on SmolLM2-135M this allocation (error relative to
+each FFN's own output) made perplexity worse than a uniform keep fraction (79 vs 54 at
+50% kept, no window), because that error says nothing of how much the residual stream,
+and so the loss, feels a layer's error.
 
 ReLU FFNs: a neuron fires when its pre-activation is > 0; the score threshold is set on
 held-out tokens to reach `target_recall`, and the report gives recall, precision and
@@ -180,7 +184,7 @@ class CalibrationReport:
 
 
 def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, val_fraction=0.2,
-                   target_recall=0.95, epochs=8, allocate=True, dtype=np.float32, progress=False, seed=0,
+                   target_recall=0.95, epochs=8, allocate=False, dtype=np.float32, progress=False, seed=0,
                    meta=None):
     """Fit, allocate and report on recorded activations (the model-free core of `calibrate`).
 
@@ -218,29 +222,33 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
         val_scores.append(p.scores_batch(X[n_fit:]))
         bar.update(1)
     bar.close()
+    # held-out tokens: the first half sets keep fractions / thresholds, the second half is reported
+    n_cal = max(1, n_val // 2) if n_val >= 2 else n_val
+    cal, rep_ = slice(0, n_cal), slice(n_cal if n_val >= 2 else 0, n_val)
+    H_val = [np.asarray(H_layers[l][n_fit:], np.float32) for l in range(L)]
     layers = []
     if gated:
         target_keep = 1.0 - sparsity
         if allocate and L > 1:
-            curves = np.stack([output_error_curve(val_scores[l], np.asarray(H_layers[l][n_fit:], np.float32),
-                                                  weights[l][2]) for l in range(L)])
+            curves = np.stack([output_error_curve(val_scores[l][cal], H_val[l][cal], weights[l][2])
+                               for l in range(L)])
             keep = allocate_keep_fractions(curves, target_keep)
         else:
             keep = np.full(L, target_keep)
         for l in range(L):
             s = val_scores[l]
-            rep = gated_layer_report(s, np.asarray(H_layers[l][n_fit:], np.float32), keep[l], weights[l][2])
             preds[l].keep_fraction = float(keep[l])
-            preds[l].threshold = float(np.quantile(s, 1.0 - keep[l]))
+            preds[l].threshold = float(np.quantile(s[cal], 1.0 - keep[l]))
+            rep = gated_layer_report(s[rep_], H_val[l][rep_], keep[l], weights[l][2])
             rep["score_threshold"] = preds[l].threshold
             layers.append(rep)
     else:
         for l in range(L):
-            fires = np.asarray(H_layers[l][n_fit:]) > 0
-            t = relu_threshold_for_recall(val_scores[l], fires, target_recall)
+            fires = H_val[l] > 0
+            t = relu_threshold_for_recall(val_scores[l][cal], fires[cal], target_recall)
             preds[l].threshold = t
             preds[l].keep_fraction = None
-            layers.append(relu_layer_report(val_scores[l], fires, t))
+            layers.append(relu_layer_report(val_scores[l][rep_], fires[rep_], t))
     if dtype != np.float32:
         preds = [_cast(p, dtype) for p in preds]
     kind = "product" if gated else "relu"
@@ -289,7 +297,7 @@ def _sample_token(logits, rng, temperature=1.0):
 
 
 def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, progress=True, ctx=512,
-              epochs=8, target_recall=0.95, allocate=True, dtype="float16", seed=0, save=True,
+              epochs=8, target_recall=0.95, allocate=False, dtype="float16", seed=0, save=True,
               n_threads=None):
     """Record activations with the dense forward pass, fit, allocate, save predictors.npz.
 
@@ -314,8 +322,8 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
     weights = files.load_resident()
     spec = ffn_spec(arch, config, weights)
     L, d = files.n_layers, files.dim
-    bundles = [np.ascontiguousarray(files.read_ffn_layer(l)) for l in range(L)]   # (n, n_parts * d) each
-    dense = DenseFFN(bundles, spec.gated, spec.act, spec.up_bias, spec.down_bias, n_threads=n_threads)
+    dense = DenseFFN.from_files(files, weights, n_threads=n_threads)
+    bundles = dense.bundles                                   # per layer (n, n_parts * d)
     rec = RecordingFFN(dense, max_tokens=n_tokens)
     lin = (lambda W, x, bias=None: linear(W, x, bias, n_threads=n_threads))
     model = build_model(arch, config, weights, rec, lin)
@@ -355,7 +363,7 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
     t_record = time.perf_counter() - t0
     X_layers, H_layers, fit_weights = [], [], []
     for l in range(L):
-        X, H = rec.arrays(l)
+        X, H = rec.arrays(l, dtype=rec.dtype)                  # float16: fitted layer by layer in float32
         X_layers.append(X)
         H_layers.append(H)
         B = bundles[l]
