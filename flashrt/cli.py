@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -146,9 +147,10 @@ def cmd_calibrate(args) -> int:
     if args.text:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
-    report = calibrate(resolve_model_path(args.model), text=text, n_tokens=args.tokens, sparsity=args.sparsity,
+    model_dir = resolve_model_path(args.model)
+    report = calibrate(model_dir, texts=text, n_tokens=args.tokens, sparsity=args.sparsity,
                        rank=args.rank, progress=not args.quiet, n_threads=args.threads)
-    print(report if isinstance(report, str) else json.dumps(report, indent=2, default=str))
+    print(report.summary())
     return 0
 
 
@@ -216,14 +218,28 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except FlashrtError as e:
-        print(f"flashrt: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 1
     except FileNotFoundError as e:
-        print(f"flashrt: error: {e.filename or e}: no such file", file=sys.stderr)
+        _error(f"{e.filename or e}: no such file")
+        return 1
+    except BrokenPipeError:  # stdout closed early (`flashrt generate ... | head`): not an error
+        try:
+            sys.stdout = open(os.devnull, "w")  # the interpreter's final flush must not fail again
+        except OSError:
+            pass
+        return 141
+    except OSError as e:  # a file flashrt was asked to read or write (not a model file)
+        _error(f"{str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}")
         return 1
     except KeyboardInterrupt:
         print("flashrt: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(message: str) -> None:
+    """One line on stderr, whatever the message holds."""
+    print("flashrt: error: " + " ".join(message.split()), file=sys.stderr)
 
 
 if __name__ == "__main__":

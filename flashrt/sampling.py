@@ -20,29 +20,44 @@ class SamplingParams:
     top_p: float | None = None  # keep the smallest set with cumulative probability >= p
 
     def __post_init__(self):
-        t = self.temperature
-        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise GenerationError(f"temperature must be a finite number >= 0, got {t!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1):
+        t = _as_float(self.temperature)
+        if t is None or math.isnan(t) or t < 0 or math.isinf(t):
+            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        object.__setattr__(self, "temperature", t)
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer))
+                                       or self.top_k < 1):
             raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        p = self.top_p
-        if p is not None and (not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0):
-            raise GenerationError(f"top_p must be in (0, 1] or None, got {p!r}")
+        p = None if self.top_p is None else _as_float(self.top_p)
+        if self.top_p is not None and (p is None or math.isnan(p) or not 0.0 < p <= 1.0):
+            raise GenerationError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        object.__setattr__(self, "top_p", p)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+def _as_float(v):
+    """v as a float, or None when it is not a real number (bools, strings, ints too big for a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Pick the next token id from one row of logits (vocab,) float32."""
     if params.greedy:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / params.temperature
+    z = logits.astype(np.float64)
+    z -= z.max()  # <= 0 before scaling: a tiny temperature gives -inf (greedy), never inf - inf
+    with np.errstate(over="ignore"):
+        z /= params.temperature
     if params.top_k is not None and params.top_k < z.size:
         kth = np.partition(z, -params.top_k)[-params.top_k]
         z = np.where(z >= kth, z, -np.inf)
-    z -= z.max()
     probs = np.exp(z)
     probs /= probs.sum()
     if params.top_p is not None and params.top_p < 1.0:

@@ -1,5 +1,6 @@
 """The one thread-count policy: how many threads the compute kernels use by default."""
 import os
+import threading
 
 __all__ = ["default_threads"]
 
@@ -49,9 +50,35 @@ def blas_single_threaded():
     101 tokens in 0.43 s with one BLAS thread, 0.9-7 s with two). Entered once per
     generation, not per token: the limit is process-wide while it lasts.
     """
-    global _blas_controller
-    from threadpoolctl import ThreadpoolController
+    return _SharedBlasLimit()
 
-    if _blas_controller is None:
-        _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=1, user_api="blas")
+
+_blas_lock = threading.Lock()
+_blas_users = 0  # generations inside a limit, across every Generator and thread
+_blas_limiter = None
+
+
+class _SharedBlasLimit:
+    """The process-wide limit, counted: the first user sets it, the last one restores the
+    original, so overlapping generations in several threads cannot leave BLAS stuck at 1."""
+
+    def __enter__(self):
+        global _blas_controller, _blas_users, _blas_limiter
+        with _blas_lock:
+            if _blas_users == 0:
+                from threadpoolctl import ThreadpoolController
+
+                if _blas_controller is None:
+                    _blas_controller = ThreadpoolController()
+                _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
+            _blas_users += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _blas_users, _blas_limiter
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limiter is not None:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+        return False

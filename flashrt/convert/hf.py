@@ -190,11 +190,15 @@ class SafetensorsSource:
             if raw.size != n:
                 raise ModelFormatError(f"{path}: tensor {key!r} is truncated")
             return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        if path not in self._handles:
-            from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="np"))
-        return self._handles[path].get_tensor(key)
+        try:
+            if path not in self._handles:
+                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="np"))
+            return self._handles[path].get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFormatError(f"{path}: cannot read tensor {key!r} ({e}); the file is corrupt "
+                                   f"or truncated: download it again") from e
 
 
 def _read_header(path: Path) -> dict:
@@ -207,11 +211,30 @@ def _read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: not a readable safetensors file (header is not a JSON object)")
+    size = path.stat().st_size
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        out[key] = (info["dtype"], tuple(info["shape"]), 8 + n + info["data_offsets"][0])
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not (isinstance(dtype, str) and all(isinstance(s, int) and s >= 0 for s in shape)
+                    and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"{path}: the safetensors header entry for {key!r} is malformed "
+                                   f"({str(info)[:200]}); the file is corrupt: download it again") from None
+        n_bytes = int(np.prod(shape, dtype=np.int64)) * sizes.get(dtype, 0)
+        if dtype in sizes and end - begin != n_bytes:
+            raise ModelFormatError(f"{path}: tensor {key!r} ({dtype} {list(shape)}) should take {n_bytes} "
+                                   f"bytes, the header gives it {end - begin}; the file is corrupt")
+        if 8 + n + end > size:
+            raise ModelFormatError(f"{path}: the file is truncated ({size} bytes; tensor {key!r} ends at "
+                                   f"byte {8 + n + end}): download it again")
+        out[key] = (dtype, shape, 8 + n + begin)
     return out
 
 

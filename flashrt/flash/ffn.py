@@ -65,6 +65,8 @@ class FlashFFN:
             self.loader.close()
             self.loader = None
         self.caches = []
+        if hasattr(self.selector, "close"):  # the oracle's memory maps hold file descriptors
+            self.selector.close()
 
     def start_decode(self) -> None:
         """Called after the prompt: from now on per-token figures count."""

@@ -50,6 +50,10 @@ class OracleSelector:
         kernels.ffn_rows(self._layers[layer], x, self._y, self.gated, self.act, bias, self._h, self.n_threads)
         return self._h
 
+    def close(self) -> None:
+        """Drop the memory maps now (each holds a descriptor of ffn.bin), not at garbage collection."""
+        self._layers = []
+
     def select(self, layer: int, x: np.ndarray) -> np.ndarray:
         mag = np.abs(self.true_outputs(layer, x))
         if self.keep_fraction is None or not self.gated:

@@ -54,6 +54,15 @@ def full_hash(path) -> str:
     return h.hexdigest()
 
 
+def manifest_checksum(d: dict) -> str:
+    """blake2b of the manifest's fields (all but "checksum") as canonical JSON."""
+    body = {k: v for k, v in d.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    h = _blake2b()
+    h.update(text.encode("ascii"))
+    return "blake2b:" + h.hexdigest()
+
+
 def _fail(what: str, path=None):
     where = f"{path}: " if path is not None else ""
     raise ModelFormatError(f"{where}{what}; {REDO}")
@@ -78,7 +87,9 @@ class Manifest:
         d = asdict(self)
         order = ["magic", "format_version", "architecture", "config", "dtype", "ffn",
                  "files", "source", "created_by"]
-        return json.dumps({k: d[k] for k in order}, indent=1) + "\n"
+        d = {k: d[k] for k in order}
+        d["checksum"] = manifest_checksum(d)
+        return json.dumps(d, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str, path=None) -> "Manifest":
@@ -106,9 +117,26 @@ class Manifest:
         if missing:
             _fail(f"manifest lacks required field(s) {missing}", path)
         known = {f for f in cls.__dataclass_fields__}
+        stored = d.pop("checksum", None)
+        checksum_ok = stored is None or stored == manifest_checksum(d)
         m = cls(**{k: v for k, v in d.items() if k in known})
-        m.validate(path)
+        try:
+            m.validate(path)
+        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:
+            if isinstance(e, ModelFormatError):
+                raise
+            _fail(f"manifest has a field of the wrong type ({type(e).__name__}: {e})", path)
+        m._checksum_ok = checksum_ok
         return m
+
+    def check_checksum(self, path=None) -> None:
+        """ModelFormatError when the manifest's own checksum does not match its contents.
+        (Manifests written before checksums existed carry none and pass.)"""
+        if not getattr(self, "_checksum_ok", True):
+            raise ModelFormatError(
+                f"{path}: the manifest was modified or is corrupt (its checksum does not match "
+                f"its contents); {REDO} (if you edited it on purpose, delete its \"checksum\" "
+                f"field)")
 
     # -- checks ----------------------------------------------------------------------
     def validate(self, path=None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelFormatError
+from ..errors import FlashIOError, ModelFormatError
 from .manifest import (
     MANIFEST_NAME,
     REDO,
@@ -52,6 +52,7 @@ class ModelFiles:
         manifest = Manifest.from_json(text, mpath)
         self = cls(path, manifest)
         self._check_files()
+        manifest.check_checksum(mpath)
         return self
 
     def _check_files(self) -> None:
@@ -64,7 +65,11 @@ class ModelFiles:
                 what = "truncated" if size < info["bytes"] else "longer than recorded"
                 raise ModelFormatError(
                     f"{p}: file is {what} ({size} bytes, manifest says {info['bytes']}); {REDO}")
-            if head_hash(p) != info["head_hash"]:
+            try:
+                digest = head_hash(p)
+            except OSError as e:
+                raise FlashIOError(e.errno, f"{p}: cannot read the file ({e.strerror})") from e
+            if digest != info["head_hash"]:
                 raise ModelFormatError(
                     f"{p}: contents do not match the manifest (head hash differs; "
                     f"the file is corrupt or was replaced); {REDO}")
@@ -167,6 +172,30 @@ class ModelFiles:
                 raise ModelFormatError(
                     f"{p}: tensor {name!r} is {a.dtype}, expected {want.name}; {REDO}")
         return tensors
+
+    def check_resident(self, weights: dict) -> None:
+        """ModelFormatError unless `weights` holds every tensor the config implies, with
+        the shape it implies (a manifest config that disagrees with the files)."""
+        from ..convert.names import expected_tensors
+
+        p = self.resident_path
+        try:
+            expected, _ = expected_tensors(self.architecture, self.config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"{self.path / MANIFEST_NAME}: the config is incomplete or "
+                                   f"malformed ({type(e).__name__}: {e}); {REDO}") from None
+        n_ff = self.config.get("intermediate_size" if self.architecture == "llama" else "ffn_dim")
+        if (n_ff, self.config.get("hidden_size")) != (self.n_neurons, self.dim):
+            raise ModelFormatError(
+                f"{self.path / MANIFEST_NAME}: the FFN holds {self.n_neurons} neurons of dim {self.dim}, "
+                f"the config says {n_ff} of {self.config.get('hidden_size')}; {REDO}")
+        for name, shape in expected.items():
+            if name not in weights:
+                raise ModelFormatError(f"{p}: tensor {name!r} is missing; {REDO}")
+            if tuple(weights[name].shape) != tuple(shape):
+                raise ModelFormatError(
+                    f"{p}: tensor {name!r} has shape {tuple(weights[name].shape)}, the "
+                    f"manifest's config implies {tuple(shape)}; {REDO}")
 
     # -- FFN bundles -----------------------------------------------------------------
     @property
