@@ -1,0 +1,48 @@
+"""CI smoke test of the benchmarks: the I/O table (paper Table 2) with --quick on the tiny
+synthetic shape, checked against what the model's own geometry says each row must read."""
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture()
+def bench(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHRT_BENCH_WORK", str(tmp_path / "work"))
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in ("common", "table_io", "make_synthetic"):
+        sys.modules.pop(name, None)
+    return importlib.import_module("table_io")
+
+
+def test_table_io_quick_tiny(bench, tmp_path):
+    t0 = time.perf_counter()
+    out = bench.main(["--quick", "--shape", "tiny", "--results", str(tmp_path / "res"), "--keep-page-cache"])
+    assert time.perf_counter() - t0 < 60
+    res, mb = out["results"], out["model"]
+    text = (tmp_path / "res" / "table_io_tiny-quick.md").read_text()
+    for row in ("naive", "+ predictor", "+ windowing", "+ bundling"):
+        assert f"| {row} |" in text
+        assert len(res[row]) == 2  # --quick: 2 repeats
+    n_cells = mb["n_layers"] * mb["n_neurons"]
+    for r in res["naive"]:  # naive streams every layer's whole FFN per token
+        assert r["bytes_read_per_token"] == mb["ffn"]
+        assert r["neurons_read_per_token"] == 1.0
+    for r in res["+ predictor"]:  # unbundled: one read per FFN part (up, down) per neuron, no coalescing
+        assert r["reads_per_token"] == pytest.approx(2 * r["neurons_read_per_token"] * n_cells)
+        # no reuse: everything selected (capped by the cache) is read again
+        assert r["neurons_read_per_token"] == pytest.approx(min(r["neurons_selected_per_token"],
+                                                                 r["neurons_computed_per_token"]))
+    for row in ("+ windowing", "+ bundling"):  # the window re-reads less than no-reuse does
+        w = np.median([r["neurons_read_per_token"] for r in res[row]])
+        p = np.median([r["neurons_read_per_token"] for r in res["+ predictor"]])
+        assert w < p
+    for r in res["+ bundling"]:  # bundled reads: at most one read per neuron (coalescing merges runs)
+        assert r["reads_per_token"] <= r["neurons_read_per_token"] * n_cells + 1e-9
+        assert r["bytes_read_per_token"] < mb["ffn"]
