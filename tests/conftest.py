@@ -8,6 +8,30 @@ FIXTURES = Path(__file__).parent / "fixtures"
 HF_NAMES = ("opt", "llama", "qwen2", "mistral")
 
 
+def byte_tokenizer_json() -> str:
+    """A byte-level BPE with no merges: ids 0..255, one per byte; any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return tk.to_str()
+
+
+def tiny_model(name: str, out: Path) -> Path:
+    """The tiny HF fixture `name` with a byte tokenizer, converted to float32 at `out`."""
+    import shutil
+
+    from flashrt.convert import convert
+
+    src = out.parent / f"{out.name}-src"
+    shutil.copytree(FIXTURES / "hf" / name, src)
+    (src / "tokenizer.json").write_text(byte_tokenizer_json())
+    convert(src, out, dtype="float32", progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """name -> converted float32 flashrt model directory, for the transformers-made tiny checkpoints."""

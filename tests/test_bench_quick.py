@@ -1,7 +1,6 @@
 """CI smoke test of the benchmarks: the I/O table (paper Table 2) with --quick on the tiny
 synthetic shape, checked against what the model's own geometry says each row must read."""
 import importlib
-import os
 import sys
 import time
 from pathlib import Path

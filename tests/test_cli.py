@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import flashrt
-from flashrt.convert import convert
+from conftest import byte_tokenizer_json, tiny_model  # noqa: F401
 from flashrt.format import ModelWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,24 +27,6 @@ HF = REPO / "tests" / "fixtures" / "hf"
 PROMPT = "Once upon"
 
 
-# -- helpers (the same as in test_reliability_files.py: test files stay standalone) ---
-def byte_tokenizer_json() -> str:
-    """A byte-level BPE with no merges: ids 0..255, one per byte; any text encodes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    return tk.to_str()
-
-
-def tiny_model(name: str, out: Path) -> Path:
-    src = out.parent / f"{out.name}-src"
-    shutil.copytree(HF / name, src)
-    (src / "tokenizer.json").write_text(byte_tokenizer_json())
-    convert(src, out, dtype="float32", progress=False)
-    return out
 
 
 def env() -> dict:

@@ -28,7 +28,7 @@ def path(request):
 @pytest.fixture
 def threaded():
     """Let any problem size split across threads, so small odd shapes exercise the partitioning."""
-    old = kernels._set_chunk_elems(1)
+    kernels._set_chunk_elems(1)
     yield
     kernels._set_chunk_elems(0)
 

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import flashrt
+from conftest import byte_tokenizer_json, tiny_model  # noqa: F401
 from flashrt.convert import convert
 from flashrt.errors import FlashrtError, ModelFormatError, UnsupportedModelError
 from flashrt.format import ModelFiles
@@ -38,25 +39,6 @@ SMALL_HEAD = 512  # head-hash window in the fuzz: most tensor bytes lie outside 
 IDS = np.array([1, 7, 42, 3, 99, 5], np.int64)
 
 
-# -- helpers shared with the runtime and CLI tests (copied there: test files stay standalone)
-def byte_tokenizer_json() -> str:
-    """A byte-level BPE with no merges: ids 0..255, one per byte; any text encodes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    return tk.to_str()
-
-
-def tiny_model(name: str, out: Path) -> Path:
-    """The tiny HF fixture `name` with a byte tokenizer, converted to float32 at `out`."""
-    src = out.parent / f"{out.name}-src"
-    shutil.copytree(HF / name, src)
-    (src / "tokenizer.json").write_text(byte_tokenizer_json())
-    convert(src, out, dtype="float32", progress=False)
-    return out
 
 
 def python_env() -> dict:

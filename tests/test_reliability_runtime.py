@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import flashrt
-from flashrt.convert import convert
+from conftest import byte_tokenizer_json, tiny_model  # noqa: F401
 from flashrt.errors import BudgetError, FlashIOError, FlashrtError, GenerationError, ModelFormatError
 from flashrt.format import ModelWriter
 
@@ -29,24 +29,6 @@ IDS = np.array([3, 14, 15, 92, 65, 35, 89, 79], np.int64)
 PROMPT = "flash"
 
 
-# -- helpers (the same as in test_reliability_files.py: test files stay standalone) ---
-def byte_tokenizer_json() -> str:
-    """A byte-level BPE with no merges: ids 0..255, one per byte; any text encodes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    return tk.to_str()
-
-
-def tiny_model(name: str, out: Path) -> Path:
-    src = out.parent / f"{out.name}-src"
-    shutil.copytree(HF / name, src)
-    (src / "tokenizer.json").write_text(byte_tokenizer_json())
-    convert(src, out, dtype="float32", progress=False)
-    return out
 
 
 def open_gen(path, mode="dense", **kw) -> "flashrt.Generator":

@@ -7,7 +7,6 @@ not implement is refused with UnsupportedModelError before a byte is written.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from contextlib import ExitStack
 from pathlib import Path

@@ -3,7 +3,7 @@ softmax, rotary tables and attention over the KV cache. Pure NumPy, float32.
 """
 
 import math
-from typing import Callable, Optional, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 

@@ -6,7 +6,6 @@ interface; fc1/fc2 biases are the FFN's) -> residual; final LayerNorm; head (tie
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
