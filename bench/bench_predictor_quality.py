@@ -1,126 +1,143 @@
-"""Perplexity with predictor-selected FFN neurons vs dense and vs the oracle selection.
+"""Perplexity of flash mode with predictor-selected FFN neurons, vs dense and vs the oracle selection.
 
-    python bench/bench_predictor_quality.py MODEL_DIR --text held_out.txt \
-        [--tokens 4096] [--ctx 512] [--keep 0.5 0.6] [--window 1 4] [--skip-tokens N]
+    python bench/bench_predictor_quality.py MODEL_DIR --text held_out.txt [--tail-chars 60000] \
+        [--tokens 4096] [--ctx 512] [--keep 0.5 0.6] [--window 5] [--prior-weight 0 0.25] \
+        [--modes predictor oracle] [--out bench/results/predictor_quality] [--plot]
 
-MODEL_DIR must hold predictors.npz (`flashrt calibrate`). For every keep fraction and
-window it runs flashrt's own NumPy forward pass (teacher-forced, chunks of `ctx`) with an
-FFN that keeps, per token, only the neurons the selection names:
-  oracle    : the top keep fraction of |h| (the true outputs: the best any predictor can do)
-  predictor : the stored predictors' top keep fraction by score, the per-layer keep
-              fractions rescaled so their mean is `keep`
-and, with window k > 1, also every neuron selected for any of the previous k - 1 tokens
-(the flash runtime computes all neurons its sliding-window cache holds). It prints the
-perplexity, its change vs dense, the selected fraction and the computed fraction.
+Every row runs flashrt's real flash path: `flashrt.Generator(MODEL_DIR, mode="flash",
+select=..., sparsity=1 - keep, window=...)` scored by `flashrt.perplexity.perplexity`,
+which feeds the held-out tokens one at a time through the decode path (selector, sliding
+window cache, loader, kernel over the cached rows). MODEL_DIR must hold predictors.npz
+(`flashrt calibrate`).
+
+  oracle    : per token the top `keep` fraction of neurons by true |h| (the best any
+              predictor can do at that fraction)
+  predictor : the stored predictors' top `keep` fraction by score; with --prior-weight a > 0
+              the scores of cached neurons are blended with their |h| at the previous token
+              (the temporal prior, flashrt.predictor.lowrank.blend_prior)
+
+Columns: selected = neurons the selector named per token and layer, computed = neurons the
+kernel ran over (the window's union in the cache), read = neurons read from flash per token,
+all as fractions of the FFN. With --plot it also draws perplexity vs fraction selected
+(matplotlib, bench-only) to OUT.png.
+
+Held-out text: --tail-chars N scores the last N characters of --text (calibrate on the rest).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
-
-import numpy as np
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flashrt.ffn_dense import DenseFFN  # noqa: E402
-from flashrt.format.reader import ModelFiles  # noqa: E402
-from flashrt.linear import linear  # noqa: E402
-from flashrt.models import build_model  # noqa: E402
-from flashrt.predictor import PredictorSet, topk_mask  # noqa: E402
-from flashrt.tokenizer import Tokenizer  # noqa: E402
+import flashrt  # noqa: E402
+from flashrt.perplexity import perplexity  # noqa: E402
+from flashrt.predictor import PredictorSet  # noqa: E402
 
 
-def window_union(mask, k):
-    """mask (T, n) bool -> each row OR the k - 1 rows before it (within the chunk)."""
-    out = mask.copy()
-    for s in range(1, k):
-        out[s:] |= mask[:-s]
+def with_prior_weight(model_dir: Path, weight: float, tmp: Path) -> Path:
+    """A model directory that links MODEL_DIR's files and holds its predictors with `weight` set."""
+    if weight == 0.0:
+        pset = PredictorSet.load(model_dir)
+        if all(p.prior_weight == 0.0 for p in pset):
+            return model_dir
+    out = tmp / f"prior-{weight:g}"
+    out.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "predictors.npz" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    pset = PredictorSet.load(model_dir)
+    pset.set_prior_weight(weight)
+    pset.save(out)
     return out
 
 
-class SelectedFFN:
-    """Dense FFN whose dropped neurons' contributions are subtracted: y = sum over kept of h_i down_i."""
-
-    def __init__(self, dense, mode, keep, pset=None, window=1):
-        self.dense, self.mode, self.window, self.pset = dense, mode, window, pset
-        L = dense.n_layers
-        if mode == "predictor":
-            f = np.array(pset.keep_fractions(), dtype=np.float64)
-            self.keep = np.clip(f * (keep / f.mean()), 0.01, 1.0)
-        else:
-            self.keep = np.full(L, keep)
-        d = dense.dim
-        P = dense.n_parts
-        self.down = [np.ascontiguousarray(B[:, (P - 1) * d:], dtype=np.float32) for B in dense.bundles]  # (n, d)
-        self.selected = []
-        self.computed = []
-
-    def __call__(self, layer, x):
-        T, n = x.shape[0], self.dense.n_neurons(layer)
-        h = np.empty((T, n), np.float32)
-        y = self.dense(layer, x, h_out=h)
-        if self.mode == "dense":
-            return y
-        s = np.abs(h) if self.mode == "oracle" else self.pset[layer].scores_batch(x)
-        sel = topk_mask(s, self.keep[layer])
-        comp = window_union(sel, self.window) if self.window > 1 else sel
-        self.selected.append(sel.mean())
-        self.computed.append(comp.mean())
-        y -= np.where(comp, 0.0, h).astype(np.float32) @ self.down[layer]
-        return y
-
-
-def perplexity(files, weights, ffn, ids, ctx):
-    model = build_model(files.architecture, files.config, weights, ffn, linear)
-    nll, count = 0.0, 0
-    for i in range(0, len(ids) - 1, ctx):
-        chunk = ids[i: i + ctx]
-        if len(chunk) < 2:
-            break
-        logits = model.forward(chunk, model.make_cache(len(chunk)))            # (T, vocab)
-        logits = logits[:-1].astype(np.float64)
-        m = logits.max(axis=1, keepdims=True)
-        logp = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
-        nll -= logp[np.arange(len(chunk) - 1), chunk[1:]].sum()
-        count += len(chunk) - 1
-    return float(np.exp(nll / count))
+def run(model_dir, text, tokens, ctx, **kw) -> dict:
+    t = time.perf_counter()
+    with flashrt.Generator(model_dir, threads=1, progress=False, **kw) as g:
+        r = perplexity(g, text, context=ctx, max_tokens=tokens, progress=False)
+    r["seconds"] = time.perf_counter() - t
+    return r
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("--text", required=True, help="held-out text file")
-    ap.add_argument("--skip-tokens", type=int, default=0, help="start this many tokens into the text")
-    ap.add_argument("--from-end", action="store_true", help="take the last --tokens tokens of the text")
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--text", required=True, help="text file; the held-out part is scored")
+    ap.add_argument("--tail-chars", type=int, default=0, help="score only the last N characters (0: all)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.6])
-    ap.add_argument("--window", type=int, nargs="+", default=[1])
-    ap.add_argument("--modes", nargs="+", default=["oracle", "predictor"])
+    ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.6], help="fractions selected per token")
+    ap.add_argument("--window", type=int, nargs="+", default=[5])
+    ap.add_argument("--prior-weight", type=float, nargs="+", default=[0.0], help="predictor rows only")
+    ap.add_argument("--modes", nargs="+", default=["predictor", "oracle"])
+    ap.add_argument("--out", type=Path, default=None, help="write OUT.md (and OUT.png with --plot)")
+    ap.add_argument("--plot", action="store_true")
     args = ap.parse_args(argv)
 
-    files = ModelFiles.open(args.model_dir)
-    weights = files.load_resident()
-    dense = DenseFFN.from_files(files, weights)
-    pset = PredictorSet.load(args.model_dir, dim=files.dim, n_neurons=files.n_neurons, n_layers=files.n_layers)
-    tok = Tokenizer.from_dir(files.tokenizer_dir)
-    ids = np.array(tok.encode(open(args.text, encoding="utf-8").read()), dtype=np.int64)
-    ids = ids[-args.tokens:] if args.from_end else ids[args.skip_tokens: args.skip_tokens + args.tokens]
-    print(f"{args.model_dir}: {len(ids)} tokens, ctx {args.ctx}, predictors {pset}")
-    t = time.perf_counter()
-    base = perplexity(files, weights, SelectedFFN(dense, "dense", 1.0), ids, args.ctx)
-    print(f"dense                         ppl {base:8.3f}            ({time.perf_counter() - t:.0f} s)")
-    for keep in args.keep:
-        for mode in args.modes:
-            for w in args.window:
-                t = time.perf_counter()
-                ffn = SelectedFFN(dense, mode, keep, pset, w)
-                p = perplexity(files, weights, ffn, ids, args.ctx)
-                print(f"{mode:9s} keep {keep:.2f} window {w}  ppl {p:8.3f} ({100 * (p / base - 1):+6.1f}%)  "
-                      f"selected {np.mean(ffn.selected):.3f} computed {np.mean(ffn.computed):.3f}  "
-                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+    text = Path(args.text).read_text(encoding="utf-8")
+    if args.tail_chars:
+        text = text[-args.tail_chars:]
+    base = run(args.model_dir, text, args.tokens, args.ctx, mode="dense")["perplexity"]
+    head = (f"{args.model_dir.name}: {args.tokens} held-out tokens ({Path(args.text).name}"
+            f"{f', last {args.tail_chars} chars' if args.tail_chars else ''}), ctx {args.ctx}; "
+            f"dense perplexity {base:.3f}")
+    print(head, flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for keep in args.keep:
+            for mode in args.modes:
+                for w in args.window:
+                    for a in (args.prior_weight if mode == "predictor" else [0.0]):
+                        md = with_prior_weight(args.model_dir, a, Path(tmp)) if mode == "predictor" else args.model_dir
+                        r = run(md, text, args.tokens, args.ctx, mode="flash", select=mode,
+                                sparsity=round(1.0 - keep, 6), window=w)
+                        row = dict(mode=mode, keep=keep, window=w, prior=a, ppl=r["perplexity"],
+                                   delta=100.0 * (r["perplexity"] / base - 1.0),
+                                   selected=r["neurons_selected_per_token"],
+                                   computed=r["neurons_computed_per_token"],
+                                   read=r["neurons_read_per_token"], seconds=r["seconds"])
+                        rows.append(row)
+                        print(f"{mode:9s} keep {keep:.2f} window {w} prior {a:<5g} ppl {row['ppl']:8.3f} "
+                              f"({row['delta']:+6.1f}%)  selected {row['selected']:.3f} computed "
+                              f"{row['computed']:.3f} read {row['read']:.3f}  ({row['seconds']:.0f} s)", flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["# Predictor quality, flash path\n", head + "\n",
+                 "| selection | kept/token | window | prior | perplexity | vs dense | selected | computed | read |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['mode']} | {r['keep']:.2f} | {r['window']} | {r['prior']:g} | {r['ppl']:.2f} | "
+                         f"{r['delta']:+.1f}% | {r['selected']:.3f} | {r['computed']:.3f} | {r['read']:.3f} |")
+        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        if args.plot:
+            plot(rows, base, head, args.out.with_suffix(".png"))
+
+
+def plot(rows, base, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = sorted({(r["mode"], r["window"], r["prior"]) for r in rows})
+    for mode, w, a in groups:
+        pts = sorted((r["selected"], r["ppl"]) for r in rows if (r["mode"], r["window"], r["prior"]) == (mode, w, a))
+        label = f"{mode}, window {w}" + (f", prior {a:g}" if a else "")
+        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-" if mode == "predictor" else "s--", label=label)
+    ax.axhline(base, color="k", lw=0.8, ls=":", label=f"dense {base:.2f}")
+    ax.set_xlabel("FFN neurons selected per token (%)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -263,8 +263,9 @@ def test_fit_predictors_gated_end_to_end(tmp_path):
     layers = [planted_gated(rng, T=1500, d=32, n=64, rank=3, noise=0.02) for _ in range(3)]
     pset, report = fit_predictors([l[0] for l in layers], [l[1] for l in layers],
                                   [(l[2], l[3], l[4]) for l in layers], gated=True, sparsity=0.5,
-                                  rank=8, epochs=3, dtype=np.float16)
+                                  rank=8, epochs=3, dtype=np.float16, prior_weight=0.25)
     assert report.kind == "product" and len(report.layers) == 3
+    assert [p.prior_weight for p in pset] == [0.25] * 3
     assert abs(np.mean(pset.keep_fractions()) - 0.5) < 1e-6
     for r in report.layers:
         assert r["topk_recall"] > 0.9 and 0 < r["precision"] <= 1
@@ -338,3 +339,92 @@ def test_calibrate_tiny_model(tmp_path, name):
         assert abs(np.mean(pset.keep_fractions()) - 0.5) < 1e-6
         for r in report.layers:
             assert r["mass_captured"] > 0.5, r
+
+
+# -- temporal prior: the last |h| of the cached neurons, blended into the next token's scores -------------
+def test_prior_blend_changes_selection_as_specified():
+    rng = np.random.default_rng(12)
+    p = random_predictor(rng, "product")
+    x = rng.standard_normal(24).astype(np.float32)
+    s = p.scores(x)
+    prior = np.abs(rng.standard_normal(40)).astype(np.float32) * 3
+    prior[rng.random(40) < 0.4] = -1.0                      # not cached: unknown
+    # off (weight 0, or no prior given): the plain top-k
+    np.testing.assert_array_equal(p.select(x, 0.3, prior=prior), p.select(x, 0.3))
+    p.prior_weight = 0.4
+    np.testing.assert_array_equal(p.select(x, 0.3, prior=None), p.select(x, 0.3, prior=np.full(40, -1.0, np.float32)))
+    want = np.where(prior >= 0, 0.6 * s + 0.4 * prior, s)   # plain formula
+    k = int(np.ceil(0.3 * 40))
+    got = p.select(x, 0.3, prior=prior)
+    np.testing.assert_array_equal(got, np.argsort(-want, kind="stable")[:k])
+    assert set(got) != set(p.select(x, 0.3))                # the prior did change the selection here
+    with pytest.raises(ValueError):
+        LowRankPredictor("product", p.A, p.B, p.bias, p.bias_gate, r_gate=3, prior_weight=1.0)
+
+
+def test_store_keeps_prior_weight(tmp_path):
+    pset = make_set(np.random.default_rng(13))
+    pset.set_prior_weight([0.0, 0.25, 0.5])
+    pset.save(tmp_path)
+    assert [p.prior_weight for p in PredictorSet.load(tmp_path)] == [0.0, 0.25, 0.5]
+    with pytest.raises(ValueError):
+        pset.set_prior_weight(1.5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")          # "no tokenizer.json" from the converter
+def test_flash_feeds_back_the_true_h_of_cached_neurons(tmp_path):
+    """Decode through flash mode with a prior: each select() gets the |h| (NumPy oracle from the
+    bundle file) of exactly the neurons the cache held at the previous token, -1 for the others,
+    and returns the top-k of the blended score."""
+    import flashrt
+    from flashrt.convert.hf import convert_hf
+    from flashrt.format.reader import ModelFiles
+    src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+    out = tmp_path / "llama"
+    convert_hf(src, out, dtype="float32", progress=False)
+    files = ModelFiles.open(out)
+    L, d, n = files.n_layers, files.dim, files.n_neurons
+    raw = np.fromfile(files.ffn_path, dtype=np.float32)
+    bundles = [raw[files.ffn_layer_offset(l) // 4:][: n * 3 * d].reshape(n, 3 * d).astype(np.float64)
+               for l in range(L)]
+    rng = np.random.default_rng(14)
+    preds = [LowRankPredictor("product", rng.standard_normal((6, d)).astype(np.float32) * 0.3,
+                              rng.standard_normal((n, 6)).astype(np.float32) * 0.3, r_gate=3,
+                              keep_fraction=0.4, prior_weight=0.5) for _ in range(L)]
+    PredictorSet(preds).save(out)
+    calls = []
+    with flashrt.Generator(out, mode="flash", select="predictor", sparsity=0.6, window=2, threads=1) as g:
+        sel = g.ffn.selector
+        assert sel.uses_prior
+        inner = sel.select
+
+        def spy(layer, x, prior=None):
+            cached = g.ffn.caches[layer].used_ids().copy()
+            ids = inner(layer, x, prior=prior)
+            calls.append((layer, x.copy(), None if prior is None else prior.copy(), cached, ids))
+            return ids
+
+        sel.select = spy
+        g._reset()
+        for t in [1, 5, 9, 2, 7, 3]:
+            g.model.forward(np.array([t], dtype=np.int64), g.kv)
+    assert len(calls) == 6 * L
+    k = int(np.ceil(0.4 * n))
+    changed = 0
+    for i, (layer, x, prior, cached, ids) in enumerate(calls):
+        assert prior is not None
+        if i < L:                                           # first token: nothing known yet
+            assert np.all(prior == -1.0)
+        else:
+            B = bundles[layer]
+            x_prev = calls[i - L][1]                        # same layer, previous token
+            h = silu(B[:, :d] @ x_prev) * (B[:, d:2 * d] @ x_prev)
+            want = np.full(n, -1.0)
+            want[cached] = np.abs(h[cached])
+            np.testing.assert_allclose(prior, want, rtol=1e-4, atol=1e-5)
+            assert cached.size >= k                         # the window (2) holds more than one selection
+        s = preds[layer].scores(x)
+        blended = np.where(prior >= 0, 0.5 * s + 0.5 * prior, s)
+        np.testing.assert_array_equal(np.sort(ids), np.sort(np.argsort(-blended, kind="stable")[:k]))
+        changed += set(ids) != set(np.argsort(-s, kind="stable")[:k])
+    assert changed > 0

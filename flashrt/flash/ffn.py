@@ -51,6 +51,12 @@ class FlashFFN:
         if mode == "flash":
             self.caches = [NeuronCache(self.n_neurons, plan.cache_rows, self.row_elems, self.dtype, window)
                            for _ in range(self.n_layers)]
+        # temporal prior: per layer, the |h| the kernel computed at the last token for each cached
+        # neuron, -1 for neurons not cached (only when the selector uses it)
+        self.prior = None
+        if mode == "flash" and getattr(selector, "uses_prior", False):
+            self.prior = np.full((self.n_layers, self.n_neurons), -1.0, np.float32)  # (n_layers, n_neurons)
+        self._h = np.empty(self.n_neurons, np.float32)  # (n_neurons,) h of the cached rows, slot order
         self.step = 0  # decode tokens seen since reset (the cache's clock)
         self.stats = FlashStats(self.n_neurons, self.n_layers)
 
@@ -58,6 +64,8 @@ class FlashFFN:
     def reset(self) -> None:
         for c in self.caches:
             c.reset()
+        if self.prior is not None:
+            self.prior.fill(-1.0)
         self.step = 0
 
     def close(self) -> None:
@@ -123,13 +131,18 @@ class FlashFFN:
     def _seed(self, layer: int, x: np.ndarray) -> None:
         """Fill the layer's cache with what the last prompt tokens selected (steps -w+1 .. 0)."""
         last = x[-self.window:]
+        if self.prior is not None:  # the prompt's h were not kept: no prior for the first decode token
+            self.prior[layer].fill(-1.0)
         for j, xj in enumerate(last):
             self._admit(layer, xj, step=j - len(last) + 1)
 
     def _admit(self, layer: int, x: np.ndarray, step: int):
         cache = self.caches[layer]
         t0 = time.perf_counter_ns()
-        ids = self.selector.select(layer, x)
+        if self.prior is None:
+            ids = self.selector.select(layer, x)
+        else:
+            ids = self.selector.select(layer, x, prior=self.prior[layer])
         self._last_selected = ids
         t1 = time.perf_counter_ns()
         missing, first = cache.admit(ids, step)
@@ -151,7 +164,12 @@ class FlashFFN:
         bias = None
         if self.spec.up_bias is not None:
             bias = self.spec.up_bias[layer][cache.used_ids()]
-        kernels.ffn_rows(rows, x, self._y, self.spec.gated, self.spec.act_code, bias, None, self.n_threads)
+        h = None if self.prior is None else self._h[:rows.shape[0]]
+        kernels.ffn_rows(rows, x, self._y, self.spec.gated, self.spec.act_code, bias, h, self.n_threads)
+        if h is not None:  # the next token's prior: the true |h| of every neuron now cached
+            prior = self.prior[layer]
+            prior.fill(-1.0)
+            prior[cache.used_ids()] = np.abs(h)
         y = self._y.copy()
         if self.spec.down_bias is not None:
             y += self.spec.down_bias[layer]

@@ -1,7 +1,8 @@
 """Which FFN neurons a token needs: the selection policies of flash mode.
 
 Every selector answers `select(layer, x (d,) float32) -> int64 ids`, most important
-first (the cache keeps the head of the list when the selection does not fit).
+first (the cache keeps the head of the list when the selection does not fit). A selector
+with `uses_prior` True also takes `prior=` (the last |h| of the cached neurons).
   all        every neuron: exact, the slowest flash run
   oracle     the true active set from the real weights (a test/benchmark tool: it reads
              the whole FFN through the page cache, so it ignores the memory budget)
@@ -65,13 +66,20 @@ class OracleSelector:
 
 
 class PredictorSelector:
-    """The fitted low-rank predictors (see flashrt.predictor)."""
+    """The fitted low-rank predictors (see flashrt.predictor).
+
+    uses_prior: some layer has a temporal prior (prior_weight > 0); FlashFFN then passes
+    `prior` (n_neurons,) float32 = the |h| the kernel computed for each cached neuron at
+    the previous token, -1 for neurons not cached.
+    """
 
     name = "predictor"
 
     def __init__(self, predictors, keep_fraction: float | None):
         self.predictors = predictors
         self.keep_fraction = keep_fraction
+        self.uses_prior = any(getattr(p, "prior_weight", 0.0) > 0.0 for p in predictors)
 
-    def select(self, layer: int, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.predictors[layer].select(x, keep_fraction=self.keep_fraction), dtype=np.int64)
+    def select(self, layer: int, x: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
+        ids = self.predictors[layer].select(x, keep_fraction=self.keep_fraction, prior=prior)
+        return np.asarray(ids, dtype=np.int64)

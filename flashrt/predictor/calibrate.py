@@ -185,12 +185,13 @@ class CalibrationReport:
 
 def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, val_fraction=0.2,
                    target_recall=0.95, epochs=8, allocate=False, dtype=np.float32, progress=False, seed=0,
-                   meta=None):
+                   meta=None, prior_weight=0.0):
     """Fit, allocate and report on recorded activations (the model-free core of `calibrate`).
 
     X_layers: per layer (T, d) FFN inputs; H_layers: per layer (T, n) recorded h.
     weights: per layer (gate (n, d), up (n, d), down (d, n)) if gated else (up (n, d), up_bias|None, down (d, n)).
     rank: int, per-layer list, or None (default_rank: under 5% of the dense FFN MACs).
+    prior_weight: weight of the temporal prior in flash decode (LowRankPredictor.prior_weight; 0: off).
     Returns (PredictorSet, CalibrationReport).
     """
     t0 = time.perf_counter()
@@ -257,6 +258,7 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
     if meta:
         info.update(meta)
     pset = PredictorSet(preds, info=info)
+    pset.set_prior_weight(prior_weight)
     report = CalibrationReport(kind, float(sparsity), int(T), n_fit, n_val, ranks, layers,
                                time.perf_counter() - t0,
                                predictor_macs=sum(p.macs for p in preds), ffn_macs=L * ffn_macs(gated, d, n))
@@ -298,7 +300,7 @@ def _sample_token(logits, rng, temperature=1.0):
 
 def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, progress=True, ctx=512,
               epochs=8, target_recall=0.95, allocate=False, dtype="float16", seed=0, save=True,
-              n_threads=None):
+              n_threads=None, prior_weight=0.0):
     """Record activations with the dense forward pass, fit, allocate, save predictors.npz.
 
     model_dir: a flashrt model directory. texts: list of strings (or one string) to run
@@ -307,6 +309,7 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
     sparsity: model-wide fraction of neurons skipped per token (gated models).
     rank: int, per-layer list, or None (largest rank under 5% of the dense FFN MACs).
     dtype: storage dtype of the factors ("float16" halves the file; scoring is float32).
+    prior_weight: temporal prior weight stored with the predictors (0: off; see lowrank.py).
     Returns the CalibrationReport (report.summary() prints the per-layer table).
     """
     from flashrt.ffn_dense import DenseFFN
@@ -374,7 +377,7 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
     rec.clear()
     pset, report = fit_predictors(X_layers, H_layers, fit_weights, spec.gated, sparsity=sparsity, rank=rank,
                                   target_recall=target_recall, epochs=epochs, allocate=allocate,
-                                  dtype=np.dtype(dtype), progress=progress, seed=seed,
+                                  dtype=np.dtype(dtype), progress=progress, seed=seed, prior_weight=prior_weight,
                                   meta={"source": source, "ctx": ctx, "record_seconds": t_record})
     report.seconds = time.perf_counter() - t0
     if save:

@@ -16,6 +16,12 @@ Gated FFNs are scored by the product because a neuron's contribution is
 Selection is top-k by score with a per-layer `keep_fraction` (a fixed fraction of the
 layer's neurons, highest score first), or, with keep_fraction None, every neuron whose
 score exceeds `threshold` (ReLU models: the fire/no-fire decision).
+
+Temporal prior (product kind, flash decode): the kernel has just computed the true h of
+every neuron the cache holds, so for those neurons the last |h| is known for free. With
+`prior_weight` a > 0 the score of a neuron whose last |h| is known becomes
+(1 - a) * s + a * |h_last| (both estimate |h|); the others keep s. `prior` is an (n,)
+array holding |h_last|, negative where unknown.
 """
 from __future__ import annotations
 
@@ -59,9 +65,11 @@ class LowRankPredictor:
     r_gate: int                      product only: how many of the r ranks estimate the gate
     keep_fraction: float | None      default top-k fraction for select()
     threshold: float                 score threshold for select() when keep_fraction is None
+    prior_weight: float              weight a in [0, 1) of the temporal prior in select() (0: off)
     """
 
-    def __init__(self, kind, A, B, bias=None, bias_gate=None, r_gate=0, keep_fraction=None, threshold=0.0):
+    def __init__(self, kind, A, B, bias=None, bias_gate=None, r_gate=0, keep_fraction=None, threshold=0.0,
+                 prior_weight=0.0):
         if kind not in KINDS:
             raise ValueError(f"LowRankPredictor: kind must be one of {KINDS}, got {kind!r}")
         A = np.ascontiguousarray(A)
@@ -92,6 +100,9 @@ class LowRankPredictor:
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(f"LowRankPredictor: keep_fraction must be in (0, 1], got {keep_fraction}")
         self.threshold = float(threshold)
+        self.prior_weight = float(prior_weight)
+        if not 0.0 <= self.prior_weight < 1.0:
+            raise ValueError(f"LowRankPredictor: prior_weight must be in [0, 1), got {prior_weight}")
         # float32 copies for scoring when stored in float16 (NumPy's float16 matmul is slow)
         self._A32 = A.astype(np.float32, copy=False)
         self._B32 = B.astype(np.float32, copy=False)
@@ -129,20 +140,31 @@ class LowRankPredictor:
         """x (d,) float32 -> (n,) float32 scores."""
         return self.scores_batch(np.asarray(x, dtype=np.float32).reshape(1, -1))[0]
 
-    def select(self, x, keep_fraction=None):
+    def select(self, x, keep_fraction=None, prior=None):
         """Neuron ids (int64) to compute for x (d,), highest score first.
 
         keep_fraction (or the predictor's own): the top ceil(f * n) neurons by score.
         Neither set: every neuron with score > threshold.
+        prior: (n,) float32 last known |h| per neuron, < 0 where unknown; blended into the
+        scores with weight prior_weight (see blend_prior).
         """
         s = self.scores(x)
+        if prior is not None and self.prior_weight > 0.0:
+            s = blend_prior(s, prior, self.prior_weight)
         f = self.keep_fraction if keep_fraction is None else keep_fraction
         return select_from_scores(s, f, self.threshold)
 
     def __repr__(self):
         f = "None" if self.keep_fraction is None else f"{self.keep_fraction:.3f}"
         return (f"LowRankPredictor(kind={self.kind!r}, rank={self.rank}, d={self.dim}, n={self.n_neurons}, "
-                f"keep_fraction={f}, threshold={self.threshold:.4g})")
+                f"keep_fraction={f}, threshold={self.threshold:.4g}, prior_weight={self.prior_weight:.3g})")
+
+
+def blend_prior(s, prior, weight):
+    """s (n,) scores, prior (n,) last known |h| (< 0: unknown) -> (n,) float32 scores:
+    (1 - weight) * s + weight * prior where the prior is known, s elsewhere."""
+    known = prior >= 0.0
+    return np.where(known, (1.0 - weight) * s + weight * prior, s).astype(np.float32, copy=False)
 
 
 def n_keep(n, keep_fraction):

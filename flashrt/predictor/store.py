@@ -5,7 +5,7 @@ The file is a NumPy .npz (uncompressed) holding, per layer l, `l{l}.A` (r, d),
 plus `header`: a uint8 array of UTF-8 JSON
     {"magic": "flashrt-predictors", "version": 1, "kind": "product"|"relu",
      "n_layers", "dim", "n_neurons",
-     "layers": [{"rank", "r_gate", "keep_fraction", "threshold", "dtype"}, ...],
+     "layers": [{"rank", "r_gate", "keep_fraction", "threshold", "prior_weight", "dtype"}, ...],
      "checksum": "<blake2b-256 hex over every array's name, dtype, shape and bytes>",
      "info": {...calibration settings and per-layer report...}}
 It is written to a temporary file in the same directory and renamed into place, so a
@@ -106,6 +106,14 @@ class PredictorSet:
         for p, k in zip(self.predictors, f):
             p.keep_fraction = float(k)
 
+    def set_prior_weight(self, weight):
+        """Weight of the temporal prior in every layer's select(): one float or one per layer (0: off)."""
+        w = np.broadcast_to(np.asarray(weight, dtype=np.float64), (self.n_layers,))
+        for p, a in zip(self.predictors, w):
+            if not 0.0 <= a < 1.0:
+                raise ValueError(f"set_prior_weight: weights must be in [0, 1), got {a}")
+            p.prior_weight = float(a)
+
     # -- storage ---------------------------------------------------------------------------------
     def _arrays(self):
         arrays = {}
@@ -125,7 +133,8 @@ class PredictorSet:
             "magic": MAGIC, "version": VERSION, "kind": self.kind,
             "n_layers": self.n_layers, "dim": self.dim, "n_neurons": self.n_neurons,
             "layers": [{"rank": p.rank, "r_gate": p.r_gate, "keep_fraction": p.keep_fraction,
-                        "threshold": p.threshold, "dtype": str(p.A.dtype)} for p in self.predictors],
+                        "threshold": p.threshold, "prior_weight": p.prior_weight, "dtype": str(p.A.dtype)}
+                       for p in self.predictors],
             "checksum": _checksum(arrays),
             "info": _jsonable(self.info),
         }
@@ -174,7 +183,8 @@ class PredictorSet:
             for l, meta in enumerate(header["layers"]):
                 preds.append(LowRankPredictor(
                     header["kind"], files[f"l{l}.A"], files[f"l{l}.B"], files[f"l{l}.bias"],
-                    files.get(f"l{l}.bias_gate"), meta["r_gate"], meta["keep_fraction"], meta["threshold"]))
+                    files.get(f"l{l}.bias_gate"), meta["r_gate"], meta["keep_fraction"], meta["threshold"],
+                    meta.get("prior_weight", 0.0)))
             pset = cls(preds, info=header.get("info"))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"{path}: predictors file is inconsistent ({e}); {REDO}") from e
