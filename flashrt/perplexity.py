@@ -55,7 +55,7 @@ def perplexity(g, text: str, context: int = 512, max_tokens: int | None = None, 
             else:
                 logits = g.model.forward(w, g.kv)[:-1]
                 bar.update(w.size)
-            total_nll += _nll(logits, w[1:])
+            total_nll += _nll(g._check_finite(logits, "perplexity"), w[1:])
             n_scored += w.size - 1
         bar.close()
     finally:

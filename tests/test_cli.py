@@ -248,3 +248,17 @@ def test_ctrl_c_exits_130(tiny):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+
+
+def test_perplexity_on_non_finite_logits_is_an_error_not_nan(tmp_path):
+    """Damage the cheap checks at open cannot see (a flipped exponent deep in a large file)
+    shows up as non-finite logits: perplexity raises instead of printing nan."""
+    from flashrt.errors import ModelFormatError
+    from flashrt.perplexity import perplexity
+
+    model = tiny_model("llama", tmp_path / "m")
+    with flashrt.Generator(model) as g:
+        vocab = int(g.config["vocab_size"])
+        g.model.forward = lambda ids, kv, **kw: np.full((len(ids), vocab), np.nan, np.float32)
+        with pytest.raises(ModelFormatError, match="non-finite"):
+            perplexity(g, "Once upon a time there was a test. " * 4, context=16, progress=False)
