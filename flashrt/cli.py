@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="calibration text (default: sampled from the model)")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--rank", type=int, default=None,
+                   help="one predictor rank for every layer (default: per-layer ranks, under 5%% of the FFN's MACs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from flashrt.errors import ModelFormatError
 from flashrt.predictor import (LowRankPredictor, PredictorSet, allocate_keep_fractions, data_aware_lowrank,
-                               default_rank, ffn_macs, fit_layer, fit_predictors, predictor_macs, topk_mask)
+                               default_rank, default_ranks, ffn_macs, fit_layer, fit_predictors, predictor_macs,
+                               topk_mask)
 from flashrt.predictor.calibrate import (gated_layer_report, output_error_curve, relu_layer_report,
                                          relu_threshold_for_recall)
 from flashrt.predictor.fit import product_loss
@@ -229,6 +230,24 @@ def test_default_rank_under_5_percent_of_ffn(gated, d, n):
     p = LowRankPredictor(kind, np.zeros((r, 8), np.float16), np.zeros((16, r), np.float16),
                          r_gate=r // 2 if gated else 0)
     assert p.macs == p.A.size + p.B.size == predictor_macs(kind, r, 8, 16)
+
+
+@pytest.mark.parametrize("gated,L,d,n", [(True, 30, 576, 1536),       # SmolLM2-135M
+                                         (False, 32, 4096, 16384),    # OPT-6.7B
+                                         (True, 32, 4096, 14336),     # Llama-3-8B / Mistral-7B shape
+                                         (True, 4, 16, 32)])          # tiny fixture
+def test_default_ranks_total_under_5_percent_and_front_loaded_for_gated(gated, L, d, n):
+    ranks = default_ranks(gated, L, d, n)
+    kind = "product" if gated else "relu"
+    total = sum(predictor_macs(kind, r, d, n) for r in ranks)
+    assert len(ranks) == L and all(1 <= r <= min(d, n) for r in ranks)
+    if min(ranks) > 4:        # the tiny shape is below the smallest rank's cost; only checks it runs
+        assert total < 0.05 * L * ffn_macs(gated, d, n)
+        assert total > 0.04 * L * ffn_macs(gated, d, n)              # and does not waste the budget
+    if gated and L >= 8:
+        assert ranks[0] > ranks[1] > ranks[-1] and ranks[1:].count(ranks[-1]) == L - 1 - L // 7
+    elif not gated:
+        assert ranks == [default_rank(gated, d, n)] * L
 
 
 # -- allocation and the calibration core ----------------------------------------------------------

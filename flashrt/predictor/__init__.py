@@ -8,10 +8,10 @@ Fit them with `calibrate(model_dir)` (or `flashrt calibrate <model_dir>`).
 """
 from .calibrate import CalibrationReport, allocate_keep_fractions, calibrate, fit_predictors
 from .fit import data_aware_lowrank, fit_layer
-from .lowrank import (LowRankPredictor, default_rank, ffn_macs, predictor_macs, select_from_scores,
+from .lowrank import (LowRankPredictor, default_rank, default_ranks, ffn_macs, predictor_macs, select_from_scores,
                       topk_mask)
 from .store import PREDICTORS_NAME, PredictorSet
 
 __all__ = ["LowRankPredictor", "PredictorSet", "PREDICTORS_NAME", "fit_layer", "data_aware_lowrank",
            "calibrate", "fit_predictors", "allocate_keep_fractions", "CalibrationReport", "default_rank",
-           "predictor_macs", "ffn_macs", "select_from_scores", "topk_mask"]
+           "default_ranks", "predictor_macs", "ffn_macs", "select_from_scores", "topk_mask"]

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from .fit import fit_layer
-from .lowrank import default_rank, ffn_macs, n_keep, topk_mask
+from .lowrank import default_ranks, ffn_macs, n_keep, topk_mask
 from .store import PredictorSet
 
 GRID = np.round(np.arange(0.1, 1.0001, 0.05), 4)   # keep fractions the allocator moves between
@@ -190,7 +190,8 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
 
     X_layers: per layer (T, d) FFN inputs; H_layers: per layer (T, n) recorded h.
     weights: per layer (gate (n, d), up (n, d), down (d, n)) if gated else (up (n, d), up_bias|None, down (d, n)).
-    rank: int, per-layer list, or None (default_rank: under 5% of the dense FFN MACs).
+    rank: int, per-layer list, or None (default_ranks: under 5% of the dense FFN MACs in total,
+    front-loaded for gated models).
     prior_weight: weight of the temporal prior in flash decode (LowRankPredictor.prior_weight; 0: off).
     Returns (PredictorSet, CalibrationReport).
     """
@@ -199,7 +200,7 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
     d = X_layers[0].shape[1]
     n = H_layers[0].shape[1]
     if rank is None:
-        rank = default_rank(gated, d, n)
+        rank = default_ranks(gated, L, d, n)
     ranks = [int(r) for r in (rank if isinstance(rank, (list, tuple, np.ndarray)) else [rank] * L)]
     if len(ranks) != L:
         raise ValueError(f"fit_predictors: {len(ranks)} ranks for {L} layers")
