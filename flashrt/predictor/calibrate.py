@@ -308,7 +308,7 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
     through the model; None samples n_tokens of text from the model itself (temperature 1,
     sequences of `ctx` tokens started from BOS), which records the decode distribution.
     sparsity: model-wide fraction of neurons skipped per token (gated models).
-    rank: int, per-layer list, or None (largest rank under 5% of the dense FFN MACs).
+    rank: int, per-layer list, or None (default_ranks: under 5% of the dense FFN MACs in total).
     dtype: storage dtype of the factors ("float16" halves the file; scoring is float32).
     prior_weight: temporal prior weight stored with the predictors (0: off; see lowrank.py).
     Returns the CalibrationReport (report.summary() prints the per-layer table).

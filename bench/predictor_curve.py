@@ -1,0 +1,164 @@
+"""Perplexity vs fraction of FFN neurons selected, predictor against oracle: the whole curve, fast.
+
+    python bench/predictor_curve.py MODEL_DIR --text held_out.txt [--tail-chars 60000] \
+        [--tokens 4096] [--ctx 512] [--keep 0.3 0.4 0.5 0.6 0.8] [--window 1 5] \
+        [--out bench/results/predictor_curve]
+
+A teacher-forced replica of flash mode, so that a 20-point curve takes minutes rather than
+the hour the real decode path would: every context chunk runs as one batched dense forward
+pass, and in each layer the FFN output is corrected to what flash mode computes, that is
+with only the neurons in the window (the union of the last `window` selections, all of them
+computed, as in flashrt.flash.ffn) contributing. Because the model is causal this gives the
+same logits as feeding the tokens one at a time; bench_predictor_quality.py runs the real
+path and agrees to 4 digits on the rows both measure (see bench/results/predictor_quality.md).
+
+  oracle    : per token the top `keep` fraction of neurons by true |h|
+  predictor : the top `keep` fraction by the stored predictors' score (predictors.npz)
+
+Columns: selected, computed (the window's union), read (neurons entering the window per
+token), as fractions of the FFN per token and layer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flashrt.ffn_dense import DenseFFN  # noqa: E402
+from flashrt.format.reader import ModelFiles  # noqa: E402
+from flashrt.linear import linear  # noqa: E402
+from flashrt.models import build_model  # noqa: E402
+from flashrt.predictor import PredictorSet  # noqa: E402
+from flashrt.predictor.lowrank import n_keep  # noqa: E402
+from flashrt.tokenizer import Tokenizer  # noqa: E402
+
+
+class WindowedFFN:
+    """Dense FFN whose output keeps only the neurons flash mode would have computed."""
+
+    def __init__(self, dense, down, mode, keep, window, pset=None):
+        self.dense, self.down, self.mode, self.keep, self.window, self.pset = dense, down, mode, keep, window, pset
+        self.selected, self.computed, self.read = [], [], []
+
+    def __call__(self, layer, x):                                  # x (T, d) -> (T, d)
+        T, n = x.shape[0], self.dense.n_neurons(layer)
+        h = np.empty((T, n), np.float32)                           # (T, n) the FFN's hidden activations
+        y = self.dense(layer, x, h_out=h)
+        if self.mode == "dense":
+            return y
+        scores = np.abs(h) if self.mode == "oracle" else self.pset[layer].scores_batch(x)   # (T, n)
+        k = n_keep(n, self.keep)
+        last = np.full(n, -10 ** 9)                                # token at which each neuron was last selected
+        computed = np.zeros((T, n), bool)
+        n_read = 0
+        for t in range(T):
+            last[np.argpartition(-scores[t], k - 1)[:k]] = t
+            computed[t] = last > t - self.window
+            n_read += int((computed[t] & ~computed[t - 1]).sum()) if t else int(computed[t].sum())
+        self.selected.append(k / n)
+        self.computed.append(float(computed.mean()))
+        self.read.append(n_read / (T * n))
+        y -= np.where(computed, 0.0, h).astype(np.float32) @ self.down[layer]   # drop what was not computed
+        return y
+
+
+def perplexity(files, weights, ffn, ids, ctx):
+    model = build_model(files.architecture, files.config, weights, ffn,
+                        lambda W, x, bias=None: linear(W, x, bias, n_threads=1))
+    nll, count = 0.0, 0
+    for i in range(0, len(ids) - 1, ctx):
+        chunk = ids[i:i + ctx]
+        if len(chunk) < 2:
+            break
+        logits = model.forward(chunk, model.make_cache(len(chunk)))[:-1].astype(np.float64)   # (c-1, vocab)
+        m = logits.max(1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
+        nll -= logp[np.arange(len(chunk) - 1), chunk[1:]].sum()
+        count += len(chunk) - 1
+    return float(np.exp(nll / count))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--tail-chars", type=int, default=0, help="score only the last N characters (0: all)")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--keep", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.8])
+    ap.add_argument("--window", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--modes", nargs="+", default=["predictor", "oracle"])
+    ap.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png")
+    args = ap.parse_args(argv)
+
+    files = ModelFiles.open(args.model_dir)
+    weights = files.load_resident()
+    dense = DenseFFN.from_files(files, weights, n_threads=1)
+    d = dense.dim
+    down = [np.ascontiguousarray(b[:, 2 * d:], dtype=np.float32) for b in dense.bundles]   # (n, d) per layer
+    pset = PredictorSet.load(args.model_dir) if "predictor" in args.modes else None
+    text = Path(args.text).read_text(encoding="utf-8")
+    if args.tail_chars:
+        text = text[-args.tail_chars:]
+    ids = np.array(Tokenizer.from_dir(files.tokenizer_dir).encode(text), dtype=np.int64)[:args.tokens]
+    base = perplexity(files, weights, WindowedFFN(dense, down, "dense", 1.0, 1), ids, args.ctx)
+    head = (f"{args.model_dir.name}: {len(ids)} held-out tokens ({Path(args.text).name}"
+            f"{f', last {args.tail_chars} chars' if args.tail_chars else ''}), ctx {args.ctx}; "
+            f"dense perplexity {base:.3f}" + (f"; predictor ranks {[p.rank for p in pset]}" if pset else ""))
+    print(head, flush=True)
+    rows = []
+    for keep in args.keep:
+        for mode in args.modes:
+            for w in args.window:
+                t = time.perf_counter()
+                ffn = WindowedFFN(dense, down, mode, keep, w, pset)
+                p = perplexity(files, weights, ffn, ids, args.ctx)
+                row = dict(mode=mode, keep=keep, window=w, ppl=p, delta=100.0 * (p / base - 1.0),
+                           computed=float(np.mean(ffn.computed)), read=float(np.mean(ffn.read)))
+                rows.append(row)
+                print(f"{mode:9s} keep {keep:.2f} window {w}  ppl {p:8.3f} ({row['delta']:+6.1f}%)  computed "
+                      f"{row['computed']:.3f} read {row['read']:.3f}  ({time.perf_counter() - t:.0f} s)", flush=True)
+    if args.out is not None:
+        write(args.out, head, base, rows)
+
+
+def write(out, head, base, rows):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"head": head, "dense": base, "rows": rows}, indent=1))
+    lines = ["# Perplexity vs neurons selected (teacher-forced replica of flash mode)\n", head + "\n",
+             "| selection | selected/token | window | perplexity | vs dense | computed | read |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["keep"], r["mode"], r["window"])):
+        lines.append(f"| {r['mode']} | {r['keep']:.2f} | {r['window']} | {r['ppl']:.2f} | {r['delta']:+.1f}% | "
+                     f"{r['computed']:.3f} | {r['read']:.3f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, w in sorted({(r["mode"], r["window"]) for r in rows}, key=lambda g: (-g[1], g[0])):
+        pts = sorted((r["keep"], r["ppl"]) for r in rows if (r["mode"], r["window"]) == (mode, w))
+        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-" if mode == "predictor" else "s--",
+                label=f"{mode}, window {w}", alpha=1.0 if w > 1 else 0.5)
+    ax.axhline(base, color="k", lw=0.8, ls=":", label=f"dense {base:.2f}")
+    ax.plot([50, 60], [base * 1.06, base * 1.03], "r_", ms=14, mew=2, label="targets (+6% at 50%, +3% at 60%)")
+    ax.set_xlabel("FFN neurons selected per token (%)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.set_title(head, fontsize=7)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()
