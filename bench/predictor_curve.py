@@ -45,7 +45,7 @@ class WindowedFFN:
 
     def __init__(self, dense, down, mode, keep, window, pset=None):
         self.dense, self.down, self.mode, self.keep, self.window, self.pset = dense, down, mode, keep, window, pset
-        self.selected, self.computed, self.read = [], [], []
+        self.n_cells = self.n_computed = self.n_read = 0            # over all calls: token-neuron cells
 
     def __call__(self, layer, x):                                  # x (T, d) -> (T, d)
         T, n = x.shape[0], self.dense.n_neurons(layer)
@@ -61,10 +61,11 @@ class WindowedFFN:
         for t in range(T):
             last[np.argpartition(-scores[t], k - 1)[:k]] = t
             computed[t] = last > t - self.window
-            n_read += int((computed[t] & ~computed[t - 1]).sum()) if t else int(computed[t].sum())
-        self.selected.append(k / n)
-        self.computed.append(float(computed.mean()))
-        self.read.append(n_read / (T * n))
+            if t < T - 1:     # stats skip the chunk's last token: its logits score nothing, decode never feeds it
+                n_read += int((computed[t] & ~computed[t - 1]).sum()) if t else int(computed[t].sum())
+        self.n_cells += (T - 1) * n
+        self.n_computed += int(computed[:-1].sum())
+        self.n_read += n_read
         y -= np.where(computed, 0.0, h).astype(np.float32) @ self.down[layer]   # drop what was not computed
         return y
 
@@ -121,7 +122,7 @@ def main(argv=None):
                 ffn = WindowedFFN(dense, down, mode, keep, w, pset)
                 p = perplexity(files, weights, ffn, ids, args.ctx)
                 row = dict(mode=mode, keep=keep, window=w, ppl=p, delta=100.0 * (p / base - 1.0),
-                           computed=float(np.mean(ffn.computed)), read=float(np.mean(ffn.read)))
+                           computed=ffn.n_computed / ffn.n_cells, read=ffn.n_read / ffn.n_cells)
                 rows.append(row)
                 print(f"{mode:9s} keep {keep:.2f} window {w}  ppl {p:8.3f} ({row['delta']:+6.1f}%)  computed "
                       f"{row['computed']:.3f} read {row['read']:.3f}  ({time.perf_counter() - t:.0f} s)", flush=True)

@@ -45,3 +45,32 @@ def test_table_io_quick_tiny(bench, tmp_path):
     for r in res["+ bundling"]:  # bundled reads: at most one read per neuron (coalescing merges runs)
         assert r["reads_per_token"] <= r["neurons_read_per_token"] * n_cells + 1e-9
         assert r["bytes_read_per_token"] < mb["ffn"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("mode", ["oracle", "predictor"])
+def test_predictor_curve_replica_matches_the_real_flash_path(tmp_path, monkeypatch, mode):
+    """bench/predictor_curve.py replays flash mode teacher-forced; its perplexity must be what the
+    real decode path (Generator + flashrt.perplexity, one token at a time) measures."""
+    import flashrt
+    from conftest import tiny_model
+    from flashrt.perplexity import perplexity
+    from flashrt.predictor import calibrate
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("predictor_curve", None)
+    curve = importlib.import_module("predictor_curve")
+    model = tiny_model("llama", tmp_path / "llama")
+    calibrate(model, texts=None, n_tokens=400, sparsity=0.5, rank=8, progress=False, ctx=64, epochs=2)
+    text_file = tmp_path / "held_out.txt"
+    text_file.write_text("Now is the winter of our discontent made glorious summer by this sun of York; " * 3)
+    out = tmp_path / "curve"
+    curve.main([str(model), "--text", str(text_file), "--tokens", "200", "--ctx", "64", "--keep", "0.5",
+                "--window", "3", "--modes", mode, "--out", str(out)])
+    (row,) = __import__("json").loads(out.with_suffix(".json").read_text())["rows"]
+    with flashrt.Generator(model, mode="flash", select=mode, sparsity=0.5, window=3, threads=1,
+                           progress=False) as g:
+        real = perplexity(g, text_file.read_text(), context=64, max_tokens=200, progress=False)
+    assert row["ppl"] == pytest.approx(real["perplexity"], rel=1e-4)
+    assert row["computed"] == pytest.approx(real["neurons_computed_per_token"], abs=1e-6)
+    assert out.with_suffix(".png").stat().st_size > 0 and "| " + mode + " |" in out.with_suffix(".md").read_text()
