@@ -70,6 +70,17 @@ class WindowedFFN:
         return y
 
 
+def rank_summary(pset):
+    """'256 x1, 84 x4, 48 x25' in layer order."""
+    runs = []
+    for p in pset:
+        if runs and runs[-1][0] == p.rank:
+            runs[-1][1] += 1
+        else:
+            runs.append([p.rank, 1])
+    return ", ".join(f"{r} x{c}" for r, c in runs)
+
+
 def perplexity(files, weights, ffn, ids, ctx):
     model = build_model(files.architecture, files.config, weights, ffn,
                         lambda W, x, bias=None: linear(W, x, bias, n_threads=1))
@@ -112,7 +123,7 @@ def main(argv=None):
     base = perplexity(files, weights, WindowedFFN(dense, down, "dense", 1.0, 1), ids, args.ctx)
     head = (f"{args.model_dir.name}: {len(ids)} held-out tokens ({Path(args.text).name}"
             f"{f', last {args.tail_chars} chars' if args.tail_chars else ''}), ctx {args.ctx}; "
-            f"dense perplexity {base:.3f}" + (f"; predictor ranks {[p.rank for p in pset]}" if pset else ""))
+            f"dense perplexity {base:.3f}" + (f"; predictor ranks {rank_summary(pset)}" if pset else ""))
     print(head, flush=True)
     rows = []
     for keep in args.keep:
