@@ -107,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--keep", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.8])
     ap.add_argument("--window", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--modes", nargs="+", default=["predictor", "oracle"])
-    ap.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png")
+    ap.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png (with matplotlib)")
     args = ap.parse_args(argv)
 
     files = ModelFiles.open(args.model_dir)
@@ -151,8 +151,11 @@ def write(out, head, base, rows):
         lines.append(f"| {r['mode']} | {r['keep']:.2f} | {r['window']} | {r['ppl']:.2f} | {r['delta']:+.1f}% | "
                      f"{r['computed']:.3f} | {r['read']:.3f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: wrote {out.with_suffix('.md')} without the plot")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))

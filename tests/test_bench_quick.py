@@ -1,6 +1,7 @@
 """CI smoke test of the benchmarks: the I/O table (paper Table 2) with --quick on the tiny
 synthetic shape, checked against what the model's own geometry says each row must read."""
 import importlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -73,4 +74,6 @@ def test_predictor_curve_replica_matches_the_real_flash_path(tmp_path, monkeypat
         real = perplexity(g, text_file.read_text(), context=64, max_tokens=200, progress=False)
     assert row["ppl"] == pytest.approx(real["perplexity"], rel=1e-4)
     assert row["computed"] == pytest.approx(real["neurons_computed_per_token"], abs=1e-6)
-    assert out.with_suffix(".png").stat().st_size > 0 and "| " + mode + " |" in out.with_suffix(".md").read_text()
+    assert "| " + mode + " |" in out.with_suffix(".md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:             # bench-only dependency
+        assert out.with_suffix(".png").stat().st_size > 0
