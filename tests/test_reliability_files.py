@@ -310,40 +310,12 @@ def test_default_head_hash_covers_tiny_models_entirely(copy_llama):
 
 
 # -- 3. source checkpoints ---------------------------------------------------------------
-def write_llama_gguf(path: Path) -> None:
-    """The tiny llama fixture as an F32 GGUF (Q/K permutation skipped: only parsing matters)."""
-    import gguf
-    from safetensors.numpy import load_file
-
-    cfg = json.loads((HF / "llama" / "config.json").read_text())
-    t = load_file(str(HF / "llama" / "model.safetensors"))
-    w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(128)
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(1e-5)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for i in range(cfg["num_hidden_layers"]):
-        names |= {f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in per.items()}
-    for hf, g in names.items():
-        w.add_tensor(g, t[hf])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
+    from test_convert_gguf import tiny_hf_llama, write_llama_gguf   # the GGUF writer the converter tests use
+
     p = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_llama_gguf(p)
+    write_llama_gguf(p, *tiny_hf_llama())
     return p
 
 
