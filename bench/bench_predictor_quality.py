@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flashrt  # noqa: E402
+from common import md_table, perplexity_plot  # noqa: E402
 from flashrt.perplexity import perplexity  # noqa: E402
 from flashrt.predictor import PredictorSet  # noqa: E402
 
@@ -107,37 +108,19 @@ def main(argv=None):
                               f"{row['computed']:.3f} read {row['read']:.3f}  ({row['seconds']:.0f} s)", flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        lines = ["# Predictor quality, flash path\n", head + "\n",
-                 "| selection | kept/token | window | prior | perplexity | vs dense | selected | computed | read |",
-                 "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['mode']} | {r['keep']:.2f} | {r['window']} | {r['prior']:g} | {r['ppl']:.2f} | "
-                         f"{r['delta']:+.1f}% | {r['selected']:.3f} | {r['computed']:.3f} | {r['read']:.3f} |")
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        table = md_table(["selection", "kept/token", "window", "prior", "perplexity", "vs dense", "selected",
+                          "computed", "read"],
+                         [(r["mode"], f"{r['keep']:.2f}", r["window"], f"{r['prior']:g}", f"{r['ppl']:.2f}",
+                           f"{r['delta']:+.1f}%", f"{r['selected']:.3f}", f"{r['computed']:.3f}", f"{r['read']:.3f}")
+                          for r in rows])
+        args.out.with_suffix(".md").write_text(f"# Predictor quality, flash path\n\n{head}\n\n{table}\n")
         if args.plot:
-            plot(rows, base, head, args.out.with_suffix(".png"))
-
-
-def plot(rows, base, title, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = sorted({(r["mode"], r["window"], r["prior"]) for r in rows})
-    for mode, w, a in groups:
-        pts = sorted((r["selected"], r["ppl"]) for r in rows if (r["mode"], r["window"], r["prior"]) == (mode, w, a))
-        label = f"{mode}, window {w}" + (f", prior {a:g}" if a else "")
-        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-" if mode == "predictor" else "s--", label=label)
-    ax.axhline(base, color="k", lw=0.8, ls=":", label=f"dense {base:.2f}")
-    ax.set_xlabel("FFN neurons selected per token (%)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            groups = sorted({(r["mode"], r["window"], r["prior"]) for r in rows})
+            curves = [(f"{m}, window {w}" + (f", prior {a:g}" if a else ""), "o-" if m == "predictor" else "s--", 1.0,
+                       [(r["selected"], r["ppl"]) for r in rows if (r["mode"], r["window"], r["prior"]) == (m, w, a)])
+                      for m, w, a in groups]
+            if not perplexity_plot(curves, base, head, args.out.with_suffix(".png")):
+                print("matplotlib is not installed (pip install matplotlib): no plot")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,39 @@ def md_table(headers, rows) -> str:
     return "\n".join(out)
 
 
+def perplexity_plot(curves, base, title, path, targets=()) -> bool:
+    """Perplexity (log scale) vs % of FFN neurons selected, to a PNG; False without matplotlib.
+
+    curves: [(label, style, alpha, [(selected fraction, perplexity), ...])];
+    base: the dense perplexity (a dotted line); targets: [(selected fraction, max ratio to base)].
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, style, alpha, pts in curves:
+        pts = sorted(pts)
+        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style, label=label, alpha=alpha)
+    ax.axhline(base, color="k", lw=0.8, ls=":", label=f"dense {base:.2f}")
+    if targets:
+        ax.plot([100 * f for f, _ in targets], [base * r for _, r in targets], "r_", ms=14, mew=2,
+                label="targets (" + ", ".join(f"+{100 * (r - 1):.0f}% at {100 * f:.0f}%" for f, r in targets) + ")")
+    ax.set_xlabel("FFN neurons selected per token (%)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=7)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # ----------------------------------------------------------------------------- machine facts
 def _read(path, default=""):
     try:

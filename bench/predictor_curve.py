@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import md_table, perplexity_plot  # noqa: E402
 from flashrt.ffn_dense import DenseFFN  # noqa: E402
 from flashrt.format.reader import ModelFiles  # noqa: E402
 from flashrt.linear import linear  # noqa: E402
@@ -144,35 +145,17 @@ def main(argv=None):
 def write(out, head, base, rows):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"head": head, "dense": base, "rows": rows}, indent=1))
-    lines = ["# Perplexity vs neurons selected (teacher-forced replica of flash mode)\n", head + "\n",
-             "| selection | selected/token | window | perplexity | vs dense | computed | read |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["keep"], r["mode"], r["window"])):
-        lines.append(f"| {r['mode']} | {r['keep']:.2f} | {r['window']} | {r['ppl']:.2f} | {r['delta']:+.1f}% | "
-                     f"{r['computed']:.3f} | {r['read']:.3f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-    except ImportError:
+    table = md_table(["selection", "selected/token", "window", "perplexity", "vs dense", "computed", "read"],
+                     [(r["mode"], f"{r['keep']:.2f}", r["window"], f"{r['ppl']:.2f}", f"{r['delta']:+.1f}%",
+                       f"{r['computed']:.3f}", f"{r['read']:.3f}")
+                      for r in sorted(rows, key=lambda r: (r["keep"], r["mode"], r["window"]))])
+    out.with_suffix(".md").write_text(
+        f"# Perplexity vs neurons selected (teacher-forced replica of flash mode)\n\n{head}\n\n{table}\n")
+    groups = sorted({(r["mode"], r["window"]) for r in rows}, key=lambda g: (-g[1], g[0]))
+    curves = [(f"{m}, window {w}", "o-" if m == "predictor" else "s--", 1.0 if w > 1 else 0.5,
+               [(r["keep"], r["ppl"]) for r in rows if (r["mode"], r["window"]) == (m, w)]) for m, w in groups]
+    if not perplexity_plot(curves, base, head, out.with_suffix(".png"), targets=[(0.5, 1.06), (0.6, 1.03)]):
         print(f"matplotlib is not installed: wrote {out.with_suffix('.md')} without the plot")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, w in sorted({(r["mode"], r["window"]) for r in rows}, key=lambda g: (-g[1], g[0])):
-        pts = sorted((r["keep"], r["ppl"]) for r in rows if (r["mode"], r["window"]) == (mode, w))
-        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-" if mode == "predictor" else "s--",
-                label=f"{mode}, window {w}", alpha=1.0 if w > 1 else 0.5)
-    ax.axhline(base, color="k", lw=0.8, ls=":", label=f"dense {base:.2f}")
-    ax.plot([50, 60], [base * 1.06, base * 1.03], "r_", ms=14, mew=2, label="targets (+6% at 50%, +3% at 60%)")
-    ax.set_xlabel("FFN neurons selected per token (%)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_yscale("log")
-    ax.set_title(head, fontsize=7)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
 
 
 if __name__ == "__main__":
