@@ -114,6 +114,29 @@ def fit_layer(X, target, W_init, rank, kind=None, bias_init=None, r_gate=None, e
     return pred, history
 
 
+def _minibatch_adam(params, loss_and_grads, T, epochs, batch, lr, rng, verbose, name):
+    """Adam over shuffled minibatches of T rows, cosine-decayed lr; updates params in place.
+
+    loss_and_grads(row ids) -> (mean loss over the batch, gradients in params' order).
+    Returns the mean loss per epoch.
+    """
+    opt = Adam(params, lr)
+    n_steps = epochs * ((T + batch - 1) // batch)
+    history = []
+    for _ in range(epochs):
+        perm = rng.permutation(T)
+        total = 0.0
+        for i in range(0, T, batch):
+            b = perm[i: i + batch]
+            loss, grads = loss_and_grads(b)
+            total += loss * len(b)
+            opt.step(grads, _lr_at(lr, opt.t, n_steps))
+        history.append(total / T)
+        if verbose:
+            print(f"  {name} epoch {len(history)}: loss {history[-1]:.4f}")
+    return history
+
+
 def _fit_relu(X, H, W, rank, bias_init, epochs, batch, lr, rng, verbose):
     T, d = X.shape
     n = H.shape[1]
@@ -128,29 +151,18 @@ def _fit_relu(X, H, W, rank, bias_init, epochs, batch, lr, rng, verbose):
     scale = np.float32(1.0 / max(1e-6, float(pre.std())))
     A *= scale
     c *= scale
-    params = [A, B, c]
-    opt = Adam(params, lr)
-    n_steps = epochs * ((T + batch - 1) // batch)
-    history = []
-    for _ in range(epochs):
-        perm = rng.permutation(T)
-        total = 0.0
-        for i in range(0, T, batch):
-            b = perm[i: i + batch]
-            x, y = X[b], labels[b]
-            z = x @ A.T                                                   # (m, r)
-            s = z @ B.T + c                                               # (m, n) logits
-            q = _sigmoid(s)
-            w = np.where(y, w_pos, w_neg)                                 # (m, n)
-            total += float(-(w * np.where(y, np.log(q + 1e-7), np.log(1.0 - q + 1e-7))).mean()) * len(b)
-            ds = w * (q - y) / s.size                                     # dL/ds
-            gB = ds.T @ z
-            gc = ds.sum(axis=0)
-            gA = (ds @ B).T @ x
-            opt.step([gA, gB, gc], _lr_at(lr, opt.t, n_steps))
-        history.append(total / T)
-        if verbose:
-            print(f"  relu epoch {len(history)}: loss {history[-1]:.4f}")
+
+    def loss_and_grads(b):
+        x, y = X[b], labels[b]
+        z = x @ A.T                                                       # (m, r)
+        s = z @ B.T + c                                                   # (m, n) logits
+        q = _sigmoid(s)
+        w = np.where(y, w_pos, w_neg)                                     # (m, n)
+        loss = float(-(w * np.where(y, np.log(q + 1e-7), np.log(1.0 - q + 1e-7))).mean())
+        ds = w * (q - y) / s.size                                         # dL/ds
+        return loss, [(ds @ B).T @ x, ds.T @ z, ds.sum(axis=0)]
+
+    history = _minibatch_adam([A, B, c], loss_and_grads, T, epochs, batch, lr, rng, verbose, "relu")
     return LowRankPredictor("relu", A, B, bias=c, threshold=0.0), history
 
 
@@ -162,32 +174,24 @@ def _fit_product(X, H, Wg, Wu, rg, ru, epochs, batch, lr, rng, verbose):
     bg = np.zeros(n, np.float32)
     bu = np.zeros(n, np.float32)
     inv = np.float32(1.0 / max(1e-30, float(np.mean(np.square(H)))))
-    params = [Ag, Bg, bg, Au, Bu, bu]
-    opt = Adam(params, lr)
-    n_steps = epochs * ((T + batch - 1) // batch)
-    history = []
-    for _ in range(epochs):
-        perm = rng.permutation(T)
-        total = 0.0
-        for i in range(0, T, batch):
-            b = perm[i: i + batch]
-            x, h = X[b], H[b]
-            zg = x @ Ag.T                                                 # (m, rg)
-            zu = x @ Au.T                                                 # (m, ru)
-            g = zg @ Bg.T + bg                                            # (m, n)
-            u = zu @ Bu.T + bu                                            # (m, n)
-            sg = _sigmoid(g)
-            act = g * sg                                                  # silu(g)
-            e = act * u - h                                               # (m, n)
-            total += float(np.mean(np.square(e))) * inv * len(b)
-            dh = (2.0 * inv / e.size) * e
-            dg = dh * u * (sg * (1.0 + g * (1.0 - sg)))                   # silu'(g)
-            du = dh * act
-            grads = [(dg @ Bg).T @ x, dg.T @ zg, dg.sum(axis=0), (du @ Bu).T @ x, du.T @ zu, du.sum(axis=0)]
-            opt.step(grads, _lr_at(lr, opt.t, n_steps))
-        history.append(total / T)
-        if verbose:
-            print(f"  product epoch {len(history)}: loss {history[-1]:.4f}")
+
+    def loss_and_grads(b):
+        x, h = X[b], H[b]
+        zg = x @ Ag.T                                                     # (m, rg)
+        zu = x @ Au.T                                                     # (m, ru)
+        g = zg @ Bg.T + bg                                                # (m, n)
+        u = zu @ Bu.T + bu                                                # (m, n)
+        sg = _sigmoid(g)
+        act = g * sg                                                      # silu(g)
+        e = act * u - h                                                   # (m, n)
+        dh = (2.0 * inv / e.size) * e
+        dg = dh * u * (sg * (1.0 + g * (1.0 - sg)))                       # silu'(g)
+        du = dh * act
+        return (float(np.mean(np.square(e))) * inv,
+                [(dg @ Bg).T @ x, dg.T @ zg, dg.sum(axis=0), (du @ Bu).T @ x, du.T @ zu, du.sum(axis=0)])
+
+    history = _minibatch_adam([Ag, Bg, bg, Au, Bu, bu], loss_and_grads, T, epochs, batch, lr, rng, verbose,
+                              "product")
     A = np.concatenate([Ag, Au], axis=0)                                  # (rg + ru, d)
     B = np.zeros((n, rg + ru), np.float32)
     B[:, :rg] = Bg
