@@ -218,6 +218,20 @@ def test_other_flashrt_errors(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_calibrate_bad_arguments_are_one_line_and_write_nothing(tiny, tmp_path):
+    m = tmp_path / "llama"
+    shutil.copytree(tiny["llama"], m)
+    (tmp_path / "short.txt").write_text("hi")
+    for args, match in [(["--rank", "0"], "rank must be an integer from 2"),
+                        (["--rank", "100000"], "rank must be an integer from 2"),
+                        (["--sparsity", "1.5"], "sparsity must be in"),
+                        (["--tokens", "0"], "at least 8 tokens"),
+                        (["--text", tmp_path / "short.txt"], "calibration needs at least 8")]:
+        assert_one_line_error(flashrt_cli("calibrate", "--model", m, "--quiet", *args), match=match)
+    assert not (m / "predictors.npz").exists()
+    assert sorted(p.name for p in m.iterdir()) == sorted(p.name for p in tiny["llama"].iterdir())
+
+
 def test_os_errors_are_one_line(tiny, tmp_path):
     assert_one_line_error(flashrt_cli("perplexity", "--text", tmp_path / "nope.txt", "--model", tiny["llama"]),
                           match="no such file")

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from ..errors import ModelFormatError
+from ..errors import FlashrtError, ModelFormatError
 from .fit import fit_layer
 from .lowrank import default_ranks, ffn_macs, n_keep, topk_mask
 from .store import PredictorSet
@@ -183,6 +183,25 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
+MIN_CALIBRATION_TOKENS = 8
+
+
+def resolve_ranks(rank, gated, n_layers, dim, n_neurons):
+    """Per-layer ranks from `rank` (None: default_ranks; an int; a per-layer list), checked:
+    a product predictor needs rank >= 2 (gate and up share it), and no rank exceeds min(d, n)."""
+    if rank is None:
+        return default_ranks(gated, n_layers, dim, n_neurons)
+    ranks = list(rank) if isinstance(rank, (list, tuple, np.ndarray)) else [rank] * n_layers
+    if len(ranks) != n_layers:
+        raise FlashrtError(f"{len(ranks)} predictor ranks given for a model with {n_layers} layers")
+    lo, hi = (2 if gated else 1), min(int(dim), int(n_neurons))
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not lo <= r <= hi:
+            raise FlashrtError(f"predictor rank must be an integer from {lo} to {hi} (min of the model's width "
+                               f"{dim} and FFN size {n_neurons}), got {r!r}")
+    return [int(r) for r in ranks]
+
+
 def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, val_fraction=0.2,
                    target_recall=0.95, epochs=8, allocate=False, dtype=np.float32, progress=False, seed=0,
                    meta=None, prior_weight=0.0):
@@ -199,11 +218,7 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
     L = len(X_layers)
     d = X_layers[0].shape[1]
     n = H_layers[0].shape[1]
-    if rank is None:
-        rank = default_ranks(gated, L, d, n)
-    ranks = [int(r) for r in (rank if isinstance(rank, (list, tuple, np.ndarray)) else [rank] * L)]
-    if len(ranks) != L:
-        raise ValueError(f"fit_predictors: {len(ranks)} ranks for {L} layers")
+    ranks = resolve_ranks(rank, gated, L, d, n)
     T = X_layers[0].shape[0]
     n_val = max(1, int(round(T * val_fraction))) if T > 1 else 0
     n_fit = T - n_val
@@ -320,12 +335,17 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
     from flashrt.linear import linear
     from flashrt.models import build_model
 
+    if not 0.0 <= sparsity < 1.0:
+        raise FlashrtError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)) or n_tokens < MIN_CALIBRATION_TOKENS:
+        raise FlashrtError(f"calibration needs at least {MIN_CALIBRATION_TOKENS} tokens, got {n_tokens!r}")
     t0 = time.perf_counter()
     files = ModelFiles.open(model_dir)
     arch, config = files.architecture, files.config
     weights = files.load_resident()
     spec = ffn_spec(arch, config, weights)
     L, d = files.n_layers, files.dim
+    resolve_ranks(rank, spec.gated, L, d, files.n_neurons)     # bad ranks fail before the slow recording
     dense = DenseFFN.from_files(files, weights, n_threads=n_threads)
     bundles = dense.bundles                                   # per layer (n, n_parts * d)
     rec = RecordingFFN(dense, max_tokens=n_tokens)
@@ -342,8 +362,9 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
         if isinstance(texts, str):
             texts = [texts]
         ids = np.array([i for t in texts for i in tok.encode(t)], dtype=np.int64)
-        if ids.size < 2:
-            raise ValueError("calibrate: the calibration texts hold fewer than 2 tokens")
+        if ids.size < MIN_CALIBRATION_TOKENS:
+            raise FlashrtError(f"the calibration text holds {ids.size} tokens; calibration needs at least "
+                               f"{MIN_CALIBRATION_TOKENS} (more than 1000 are best)")
         chunks = [ids[i: i + ctx] for i in range(0, min(ids.size, n_tokens), ctx)]
         bar = _progress(len(chunks), "record", progress)
         for c in chunks:
