@@ -1,12 +1,18 @@
-"""Benchmark the compute kernels against NumPy float32 (OpenBLAS) on model shapes.
+"""Benchmark the compute kernels against NumPy float32 (OpenBLAS) on model shapes, and the
+quantized storage types (q8_0, q4_0, q4_1) side by side with the float16 kernel.
 
-    python bench/bench_kernels.py [--rounds 15] [--threads N] [--quick]
+    python bench/bench_kernels.py [--rounds 15] [--threads N] [--quick] [--only storage]
 
 A = flashrt kernel on float16 weights, B = NumPy on the same weights in float32.
 Rounds alternate A and B (the machine is shared and noisy); every call is timed on its own
 and the report quotes the median call.
 Throughput is weight bytes per second (float16 bytes for A, float32 bytes for B); the
 target is ratio = A GB/s / B GB/s >= 0.70, i.e. A takes <= 0.71x B's time for half the bytes.
+
+The storage section times gemv, ffn_rows and the prefill product (x (T, k) @ W.T by converting
+row blocks of W to float32 and BLAS, what flashrt.linear does) for float16 and each quantized
+type on the same weights, rotating the order every round; GB/s counts each type's own bytes,
+"speed" is float16's time / this type's time (> 1: faster than float16).
 """
 import argparse
 import os
@@ -19,6 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flashrt._core import kernels  # noqa: E402
+from gguf import GGMLQuantizationType as GQ  # noqa: E402
+from gguf.quants import quantize as gguf_quantize  # noqa: E402
 from flashrt.threads import default_threads  # noqa: E402
 
 TARGET = 0.70
@@ -160,18 +168,113 @@ def bench_convert(rounds, n_threads):
               f"B {tb * 1e6:8.1f} us   speed-up {tb / ta:5.1f}x")
 
 
+def abn(fns, rounds, target_s=0.02):
+    """Median per-call seconds of each fn, every call timed alone, the order rotated per round."""
+    for _ in range(3):
+        for f in fns:
+            f()
+    t0 = time.perf_counter()
+    for f in fns:
+        f()
+    reps = max(1, int(target_s * len(fns) / max(time.perf_counter() - t0, 1e-7)))
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        for i in range(len(fns)):
+            j = (i + r) % len(fns)
+            _call_times(fns[j], reps, times[j])
+    return [float(np.median(t)) for t in times]
+
+
+QTYPES = [("q8_0", GQ.Q8_0), ("q4_0", GQ.Q4_0), ("q4_1", GQ.Q4_1)]
+PREFILL_T = 64
+
+
+def _storage_variants(W32):
+    """[(name, weights, qtype)] for float16 and each quantized type of the float32 matrix W32."""
+    out = [("float16", W32.astype(np.float16), None)]
+    for name, g in QTYPES:
+        out.append((name, gguf_quantize(W32, g), name))
+    return out
+
+
+def _print_storage_row(label, variants, times):
+    base = times[0]
+    cells = [f"{name} {t * 1e6:8.1f} us {W.nbytes / t / 1e9:5.1f} GB/s x{base / t:4.2f}"
+             for (name, W, _), t in zip(variants, times)]
+    print(f"{label:>30}  " + "  ".join(cells))
+
+
+def _prefill_fn(W, qtype, x, y, n_threads):
+    """y (T, n) = x (T, k) @ W.T, converting row blocks of W to float32 (as flashrt.linear)."""
+    n, k = W.shape[0], x.shape[1]
+    rows = max(64, min(1024, (1 << 19) // k)) // 8 * 8
+    buf = np.empty(rows * k, np.float32)
+
+    def run():
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            blk = buf[: (r1 - r0) * k].reshape(r1 - r0, k)
+            kernels.to_f32(W[r0:r1], blk, qtype, n_threads)
+            np.matmul(x, blk.T, out=y[:, r0:r1])
+    return run
+
+
+def bench_storage(rounds, n_threads, quick):
+    print("\n== storage types: float16 kernel vs q8_0 / q4_0 / q4_1 on the same weights "
+          "(x<speed> = float16 time / this time)")
+    rng = np.random.default_rng(3)
+    print("-- gemv")
+    for name, n, k in GEMV_SHAPES:
+        if quick and n * k > 10_000_000:
+            continue
+        W32 = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        x = rng.standard_normal(k).astype(np.float32)
+        out = np.empty(n, np.float32)
+        variants = _storage_variants(W32)
+        times = abn([lambda W=W, q=q: kernels.gemv(W, x, out, n_threads, q) for _, W, q in variants],
+                    rounds)
+        _print_storage_row(f"{name} {n}x{k}", variants, times)
+    print("-- ffn_rows (all rows active)")
+    for name, n, d, gated, act in FFN_SHAPES:
+        if quick and n * d > 4_000_000:
+            continue
+        n_parts = 3 if gated else 2
+        R32 = (rng.standard_normal((n * n_parts, d)) * 0.05).astype(np.float32)
+        x = rng.standard_normal(d).astype(np.float32)
+        bias = None if gated else np.full(n, 3.0, np.float32)
+        out = np.empty(d, np.float32)
+        variants = [(nm, W.reshape(n, -1), q) for nm, W, q in _storage_variants(R32)]
+        times = abn([lambda W=W, q=q: kernels.ffn_rows(W, x, out, gated, act, bias, None,
+                                                        n_threads, q) for _, W, q in variants],
+                    rounds)
+        _print_storage_row(name, variants, times)
+    print(f"-- prefill: x ({PREFILL_T}, k) @ W.T, row blocks of W converted to float32 + BLAS")
+    for name, n, k in GEMV_SHAPES[:2] + GEMV_SHAPES[3:4]:
+        W32 = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        x = rng.standard_normal((PREFILL_T, k)).astype(np.float32)
+        y = np.empty((PREFILL_T, n), np.float32)
+        variants = _storage_variants(W32)
+        times = abn([_prefill_fn(W, q, x, y, n_threads) for _, W, q in variants], max(3, rounds // 3))
+        _print_storage_row(f"{name} {n}x{k}", variants, times)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15, help="alternating A/B rounds (median)")
     ap.add_argument("--threads", type=int, default=None, help="kernel threads (default: policy)")
     ap.add_argument("--quick", action="store_true", help="skip the big shapes")
+    ap.add_argument("--only", choices=["storage"], help="run only the storage-type section")
     args = ap.parse_args()
     n_threads = default_threads() if args.threads is None else args.threads
     machine_facts()
     print(f"config: rounds={args.rounds} kernel n_threads={n_threads} (NumPy/OpenBLAS uses its own)")
+    if args.only == "storage":
+        bench_storage(args.rounds, n_threads, args.quick)
+        return
     g = bench_gemv(args.rounds, n_threads, args.quick)
     f = bench_ffn(args.rounds, n_threads, args.quick)
     bench_convert(args.rounds, n_threads)
+    bench_storage(args.rounds, n_threads, args.quick)
     print(f"\nsummary: gemv ratio min {min(g):.2f} median {np.median(g):.2f}; "
           f"ffn_rows ratio min {min(f):.2f}; target >= {TARGET}")
 

@@ -3,6 +3,12 @@
 They compute in float64 and write float32 results into the caller's `out`, so they are an
 independent, more accurate check of the compiled float32-accumulating kernels. `n_threads`
 is accepted and ignored. Slow by design; never used on a hot path.
+
+Quantized weights (uint8 arrays of ggml-layout blocks, `qtype` "q8_0" | "q4_0" | "q4_1") are
+dequantized here with NumPy code written from the block definitions (tests check it against
+gguf.quants.dequantize), and x is quantized per block of 32 exactly as the compiled kernels
+do (same float32 operations, so the bytes are identical): the quantized GEMV is defined as
+dequant(W) @ dequant(quant(x)) in float64.
 """
 import math
 
@@ -12,6 +18,11 @@ ACT_SILU = 0
 ACT_RELU = 1
 ACT_GELU = 2
 ACT_CODES = {"silu": ACT_SILU, "relu": ACT_RELU, "gelu": ACT_GELU}
+
+STORAGE_CODES = {"float32": 0, "float16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1")
+BLOCK_ELEMS = 32
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -47,32 +58,113 @@ def activation(v, act):
         return v / (1.0 + np.exp(-v))
 
 
-def gemv(W, x, out, n_threads=0):
-    """out (n,) float32 = W (n, k) @ x (k,), computed in float64."""
-    _need("gemv", "W", W, (np.float16, np.float32), 2)
+def row_bytes(qtype, k):
+    """Bytes of one row of k weights stored as `qtype`."""
+    if qtype not in STORAGE_CODES:
+        raise ValueError(f"unknown storage type {qtype!r}; use one of {sorted(STORAGE_CODES)}")
+    if qtype in BLOCK_BYTES:
+        if k % BLOCK_ELEMS:
+            raise ValueError(f"{qtype} rows need a multiple of {BLOCK_ELEMS} weights, got {k}")
+        return k // BLOCK_ELEMS * BLOCK_BYTES[qtype]
+    return k * (4 if qtype == "float32" else 2)
+
+
+def dequantize(src, qtype):
+    """uint8 blocks of `qtype` (any shape, last axis a whole number of blocks) -> float32
+    values, shape (..., n_blocks_per_row * 32)."""
+    src = np.ascontiguousarray(src, dtype=np.uint8)
+    bb = BLOCK_BYTES[qtype]
+    if src.shape[-1] % bb:
+        raise ValueError(f"dequantize: {src.shape[-1]} bytes per row is not a whole number of "
+                         f"{qtype} blocks ({bb} bytes)")
+    lead = src.shape[:-1]
+    blk = src.reshape(-1, bb)                                     # (n_blocks, bb)
+    d = blk[:, 0:2].copy().view(np.float16).astype(np.float32)    # (n_blocks, 1)
+    if qtype == "q8_0":
+        vals = blk[:, 2:].view(np.int8).astype(np.float32) * d
+    else:
+        qs = blk[:, 2:] if qtype == "q4_0" else blk[:, 4:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=1)            # element order: lo, then hi
+        if qtype == "q4_0":
+            vals = (q.astype(np.int8) - 8).astype(np.float32) * d
+        else:
+            m = blk[:, 2:4].copy().view(np.float16).astype(np.float32)
+            vals = (d * q.astype(np.float32)) + m
+    return vals.reshape(lead + (src.shape[-1] // bb * BLOCK_ELEMS,))
+
+
+def quantize_activation(x):
+    """x (k,) float32 -> (q int8 (k,), d float32 (k/32,), s float32 (k/32,)), byte for byte
+    what the compiled kernels compute: d = amax / 127 (0 when amax < 1e-30), q = rint(x * (1 / d)),
+    s = d * sum(q)."""
+    _need("quantize_activation", "x", x, (np.float32,), 1)
+    k = x.shape[0]
+    if k % BLOCK_ELEMS:
+        raise ValueError(f"quantize_activation: len(x) must be a multiple of {BLOCK_ELEMS}, got {k}")
+    xb = x.reshape(-1, BLOCK_ELEMS)
+    amax = np.abs(xb).max(axis=1, initial=np.float32(0))
+    d = np.where(amax >= np.float32(1e-30), amax / np.float32(127), np.float32(0))   # float32
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv[:, None]).astype(np.int8)
+    s = d * q.astype(np.int32).sum(axis=1).astype(np.float32)
+    return q.reshape(-1), d.astype(np.float32), s.astype(np.float32)
+
+
+def _quantized_x(x):
+    q, d, _ = quantize_activation(x)
+    return (q.reshape(-1, BLOCK_ELEMS).astype(np.float64) * d.astype(np.float64)[:, None]).reshape(-1)
+
+
+def _weights(W, qtype, fn, name):
+    """W as float64 (n, k) and the storage check."""
+    if qtype is None:
+        _need(fn, name, W, (np.float16, np.float32), 2)
+        return W.astype(np.float64)
+    if qtype in ("float16", "float32"):
+        _need(fn, name, W, (np.dtype(qtype),), 2)
+        return W.astype(np.float64)
+    if qtype not in BLOCK_BYTES:
+        raise ValueError(f"{fn}: unknown qtype {qtype!r}")
+    _need(fn, name, W, (np.uint8,), 2)
+    return dequantize(W, qtype).astype(np.float64)
+
+
+def gemv(W, x, out, n_threads=0, qtype=None):
+    """out (n,) float32 = W (n, k) @ x (k,), computed in float64 (quantized W: against the
+    per-block quantized x, as the kernel)."""
+    Wd = _weights(W, qtype, "gemv", "W")
     _need("gemv", "x", x, (np.float32,), 1)
     _need("gemv", "out", out, (np.float32,), 1, writeable=True)
-    n, k = W.shape
+    n, k = Wd.shape
     if x.shape[0] != k or out.shape[0] != n:
         raise ValueError(f"gemv: shapes W {W.shape}, x {x.shape}, out {out.shape} do not match")
-    out[...] = W.astype(np.float64) @ x.astype(np.float64)
+    x64 = x.astype(np.float64) if qtype in (None, "float16", "float32") else _quantized_x(x)
+    out[...] = Wd @ x64
     return out
 
 
-def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0):
-    """out (d,) = sum_i h_i * down_i over bundle rows (n, n_parts * d), in float64."""
+def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qtype=None):
+    """out (d,) = sum_i h_i * down_i over bundle rows (n, n_parts * d), in float64 (quantized
+    rows: gate/up dot products against the per-block quantized x, as the kernel)."""
     gated = bool(gated)
     code = _act_code("ffn_rows", act)
-    _need("ffn_rows", "rows", rows, (np.float16, np.float32), 2)
     _need("ffn_rows", "x", x, (np.float32,), 1)
     _need("ffn_rows", "out", out, (np.float32,), 1, writeable=True)
-    n, d = rows.shape[0], x.shape[0]
+    n, d = rows.shape[0] if isinstance(rows, np.ndarray) else -1, x.shape[0]
     n_parts = 3 if gated else 2
-    if rows.shape[1] != n_parts * d or out.shape[0] != d:
+    quant = qtype not in (None, "float16", "float32")
+    if quant:
+        _need("ffn_rows", "rows", rows, (np.uint8,), 2)
+        if qtype not in BLOCK_BYTES or d % BLOCK_ELEMS or rows.shape[1] != n_parts * row_bytes(qtype, d):
+            raise ValueError(f"ffn_rows: rows {rows.shape} do not hold {n_parts} {qtype} parts of {d}")
+        R = dequantize(rows.reshape(n, n_parts, row_bytes(qtype, d)), qtype).reshape(n, n_parts * d).astype(np.float64)
+    else:
+        R = _weights(rows, qtype, "ffn_rows", "rows")
+    if R.shape[1] != n_parts * d or out.shape[0] != d:
         raise ValueError(f"ffn_rows: rows {rows.shape}, x {x.shape}, out {out.shape} "
                          f"do not match a {n_parts}-part bundle")
-    R = rows.astype(np.float64)
-    x64 = x.astype(np.float64)
+    x64 = _quantized_x(x) if quant else x.astype(np.float64)
     if gated:
         if up_bias is not None:
             raise ValueError("ffn_rows: up_bias is only supported for non-gated FFNs")
@@ -91,6 +183,25 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0):
             raise ValueError("ffn_rows: h_out must have length rows.shape[0]")
         h_out[...] = h
     out[...] = h @ R[:, (n_parts - 1) * d:]
+    return out
+
+
+def to_f32(src, out, qtype=None, n_threads=0):
+    """out = float32(src): float16/float32 arrays, or uint8 blocks of a quantized qtype."""
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("to_f32: out must be a C-contiguous float32 array")
+    if qtype in BLOCK_BYTES:
+        if not isinstance(src, np.ndarray) or src.dtype != np.uint8 or not src.flags.c_contiguous:
+            raise ValueError(f"to_f32: src must be a C-contiguous uint8 array of {qtype} blocks")
+        vals = dequantize(src.reshape(-1), qtype)
+    else:
+        want = (np.float16, np.float32) if qtype is None else (np.dtype(qtype),)
+        if not isinstance(src, np.ndarray) or src.dtype not in want or not src.flags.c_contiguous:
+            raise ValueError(f"to_f32: src must be a C-contiguous {want} array")
+        vals = src.reshape(-1).astype(np.float32)
+    if vals.size != out.size:
+        raise ValueError(f"to_f32: src holds {vals.size} elements but out has {out.size}")
+    out.reshape(-1)[...] = vals
     return out
 
 

@@ -1,20 +1,27 @@
-"""Compute kernels: GEMV, the bundled-row FFN, float16 -> float32 conversion.
+"""Compute kernels: GEMV, the bundled-row FFN, conversion to float32, for every storage type.
+
+Storage types: float32, float16, and the block-quantized q8_0, q4_0, q4_1 (blocks of 32
+weights with a float16 scale, byte for byte ggml's blocks; see quant.h). Float matrices are
+float16/float32 arrays; a quantized matrix of n rows of k weights is a uint8 array
+(n, row_bytes(qtype, k)) and every kernel taking one gets `qtype=` too.
 
 Two layers per kernel (see kernels.pxd):
   - a pointer kernel `*_ptr(...) noexcept nogil` that splits its rows into chunks run by the
     caller plus a small work-sharing pool (simd.h), each chunk calling the single-threaded
-    inner loops of simd.h (AVX2/FMA/F16C or scalar);
-  - a thin Python wrapper that checks its arguments (ValueError, never a crash), takes
-    typed memoryviews and releases the GIL.
+    inner loops of simd.h / quant.h (AVX2/FMA/F16C or scalar);
+  - a thin Python wrapper: one cheap check of every argument, one dispatch into the pointer
+    kernel with the GIL released; anything the check rejects goes to a slow path that explains
+    the problem (ValueError, never a crash) or handles empty shapes.
 
-float16 arrays are read through a uint16 view of their bits. Every wrapper has a NumPy twin
-with the same name and signature in `_reference_kernels.py` (the test oracle).
+Quantized GEMV and FFN quantize x per block of 32 (int8, scale amax / 127) and use integer
+dot products: the result is dequant(W) @ dequant(quant(x)), which is what the NumPy twins
+(`_reference_kernels.py`, same names and signatures, the test oracle) compute.
 
 Threads: `n_threads <= 0` means every CPU in the affinity mask; problems too small to repay
 splitting run on the caller alone. The Python layers pass flashrt.threads.default_threads().
 Results do not depend on n_threads (chunking depends only on the shape).
 """
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int8_t, int64_t, uint16_t
 cimport numpy as cnp
 
 import numpy as np
@@ -24,32 +31,52 @@ cnp.import_array()
 cdef extern from "simd.h" nogil:
     int FRT_PATH_SCALAR
     int FRT_PATH_AVX2
+    int FRT_T_F32
+    int FRT_T_F16
+    int FRT_T_Q8_0
+    int FRT_T_Q4_0
+    int FRT_T_Q4_1
+    int FRT_QK
     int frt_path
     int frt_init_path()
     int frt_set_path(int want_avx2)
     int frt_avx2_available()
     int frt_cpu_has(const char* feature)
-    void frt_gemv_f32(const float* W, const float* x, float* out, int64_t n, int64_t k)
-    void frt_gemv_f16(const uint16_t* W, const float* x, float* out, int64_t n, int64_t k)
-    void frt_f16_to_f32(const uint16_t* src, float* out, int64_t n)
-    void frt_ffn_rows_f32(const float* rows, int64_t n, int64_t d, int gated, int act,
-                          const float* x, const float* up_bias, float* h_out, float* acc)
-    void frt_ffn_rows_f16(const uint16_t* rows, int64_t n, int64_t d, int gated, int act,
-                          const float* x, const float* up_bias, float* h_out, float* acc)
+    int64_t frt_type_unit_bytes(int t)
     int frt_default_threads()
     int64_t frt_set_chunk_elems(int64_t elems)
-    void frt_gemv_par(const void* W, int f16, const float* x, float* out,
-                      int64_t n, int64_t k, int n_threads)
-    int frt_ffn_rows_par(const void* rows, int f16, int64_t n, int64_t d, int gated, int act,
+    int frt_gemv_par(const void* W, int type, const float* x, float* out,
+                     int64_t n, int64_t k, int n_threads)
+    int frt_ffn_rows_par(const void* rows, int type, int64_t n, int64_t d, int gated, int act,
                          const float* x, const float* up_bias, float* h_out, float* out,
                          int n_threads)
+    void frt_to_f32_par(const void* src, int type, float* out, int64_t n, int n_threads)
     void frt_f16_to_f32_par(const uint16_t* src, float* out, int64_t n, int n_threads)
     void frt_act_inplace_par(float* a, int64_t n, int act, int n_threads)
+    void frt_quantize_x(const float* x, int64_t k, int8_t* q, float* d, float* s)
 
 ACT_SILU = 0
 ACT_RELU = 1
 ACT_GELU = 2
 ACT_CODES = {"silu": ACT_SILU, "relu": ACT_RELU, "gelu": ACT_GELU}
+
+# Storage types: name -> code (the codes of simd.h / quant.h).
+STORAGE_CODES = {"float32": FRT_T_F32, "float16": FRT_T_F16, "q8_0": FRT_T_Q8_0,
+                 "q4_0": FRT_T_Q4_0, "q4_1": FRT_T_Q4_1}
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1")
+BLOCK_ELEMS = 32                                   # weights per quantized block
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per quantized block
+
+
+def row_bytes(str qtype, int64_t k):
+    """Bytes of one row of k weights stored as `qtype` (k % 32 == 0 for quantized types)."""
+    if qtype not in STORAGE_CODES:
+        raise ValueError(f"unknown storage type {qtype!r}; use one of {sorted(STORAGE_CODES)}")
+    if qtype in BLOCK_BYTES:
+        if k % BLOCK_ELEMS:
+            raise ValueError(f"{qtype} rows need a multiple of {BLOCK_ELEMS} weights, got {k}")
+        return k // BLOCK_ELEMS * BLOCK_BYTES[qtype]
+    return k * (4 if qtype == "float32" else 2)
 
 
 frt_init_path()
@@ -59,26 +86,41 @@ frt_init_path()
 # Thin: the chunking and the work-sharing pool live in simd.h (see its comment on why the
 # pool is not OpenMP: a caller must never wait for a worker the OS has not scheduled).
 
+cdef int gemv_ptr(const void* W, int type, const float* x, float* out,
+                  int64_t n, int64_t k, int n_threads) noexcept nogil:
+    return frt_gemv_par(W, type, x, out, n, k, n_threads)
+
+
 cdef void gemv_f32_ptr(const float* W, const float* x, float* out,
                        int64_t n, int64_t k, int n_threads) noexcept nogil:
-    frt_gemv_par(W, 0, x, out, n, k, n_threads)
+    frt_gemv_par(W, FRT_T_F32, x, out, n, k, n_threads)
 
 
 cdef void gemv_f16_ptr(const uint16_t* W, const float* x, float* out,
                        int64_t n, int64_t k, int n_threads) noexcept nogil:
-    frt_gemv_par(W, 1, x, out, n, k, n_threads)
+    frt_gemv_par(W, FRT_T_F16, x, out, n, k, n_threads)
+
+
+cdef int ffn_rows_ptr(const void* rows, int type, int64_t n, int64_t d, int gated, int act,
+                      const float* x, const float* up_bias, float* h_out, float* out,
+                      int n_threads) noexcept nogil:
+    return frt_ffn_rows_par(rows, type, n, d, gated, act, x, up_bias, h_out, out, n_threads)
 
 
 cdef int ffn_rows_f32_ptr(const float* rows, int64_t n, int64_t d, int gated, int act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads) noexcept nogil:
-    return frt_ffn_rows_par(rows, 0, n, d, gated, act, x, up_bias, h_out, out, n_threads)
+    return frt_ffn_rows_par(rows, FRT_T_F32, n, d, gated, act, x, up_bias, h_out, out, n_threads)
 
 
 cdef int ffn_rows_f16_ptr(const uint16_t* rows, int64_t n, int64_t d, int gated, int act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads) noexcept nogil:
-    return frt_ffn_rows_par(rows, 1, n, d, gated, act, x, up_bias, h_out, out, n_threads)
+    return frt_ffn_rows_par(rows, FRT_T_F16, n, d, gated, act, x, up_bias, h_out, out, n_threads)
+
+
+cdef void to_f32_ptr(const void* src, int type, float* out, int64_t n, int n_threads) noexcept nogil:
+    frt_to_f32_par(src, type, out, n, n_threads)
 
 
 cdef void f16_to_f32_ptr(const uint16_t* src, float* out, int64_t n, int n_threads) noexcept nogil:
@@ -122,6 +164,7 @@ cdef int _act_code(str fn, act) except -1:
 
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
+_U8 = np.dtype(np.uint8)
 
 
 cdef inline bint _ok(object a, int ndim, bint writeable) noexcept:
@@ -134,163 +177,218 @@ cdef inline bint _ok(object a, int ndim, bint writeable) noexcept:
             and (not writeable or cnp.PyArray_ISWRITEABLE(arr)))
 
 
-cdef inline int _type(object a) noexcept:
-    return cnp.PyArray_TYPE(<cnp.ndarray>a)
+cdef inline bint _f32(object a, int ndim, bint writeable) noexcept:
+    return _ok(a, ndim, writeable) and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT
+
+
+cdef inline int64_t _dim(object a, int i) noexcept:
+    return cnp.PyArray_DIM(<cnp.ndarray>a, i)
+
+
+cdef inline void* _data(object a) noexcept:
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline int _wtype(object W, object qtype) noexcept:
+    """The storage code of weights W given `qtype`, or -1 when they do not go together
+    (W float16/float32 with qtype None or its own name; W uint8 with a quantized qtype)."""
+    if not cnp.PyArray_Check(W):
+        return -1
+    cdef int npy = cnp.PyArray_TYPE(<cnp.ndarray>W)
+    cdef int t
+    if qtype is None:
+        return FRT_T_F16 if npy == cnp.NPY_FLOAT16 else FRT_T_F32 if npy == cnp.NPY_FLOAT else -1
+    t = STORAGE_CODES.get(qtype, -1) if isinstance(qtype, str) else -1
+    if t == FRT_T_F16:
+        return t if npy == cnp.NPY_FLOAT16 else -1
+    if t == FRT_T_F32:
+        return t if npy == cnp.NPY_FLOAT else -1
+    return t if (t >= 0 and npy == cnp.NPY_UINT8) else -1
+
+
+cdef inline int64_t _row_len(int t, int64_t k) noexcept:
+    """Array row length (elements for float types, bytes for quantized) of k weights; -1 if
+    k is not a whole number of blocks."""
+    if t == FRT_T_F16 or t == FRT_T_F32:
+        return k
+    if k % FRT_QK:
+        return -1
+    return k // FRT_QK * frt_type_unit_bytes(t)
+
+
+cdef int _explain_type(str fn, str name, W, qtype) except -1:
+    """Raise the ValueError saying why W and qtype do not go together."""
+    if qtype is not None and (not isinstance(qtype, str) or qtype not in STORAGE_CODES):
+        raise ValueError(f"{fn}: unknown qtype {qtype!r}; use None (float16/float32 weights) "
+                         f"or one of {sorted(STORAGE_CODES)}")
+    if qtype is None or qtype in ("float16", "float32"):
+        if isinstance(W, np.ndarray) and W.dtype == _U8:
+            raise ValueError(f"{fn}: {name} is uint8 (quantized blocks) but qtype is {qtype!r}; "
+                             f"pass qtype= one of {list(QUANT_TYPES)}")
+        dt = (_F16, _F32) if qtype is None else (np.dtype(qtype),)
+        _need(fn, name, W, dt, 2)
+    else:
+        _need(fn, name, W, (_U8,), 2)
+    return 0
+
+
+cdef _check_row_len(str fn, str name, W, str qtype_name, int t, int64_t k, int n_parts):
+    cdef int64_t rl = _row_len(t, k)
+    if rl < 0:
+        raise ValueError(f"{fn}: {qtype_name} weights need len(x) a multiple of {BLOCK_ELEMS}, "
+                         f"got {k}")
+    if W.shape[1] != n_parts * rl:
+        if t == FRT_T_F16 or t == FRT_T_F32:
+            raise ValueError(f"{fn}: x has length {k} but must have {name}.shape[1] = {W.shape[1]}")
+        raise ValueError(f"{fn}: {name} has {W.shape[1]} bytes per row but {n_parts} {qtype_name} "
+                         f"part(s) of len(x) = {k} weights need {n_parts * rl}")
 
 
 # ---------------------------------------------------------------- Python wrappers
 
-def gemv(W, x, out, int n_threads=0):
-    """out (n,) float32 = W (n, k) @ x (k,), W float16 or float32; float32 accumulation.
+def gemv(W, x, out, int n_threads=0, qtype=None):
+    """out (n,) float32 = W (n, k) @ x (k,); float32 accumulation.
 
-    W: (n, k) float16|float32, C-contiguous       # IN
-    x: (k,) float32                                # IN
-    out: (n,) float32, overwritten                 # OUT
+    W: (n, k) float16|float32, or (n, row_bytes(qtype, k)) uint8 blocks, C-contiguous  # IN
+    x: (k,) float32 (k % 32 == 0 for quantized W)                                       # IN
+    out: (n,) float32, overwritten                                                     # OUT
+    qtype: None (float W) or "q8_0" | "q4_0" | "q4_1"
     Returns out.
     """
+    cdef int t = _wtype(W, qtype)
+    cdef int rc = 0
     cdef int64_t n, k
-    cdef int wt
-    if _ok(W, 2, False) and _ok(x, 1, False) and _ok(out, 1, True):       # hot path
-        wt = _type(W)
-        n = cnp.PyArray_DIM(<cnp.ndarray>W, 0)
-        k = cnp.PyArray_DIM(<cnp.ndarray>W, 1)
-        if ((wt == cnp.NPY_FLOAT16 or wt == cnp.NPY_FLOAT) and _type(x) == cnp.NPY_FLOAT
-                and _type(out) == cnp.NPY_FLOAT and n > 0 and k > 0
-                and cnp.PyArray_DIM(<cnp.ndarray>x, 0) == k
-                and cnp.PyArray_DIM(<cnp.ndarray>out, 0) == n):
+    cdef const void* wp
+    cdef const float* xp
+    cdef float* op
+    if t >= 0 and _ok(W, 2, False) and _f32(x, 1, False) and _f32(out, 1, True):
+        n = _dim(W, 0)
+        k = _dim(x, 0)
+        if n > 0 and k > 0 and _dim(out, 0) == n and _dim(W, 1) == _row_len(t, k):  # hot path
+            wp, xp, op = _data(W), <const float*>_data(x), <float*>_data(out)
             with nogil:
-                if wt == cnp.NPY_FLOAT16:
-                    gemv_f16_ptr(<const uint16_t*>cnp.PyArray_DATA(<cnp.ndarray>W),
-                                 <const float*>cnp.PyArray_DATA(<cnp.ndarray>x),
-                                 <float*>cnp.PyArray_DATA(<cnp.ndarray>out), n, k, n_threads)
-                else:
-                    gemv_f32_ptr(<const float*>cnp.PyArray_DATA(<cnp.ndarray>W),
-                                 <const float*>cnp.PyArray_DATA(<cnp.ndarray>x),
-                                 <float*>cnp.PyArray_DATA(<cnp.ndarray>out), n, k, n_threads)
+                rc = frt_gemv_par(wp, t, xp, op, n, k, n_threads)
+            if rc != 0:
+                raise MemoryError("gemv: could not allocate the quantized copy of x")
             return out
-    _need("gemv", "W", W, (_F16, _F32), 2)
+    # slow path: say what is wrong, or handle empty shapes
+    if t < 0:
+        _explain_type("gemv", "W", W, qtype)
+    _need("gemv", "W", W, (W.dtype,), 2)
     _need("gemv", "x", x, (_F32,), 1)
     _need("gemv", "out", out, (_F32,), 1, writeable=True)
     n = W.shape[0]
-    k = W.shape[1]
-    _need_len("gemv", "x", x, k, "W.shape[1]")
+    k = x.shape[0]
+    _check_row_len("gemv", "W", W, qtype or str(W.dtype), t, k, 1)
     _need_len("gemv", "out", out, n, "W.shape[0]")
-    if n == 0:
-        return out
-    if k == 0:
-        out[...] = 0.0
-        return out
-    cdef const float[::1] xv = x
-    cdef float[::1] ov = out
-    cdef const float[:, ::1] w32
-    cdef const uint16_t[:, ::1] w16
-    if W.dtype == _F16:
-        w16 = W.view(np.uint16)
-        with nogil:
-            gemv_f16_ptr(&w16[0, 0], &xv[0], &ov[0], n, k, n_threads)
-    else:
-        w32 = W
-        with nogil:
-            gemv_f32_ptr(&w32[0, 0], &xv[0], &ov[0], n, k, n_threads)
+    if n > 0:
+        out[...] = 0.0              # k == 0: empty sums
     return out
 
 
-def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0):
+def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0, qtype=None):
     """The FFN over n bundle rows: out (d,) = sum_i h_i * down_i.
 
-    rows: (n, n_parts * d) float16|float32; parts gate, up, down (gated) or up, down  # IN
-    x: (d,) float32                                                                     # IN
+    rows: (n, n_parts * d) float16|float32, or (n, n_parts * row_bytes(qtype, d)) uint8;
+          parts gate, up, down (gated) or up, down, each d weights                      # IN
+    x: (d,) float32 (d % 32 == 0 for quantized rows)                                    # IN
     out: (d,) float32, overwritten                                                     # OUT
     gated: bool; act: 0/"silu", 1/"relu", 2/"gelu" (exact erf gelu)
       gated:     h_i = act(gate_i . x) * (up_i . x)
       otherwise: h_i = act(up_i . x + up_bias[i])
     up_bias: (n,) float32 or None (not gated only)                                      # IN
     h_out: (n,) float32 or None, receives h                                             # OUT
+    qtype: None (float rows) or "q8_0" | "q4_0" | "q4_1"
     Returns out.
     """
     cdef bint g = bool(gated)
     cdef int a = _act_code("ffn_rows", act)
     cdef int n_parts = 3 if g else 2
-    cdef int rt, rc = 0
+    cdef int t = _wtype(rows, qtype)
+    cdef int rc = 0
     cdef int64_t n, d
+    cdef const void* wp
+    cdef const float* xp
+    cdef float* op
     cdef const float* bptr = NULL
     cdef float* hptr = NULL
-    cdef const void* rptr
-    if _ok(rows, 2, False) and _ok(x, 1, False) and _ok(out, 1, True):     # hot path
-        rt = _type(rows)
-        n = cnp.PyArray_DIM(<cnp.ndarray>rows, 0)
-        d = cnp.PyArray_DIM(<cnp.ndarray>x, 0)
-        if ((rt == cnp.NPY_FLOAT16 or rt == cnp.NPY_FLOAT) and _type(x) == cnp.NPY_FLOAT
-                and _type(out) == cnp.NPY_FLOAT and n > 0 and d > 0
-                and cnp.PyArray_DIM(<cnp.ndarray>rows, 1) == n_parts * d
-                and cnp.PyArray_DIM(<cnp.ndarray>out, 0) == d
-                and (up_bias is None or (not g and _ok(up_bias, 1, False)
-                                         and _type(up_bias) == cnp.NPY_FLOAT
-                                         and cnp.PyArray_DIM(<cnp.ndarray>up_bias, 0) == n))
-                and (h_out is None or (_ok(h_out, 1, True) and _type(h_out) == cnp.NPY_FLOAT
-                                       and cnp.PyArray_DIM(<cnp.ndarray>h_out, 0) == n))):
+    if t >= 0 and _ok(rows, 2, False) and _f32(x, 1, False) and _f32(out, 1, True):
+        n = _dim(rows, 0)
+        d = _dim(x, 0)
+        if (n > 0 and d > 0 and _dim(out, 0) == d and _dim(rows, 1) == n_parts * _row_len(t, d)
+                and (up_bias is None or (not g and _f32(up_bias, 1, False) and _dim(up_bias, 0) == n))
+                and (h_out is None or (_f32(h_out, 1, True) and _dim(h_out, 0) == n))):  # hot path
             if up_bias is not None:
-                bptr = <const float*>cnp.PyArray_DATA(<cnp.ndarray>up_bias)
+                bptr = <const float*>_data(up_bias)
             if h_out is not None:
-                hptr = <float*>cnp.PyArray_DATA(<cnp.ndarray>h_out)
-            rptr = cnp.PyArray_DATA(<cnp.ndarray>rows)
+                hptr = <float*>_data(h_out)
+            wp, xp, op = _data(rows), <const float*>_data(x), <float*>_data(out)
             with nogil:
-                if rt == cnp.NPY_FLOAT16:
-                    rc = ffn_rows_f16_ptr(<const uint16_t*>rptr, n, d, g, a,
-                                          <const float*>cnp.PyArray_DATA(<cnp.ndarray>x), bptr, hptr,
-                                          <float*>cnp.PyArray_DATA(<cnp.ndarray>out), n_threads)
-                else:
-                    rc = ffn_rows_f32_ptr(<const float*>rptr, n, d, g, a,
-                                          <const float*>cnp.PyArray_DATA(<cnp.ndarray>x), bptr, hptr,
-                                          <float*>cnp.PyArray_DATA(<cnp.ndarray>out), n_threads)
+                rc = frt_ffn_rows_par(wp, t, n, d, g, a, xp, bptr, hptr, op, n_threads)
             if rc != 0:
-                raise MemoryError("ffn_rows: could not allocate the per-chunk accumulators")
+                raise MemoryError("ffn_rows: could not allocate the kernel's scratch memory")
             return out
-    _need("ffn_rows", "rows", rows, (_F16, _F32), 2)
+    # slow path: say what is wrong, or handle empty shapes
+    if t < 0:
+        _explain_type("ffn_rows", "rows", rows, qtype)
+    _need("ffn_rows", "rows", rows, (rows.dtype,), 2)
     _need("ffn_rows", "x", x, (_F32,), 1)
     _need("ffn_rows", "out", out, (_F32,), 1, writeable=True)
     n = rows.shape[0]
     d = x.shape[0]
-    if rows.shape[1] != n_parts * d:
+    if t in (FRT_T_F16, FRT_T_F32) and rows.shape[1] != n_parts * d:
         raise ValueError(f"ffn_rows: rows has {rows.shape[1]} columns but a "
                          f"{'gated' if g else 'non-gated'} bundle of dim {d} (= len(x)) "
                          f"needs n_parts * d = {n_parts} * {d} = {n_parts * d}")
+    _check_row_len("ffn_rows", "rows", rows, qtype or str(rows.dtype), t, d, n_parts)
     _need_len("ffn_rows", "out", out, d, "len(x)")
-    cdef const float[::1] bv
-    cdef float[::1] hv
     if up_bias is not None:
         if g:
             raise ValueError("ffn_rows: up_bias is only supported for non-gated FFNs")
         _need("ffn_rows", "up_bias", up_bias, (_F32,), 1)
         _need_len("ffn_rows", "up_bias", up_bias, n, "rows.shape[0]")
-        if n > 0:
-            bv = up_bias
-            bptr = &bv[0]
     if h_out is not None:
         _need("ffn_rows", "h_out", h_out, (_F32,), 1, writeable=True)
         _need_len("ffn_rows", "h_out", h_out, n, "rows.shape[0]")
-        if n > 0:
-            hv = h_out
-            hptr = &hv[0]
-    if d == 0:
-        return out
+    out[...] = 0.0                  # n == 0 (no rows) or d == 0 (out is empty)
+    return out
+
+
+def to_f32(src, out, qtype=None, int n_threads=0):
+    """out = float32(src) for C-contiguous buffers of any shape.
+
+    src: float16|float32, or uint8 blocks of `qtype` (bit-exact with gguf.quants.dequantize)  # IN
+    out: float32 with src.size (float) or src.size / block_bytes * 32 (quantized) elements   # OUT
+    Returns out.
+    """
+    cdef int t = _wtype(src, qtype)
+    cdef int64_t n, ub
+    if t < 0:
+        if qtype is not None and (not isinstance(qtype, str) or qtype not in STORAGE_CODES):
+            raise ValueError(f"to_f32: unknown qtype {qtype!r}; use one of {sorted(STORAGE_CODES)}")
+        raise ValueError(f"to_f32: src must be a {'float16 or float32' if qtype is None else qtype} "
+                         f"array{' (uint8 blocks)' if qtype in BLOCK_BYTES else ''}, got {_describe(src)}")
+    if not src.flags.c_contiguous:
+        raise ValueError(f"to_f32: src must be C-contiguous, got {_describe(src)}")
+    if not isinstance(out, np.ndarray) or out.dtype != _F32 or not out.flags.c_contiguous:
+        raise ValueError(f"to_f32: out must be a C-contiguous float32 array, got {_describe(out)}")
+    if not out.flags.writeable:
+        raise ValueError("to_f32: out must be writeable (it receives the result)")
+    n = src.size
+    if t != FRT_T_F16 and t != FRT_T_F32:
+        ub = frt_type_unit_bytes(t)
+        if n % ub:
+            raise ValueError(f"to_f32: src has {n} bytes, not a whole number of {qtype} blocks "
+                             f"({ub} bytes each)")
+        n = n // ub * FRT_QK
+    if out.size != n:
+        raise ValueError(f"to_f32: src holds {n} elements but out has {out.size}")
     if n == 0:
-        out[...] = 0.0
         return out
-    cdef const float[::1] xv = x
-    cdef float[::1] ov = out
-    cdef const float[:, ::1] r32
-    cdef const uint16_t[:, ::1] r16
-    if rows.dtype == _F16:
-        r16 = rows.view(np.uint16)
-        with nogil:
-            rc = ffn_rows_f16_ptr(&r16[0, 0], n, d, g, a, &xv[0], bptr, hptr, &ov[0], n_threads)
-    else:
-        r32 = rows
-        with nogil:
-            rc = ffn_rows_f32_ptr(&r32[0, 0], n, d, g, a, &xv[0], bptr, hptr, &ov[0], n_threads)
-    if rc != 0:
-        raise MemoryError("ffn_rows: could not allocate the per-chunk accumulators")
+    cdef const void* sp = _data(src)
+    cdef float* op = <float*>_data(out)
+    with nogil:
+        frt_to_f32_par(sp, t, op, n, n_threads)
     return out
 
 
@@ -312,11 +410,32 @@ def f16_to_f32(src, out, int n_threads=0):
     cdef int64_t n = src.size
     if n == 0:
         return out
-    cdef const uint16_t[::1] sv = src.reshape(-1).view(np.uint16)
-    cdef float[::1] ov = out.reshape(-1)
+    cdef const uint16_t* sp = <const uint16_t*>_data(src)
+    cdef float* op = <float*>_data(out)
     with nogil:
-        f16_to_f32_ptr(&sv[0], &ov[0], n, n_threads)
+        frt_f16_to_f32_par(sp, op, n, n_threads)
     return out
+
+
+def quantize_activation(x):
+    """x (k,) float32, k % 32 == 0 -> (q (k,) int8, d (k/32,) float32, s (k/32,) float32):
+    the per-block int8 copy of x the quantized kernels use (d = amax / 127, 0 when amax < 1e-30;
+    q = rint(x / d) ties to even; s = d * sum(q)). Exposed for tests and the twins' check."""
+    _need("quantize_activation", "x", x, (_F32,), 1)
+    cdef int64_t k = x.shape[0]
+    if k % FRT_QK:
+        raise ValueError(f"quantize_activation: len(x) must be a multiple of {BLOCK_ELEMS}, got {k}")
+    q = np.empty(k, np.int8)
+    d = np.empty(k // FRT_QK, np.float32)
+    s = np.empty(k // FRT_QK, np.float32)
+    cdef const float* xp = <const float*>_data(x)
+    cdef int8_t* qp = <int8_t*>_data(q)
+    cdef float* dp = <float*>_data(d)
+    cdef float* sp = <float*>_data(s)
+    if k:
+        with nogil:
+            frt_quantize_x(xp, k, qp, dp, sp)
+    return q, d, s
 
 
 def activation_inplace(a, act, int n_threads=0):

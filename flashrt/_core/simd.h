@@ -7,10 +7,12 @@
  * `frt_init_path()` picks one at import time with __builtin_cpu_supports; the environment
  * variable FLASHRT_KERNELS=scalar forces the scalar path (tests run both).
  *
- * Every function here works on one contiguous block of rows and is single-threaded;
- * kernels.pyx splits the rows across OpenMP threads.
+ * The inner loops work on one contiguous block of rows and are single-threaded; the
+ * `*_par` kernels at the end split rows into shape-determined chunks run by the caller and a
+ * small work-sharing pool (see the pool's comment for why it is not OpenMP).
  *
- * float16 weights are passed as `const uint16_t*` (IEEE binary16 bit patterns).
+ * Storage types (FRT_T_*): float32, float16 (passed as `const uint16_t*` bit patterns), and
+ * the block-quantized q8_0 / q4_0 / q4_1 of quant.h.
  */
 #ifndef FLASHRT_SIMD_H
 #define FLASHRT_SIMD_H
@@ -340,6 +342,8 @@ FRT_TARGET static void frt_f16_to_f32_avx2(const uint16_t *src, float *out, int6
 
 #endif /* FRT_X86 */
 
+#include "quant.h"          /* block-quantized types: q8_0, q4_0, q4_1 */
+
 /* ------------------------------------------------------------------ dispatch */
 
 /* out (n,) = W (n, k) @ x (k,) for one block of rows. */
@@ -662,43 +666,114 @@ static int64_t frt_set_chunk_elems(int64_t elems) {
     return old;
 }
 
+/* Per-thread scratch (kept between calls): the quantized x of a quantized kernel, then the
+   FFN's per-chunk partial sums. Returns NULL if it could not be allocated. */
+static __thread void *frt_scratch = NULL;
+static __thread size_t frt_scratch_bytes = 0;
+
+static void *frt_get_scratch(size_t bytes) {
+    if (frt_scratch_bytes < bytes) {
+        free(frt_scratch);
+        frt_scratch = malloc(bytes);
+        frt_scratch_bytes = frt_scratch ? bytes : 0;
+    }
+    return frt_scratch;
+}
+
+/* x quantized per block of 32 for the integer dot products (see quant.h). */
+typedef struct { const int8_t *q; const float *d, *s; } frt_xq_t;
+
+/* Bytes of scratch the quantized copy of x (k,) takes: q, then (64-aligned) d and s. */
+static size_t frt_xq_bytes(int64_t k) {
+    return ((((size_t)k + 63) & ~(size_t)63) + 2 * sizeof(float) * (size_t)(k / FRT_QK) + 63)
+           & ~(size_t)63;
+}
+
+/* Quantize x (k,) into scratch (frt_xq_bytes(k) bytes at its start). */
+static frt_xq_t frt_xq_fill(void *scratch, const float *x, int64_t k) {
+    frt_xq_t q;
+    int8_t *qq = (int8_t *)scratch;
+    float *d = (float *)(qq + ((k + 63) & ~(int64_t)63)), *s = d + k / FRT_QK;
+    frt_quantize_x(x, k, qq, d, s);
+    q.q = qq; q.d = d; q.s = s;
+    return q;
+}
+
 typedef struct {
     const void *W; const float *x; float *out;
+    frt_xq_t xq;
     int64_t n, k, rows_per_chunk;
-    int f16;
+    int type;
 } frt_gemv_job;
+
+/* out[r0:r1] = W[r0:r1] @ x, one thread. */
+static void frt_gemv_rows(const frt_gemv_job *j, int64_t r0, int64_t r1) {
+    const int64_t k = j->k;
+    switch (j->type) {
+    case FRT_T_F32: frt_gemv_f32((const float *)j->W + r0 * k, j->x, j->out + r0, r1 - r0, k); break;
+    case FRT_T_F16: frt_gemv_f16((const uint16_t *)j->W + r0 * k, j->x, j->out + r0, r1 - r0, k); break;
+    default:
+        frt_gemv_q(j->type, (const uint8_t *)j->W + r0 * frt_row_bytes(j->type, k), j->xq.q,
+                   j->xq.d, j->xq.s, j->out + r0, r1 - r0, k / FRT_QK);
+    }
+}
 
 static void frt_gemv_chunk(void *p, int64_t c) {
     const frt_gemv_job *j = (const frt_gemv_job *)p;
     int64_t r0 = c * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
     if (r1 > j->n) r1 = j->n;
-    if (r1 <= r0) return;
-    if (j->f16) frt_gemv_f16((const uint16_t *)j->W + r0 * j->k, j->x, j->out + r0, r1 - r0, j->k);
-    else frt_gemv_f32((const float *)j->W + r0 * j->k, j->x, j->out + r0, r1 - r0, j->k);
+    if (r1 > r0) frt_gemv_rows(j, r0, r1);
 }
 
-/* out (n,) = W (n, k) @ x, rows split into chunks of whole 4-row groups. */
-static void frt_gemv_par(const void *W, int f16, const float *x, float *out,
-                         int64_t n, int64_t k, int n_threads) {
+/* out (n,) = W (n, k) @ x for W of storage type `type` (k % 32 == 0 for quantized types),
+   rows split into chunks of whole 4-row groups. Returns 0, or -1 if scratch memory could not
+   be allocated. */
+static int frt_gemv_par(const void *W, int type, const float *x, float *out,
+                        int64_t n, int64_t k, int n_threads) {
+    frt_gemv_job j = {W, x, out, {NULL, NULL, NULL}, n, k, n, type};
+    if (frt_type_is_quant(type)) {
+        void *scratch = frt_get_scratch(frt_xq_bytes(k));
+        if (scratch == NULL) return -1;
+        j.xq = frt_xq_fill(scratch, x, k);
+    }
     int64_t work = n * k, n_chunks = work / FRT_GEMV_CHUNK_ELEMS;
     if (n_chunks > FRT_GEMV_MAX_CHUNKS) n_chunks = FRT_GEMV_MAX_CHUNKS;
     if (n_chunks > (n + 3) / 4) n_chunks = (n + 3) / 4;
     n_threads = frt_resolve_threads(n_threads);
     if (n_chunks <= 1 || n_threads <= 1) {
-        if (f16) frt_gemv_f16((const uint16_t *)W, x, out, n, k);
-        else frt_gemv_f32((const float *)W, x, out, n, k);
-        return;
+        frt_gemv_rows(&j, 0, n);
+        return 0;
     }
-    frt_gemv_job j = {W, x, out, n, k, 0, f16};
     j.rows_per_chunk = ((n + n_chunks - 1) / n_chunks + 3) & ~(int64_t)3;
     frt_parallel_for(frt_gemv_chunk, &j, (n + j.rows_per_chunk - 1) / j.rows_per_chunk, n_threads);
+    return 0;
 }
 
 typedef struct {
     const void *rows; const float *x; const float *up_bias; float *h_out; float *acc;
+    frt_xq_t xq;
     int64_t n, d, rows_per_chunk;
-    int gated, act, f16;
+    int gated, act, type;
 } frt_ffn_job;
+
+/* acc += the FFN over rows [r0, r1), one thread. */
+static void frt_ffn_block(const frt_ffn_job *j, int64_t r0, int64_t r1, float *acc) {
+    const int64_t rb = (j->gated ? 3 : 2) * frt_row_bytes(j->type, j->d);
+    const float *b = j->up_bias ? j->up_bias + r0 : NULL;
+    float *h = j->h_out ? j->h_out + r0 : NULL;
+    const void *rows = (const uint8_t *)j->rows + r0 * rb;
+    switch (j->type) {
+    case FRT_T_F32:
+        frt_ffn_rows_f32((const float *)rows, r1 - r0, j->d, j->gated, j->act, j->x, b, h, acc);
+        break;
+    case FRT_T_F16:
+        frt_ffn_rows_f16((const uint16_t *)rows, r1 - r0, j->d, j->gated, j->act, j->x, b, h, acc);
+        break;
+    default:
+        frt_ffn_rows_q(j->type, (const uint8_t *)rows, r1 - r0, j->d / FRT_QK, j->gated, j->act,
+                       j->xq.q, j->xq.d, j->xq.s, b, h, acc);
+    }
+}
 
 static void frt_ffn_chunk(void *p, int64_t c) {
     const frt_ffn_job *j = (const frt_ffn_job *)p;
@@ -706,46 +781,33 @@ static void frt_ffn_chunk(void *p, int64_t c) {
     if (r1 > j->n) r1 = j->n;
     float *acc = j->acc + c * j->d;
     memset(acc, 0, (size_t)j->d * sizeof(float));
-    if (r1 <= r0) return;
-    int64_t row_elems = (j->gated ? 3 : 2) * j->d;
-    const float *b = j->up_bias ? j->up_bias + r0 : NULL;
-    float *h = j->h_out ? j->h_out + r0 : NULL;
-    if (j->f16)
-        frt_ffn_rows_f16((const uint16_t *)j->rows + r0 * row_elems, r1 - r0, j->d, j->gated,
-                         j->act, j->x, b, h, acc);
-    else
-        frt_ffn_rows_f32((const float *)j->rows + r0 * row_elems, r1 - r0, j->d, j->gated,
-                         j->act, j->x, b, h, acc);
+    if (r1 > r0) frt_ffn_block(j, r0, r1, acc);
 }
 
-/* Per-thread scratch for the FFN's per-chunk partial sums (kept between calls). */
-static __thread float *frt_ffn_scratch = NULL;
-static __thread int64_t frt_ffn_scratch_elems = 0;
-
-/* out (d,) = sum_i h_i down_i. Returns 0, or -1 if scratch memory could not be allocated. */
-static int frt_ffn_rows_par(const void *rows, int f16, int64_t n, int64_t d, int gated, int act,
+/* out (d,) = sum_i h_i down_i over n bundle rows of storage type `type` (d % 32 == 0 for
+   quantized types). Returns 0, or -1 if scratch memory could not be allocated. */
+static int frt_ffn_rows_par(const void *rows, int type, int64_t n, int64_t d, int gated, int act,
                             const float *x, const float *up_bias, float *h_out, float *out,
                             int n_threads) {
     int64_t row_elems = (gated ? 3 : 2) * d;
     int64_t n_chunks = n * row_elems / FRT_FFN_CHUNK_ELEMS;
     if (n_chunks > FRT_FFN_MAX_CHUNKS) n_chunks = FRT_FFN_MAX_CHUNKS;
     if (n_chunks > n) n_chunks = n;
+    frt_ffn_job j = {rows, x, up_bias, h_out, NULL, {NULL, NULL, NULL}, n, d, n, gated, act, type};
+    int64_t rows_per_chunk = n_chunks > 1 ? (n + n_chunks - 1) / n_chunks : n;
+    if (n_chunks > 1) n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+    size_t xq_bytes = frt_type_is_quant(type) ? frt_xq_bytes(d) : 0;
+    size_t acc_bytes = n_chunks > 1 ? (size_t)(n_chunks * d) * sizeof(float) : 0;
+    void *scratch = frt_get_scratch(xq_bytes + acc_bytes + 64);
+    if (scratch == NULL) return -1;
+    if (xq_bytes) j.xq = frt_xq_fill(scratch, x, d);
     memset(out, 0, (size_t)d * sizeof(float));
     if (n_chunks <= 1) {
-        if (f16) frt_ffn_rows_f16((const uint16_t *)rows, n, d, gated, act, x, up_bias, h_out, out);
-        else frt_ffn_rows_f32((const float *)rows, n, d, gated, act, x, up_bias, h_out, out);
+        frt_ffn_block(&j, 0, n, out);
         return 0;
     }
-    frt_ffn_job j = {rows, x, up_bias, h_out, NULL, n, d, 0, gated, act, f16};
-    j.rows_per_chunk = (n + n_chunks - 1) / n_chunks;
-    n_chunks = (n + j.rows_per_chunk - 1) / j.rows_per_chunk;
-    if (frt_ffn_scratch_elems < n_chunks * d) {
-        free(frt_ffn_scratch);
-        frt_ffn_scratch = (float *)malloc((size_t)(n_chunks * d) * sizeof(float));
-        frt_ffn_scratch_elems = frt_ffn_scratch ? n_chunks * d : 0;
-        if (!frt_ffn_scratch) return -1;
-    }
-    j.acc = frt_ffn_scratch;
+    j.rows_per_chunk = rows_per_chunk;
+    j.acc = (float *)((uint8_t *)scratch + xq_bytes);
     frt_parallel_for(frt_ffn_chunk, &j, n_chunks, frt_resolve_threads(n_threads));
     for (int64_t c = 0; c < n_chunks; c++) {          /* fixed order: deterministic */
         const float *a = j.acc + c * d;
@@ -754,19 +816,37 @@ static int frt_ffn_rows_par(const void *rows, int f16, int64_t n, int64_t d, int
     return 0;
 }
 
-typedef struct { const uint16_t *src; float *out; int64_t n; int act; } frt_conv_job;
+typedef struct { const void *src; float *out; int64_t n; int act, type; } frt_conv_job;
+
+/* Elements per conversion chunk: a whole number of blocks. */
+static inline int64_t frt_conv_per_chunk(void) {
+    return FRT_CONV_CHUNK_ELEMS < FRT_QK ? FRT_QK : FRT_CONV_CHUNK_ELEMS / FRT_QK * FRT_QK;
+}
 
 static void frt_conv_chunk(void *p, int64_t c) {
     const frt_conv_job *j = (const frt_conv_job *)p;
-    int64_t r0 = c * FRT_CONV_CHUNK_ELEMS, r1 = r0 + FRT_CONV_CHUNK_ELEMS;
+    int64_t per = frt_conv_per_chunk(), r0 = c * per, r1 = r0 + per;
     if (r1 > j->n) r1 = j->n;
-    if (r1 > r0) frt_f16_to_f32(j->src + r0, j->out + r0, r1 - r0);
+    if (r1 <= r0) return;
+    switch (j->type) {
+    case FRT_T_F32: memcpy(j->out + r0, (const float *)j->src + r0, (size_t)(r1 - r0) * sizeof(float)); break;
+    case FRT_T_F16: frt_f16_to_f32((const uint16_t *)j->src + r0, j->out + r0, r1 - r0); break;
+    default:
+        frt_dequant_for(j->type)((const uint8_t *)j->src + r0 / FRT_QK * frt_type_unit_bytes(j->type),
+                                 j->out + r0, (r1 - r0) / FRT_QK);
+    }
+}
+
+/* out (n,) float32 = the n elements stored in src with storage type `type` (n % 32 == 0 for
+   quantized types; quantized results bit-exact with gguf.quants.dequantize). */
+static void frt_to_f32_par(const void *src, int type, float *out, int64_t n, int n_threads) {
+    frt_conv_job j = {src, out, n, 0, type};
+    int64_t per = frt_conv_per_chunk();
+    frt_parallel_for(frt_conv_chunk, &j, (n + per - 1) / per, frt_resolve_threads(n_threads));
 }
 
 static void frt_f16_to_f32_par(const uint16_t *src, float *out, int64_t n, int n_threads) {
-    frt_conv_job j = {src, out, n, 0};
-    frt_parallel_for(frt_conv_chunk, &j, (n + FRT_CONV_CHUNK_ELEMS - 1) / FRT_CONV_CHUNK_ELEMS,
-                     frt_resolve_threads(n_threads));
+    frt_to_f32_par(src, FRT_T_F16, out, n, n_threads);
 }
 
 static void frt_act_chunk(void *p, int64_t c) {
@@ -778,7 +858,7 @@ static void frt_act_chunk(void *p, int64_t c) {
 }
 
 static void frt_act_inplace_par(float *a, int64_t n, int act, int n_threads) {
-    frt_conv_job j = {NULL, a, n, act};
+    frt_conv_job j = {NULL, a, n, act, 0};
     int64_t per = FRT_CONV_CHUNK_ELEMS / 8 > 0 ? FRT_CONV_CHUNK_ELEMS / 8 : 1;
     frt_parallel_for(frt_act_chunk, &j, (n + per - 1) / per, frt_resolve_threads(n_threads));
 }
