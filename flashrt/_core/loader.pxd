@@ -60,9 +60,12 @@ cdef class Loader:
     cdef frt_fault fault
     cdef int64_t st_bytes_read, st_bytes_useful, st_n_reads, st_ns_io, st_n_calls, st_n_retries
     cdef object _lock
+    cdef int owner_pid           # the process that started pool/ring; another pid means fork()
 
     cdef int _ensure(self, int64_t n_reqs, int64_t bounce_bytes, int64_t n_rows) except -1
     cdef int _execute(self, int64_t n_reqs) except -1
     cdef object _start_uring(self)
+    cdef int _open_fd(self, bint direct, bint simulate_einval) except -1
+    cdef int _after_fork(self) except -1
     cdef void _check_open(self) except *
     cdef void _release(self) noexcept

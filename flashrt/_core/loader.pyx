@@ -34,6 +34,7 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+    int getpid()
 
 cdef extern from "<sys/stat.h>" nogil:
     cdef struct stat:
@@ -198,6 +199,7 @@ cdef class Loader:
         self.bounce = NULL
         self.reqs = NULL
         self.src_off = NULL
+        self.owner_pid = getpid()
 
     def __init__(self, path, int n_threads=0, str backend="auto", bint direct=True,
                  int queue_depth=DEFAULT_QUEUE_DEPTH, int64_t chunk_bytes=DEFAULT_CHUNK_BYTES,
@@ -216,36 +218,7 @@ cdef class Loader:
         self.queue_depth = queue_depth if queue_depth > 0 else DEFAULT_QUEUE_DEPTH
         self._lock = threading.Lock()
 
-        cdef bytes bpath = os.fsencode(self.path)
-        cdef int fd, err
-        self.direct = direct
-        if direct:
-            if _simulate_direct_einval:
-                fd, err = -1, EINVAL
-            else:
-                fd = c_open(bpath, O_RDONLY | O_DIRECT | O_CLOEXEC)
-                err = errno
-            if fd < 0 and err == EINVAL:
-                warnings.warn(
-                    f"O_DIRECT is not supported for {self.path} ({os.strerror(EINVAL)}): "
-                    "reading through the page cache instead, so measured speed may be RAM's, "
-                    "not flash's", RuntimeWarning, stacklevel=2)
-                self.direct = False
-            elif fd < 0:
-                raise OSError(err, os.strerror(err), self.path)
-            else:
-                self.fd = fd
-        if self.fd < 0:
-            fd = c_open(bpath, O_RDONLY | O_CLOEXEC)
-            if fd < 0:
-                err = errno
-                raise OSError(err, os.strerror(err), self.path)
-            self.fd = fd
-        cdef stat st
-        if fstat(self.fd, &st) != 0:
-            err = errno
-            raise OSError(err, os.strerror(err), self.path)
-        self.file_size = st.st_size
+        self._open_fd(direct, _simulate_direct_einval)
 
         want = backend
         if backend == "auto":
@@ -274,6 +247,70 @@ cdef class Loader:
                 raise MemoryError("cannot start the pread thread pool")
             self.backend = "pread"
         self._ensure(64, 4 * ALIGNMENT, 64)
+
+    cdef int _open_fd(self, bint direct, bint simulate_einval) except -1:
+        """Open self.path (O_DIRECT when asked and allowed) into self.fd; set file_size."""
+        cdef bytes bpath = os.fsencode(self.path)
+        cdef int fd, err
+        self.direct = direct
+        if direct:
+            if simulate_einval:
+                fd, err = -1, EINVAL
+            else:
+                fd = c_open(bpath, O_RDONLY | O_DIRECT | O_CLOEXEC)
+                err = errno
+            if fd < 0 and err == EINVAL:
+                warnings.warn(
+                    f"O_DIRECT is not supported for {self.path} ({os.strerror(EINVAL)}): "
+                    "reading through the page cache instead, so measured speed may be RAM's, "
+                    "not flash's", RuntimeWarning, stacklevel=2)
+                self.direct = False
+            elif fd < 0:
+                raise OSError(err, os.strerror(err), self.path)
+            else:
+                self.fd = fd
+        if self.fd < 0:
+            fd = c_open(bpath, O_RDONLY | O_CLOEXEC)
+            if fd < 0:
+                err = errno
+                raise OSError(err, os.strerror(err), self.path)
+            self.fd = fd
+        cdef stat st
+        if fstat(self.fd, &st) != 0:
+            err = errno
+            raise OSError(err, os.strerror(err), self.path)
+        self.file_size = st.st_size
+        return 0
+
+    cdef int _after_fork(self) except -1:
+        """In a child of fork(): the pread workers do not exist here and the ring is
+        shared with the parent, so give up both (the pool's memory is leaked: its
+        threads cannot be joined), reopen the file and start a fresh backend and lock."""
+        cdef int err
+        self.owner_pid = getpid()
+        self._lock = threading.Lock()
+        self.pool = NULL                      # not frt_pool_free: it would join absent threads
+        if self.ring != NULL:                 # unmapping and closing our copy leaves the parent's ring alone
+            frt_ring_free(self.ring)
+            self.ring = NULL
+        if self.fd < 0:                       # closed before the fork: stays closed
+            return 0
+        close(self.fd)
+        self.fd = -1
+        cls = _flash_io_error()
+        try:
+            self._open_fd(self.direct, False)
+        except OSError as e:
+            raise cls(e.errno, f"cannot reopen {self.path} after fork(): {e.strerror}") from None
+        if self.backend == "uring" and self._start_uring() is None:
+            return 0
+        self.pool = frt_pool_new(self.n_threads)
+        if self.pool == NULL:
+            close(self.fd)
+            self.fd = -1
+            raise cls(0, f"cannot start the pread thread pool for {self.path} after fork()")
+        self.backend = "pread"
+        return 0
 
     cdef object _start_uring(self):
         """Set up the ring and check one read works; None, or why not."""
@@ -384,6 +421,8 @@ cdef class Loader:
         return 0
 
     cdef void _check_open(self) except *:
+        if self.owner_pid != getpid():
+            self._after_fork()
         if self.fd < 0:
             raise ValueError(f"Loader for {self.path} is closed")
 
@@ -535,6 +574,8 @@ cdef class Loader:
 
     def close(self):
         """Join the reader threads, tear down the ring, close the file. Idempotent."""
+        if self.owner_pid != getpid():
+            self._lock = None                 # may have been held by a parent thread at fork()
         if self._lock is not None:
             with self._lock:
                 self._release()
@@ -542,6 +583,8 @@ cdef class Loader:
             self._release()
 
     cdef void _release(self) noexcept:
+        if self.owner_pid != getpid():        # a fork()ed child: the pool's threads are the parent's
+            self.pool = NULL
         if self.pool != NULL:
             frt_pool_free(self.pool)
             self.pool = NULL

@@ -1,0 +1,116 @@
+"""Hardening (issue 10): fork safety, crashes on shrinking files, --overwrite data loss,
+hostile chat templates and predictor files, disk-full conversions, the CLI's last line of
+defence. Every test here failed before its fix."""
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flashrt
+from flashrt._core.loader import uring_available
+from flashrt.errors import FlashrtError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_child(code: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter; a hang is a test failure, not a stuck suite."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(kw.pop("env", {}))
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                              text=True, timeout=timeout, env=env, **kw)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"child hung for {timeout} s; stdout: {e.stdout!r} stderr: {e.stderr!r}")
+
+
+# ---------------------------------------------------------------------------- fork()
+
+BACKENDS = ["pread"] + (["uring"] if uring_available()[0] else [])
+
+FORK_LOADER = """
+    import os, sys, numpy as np
+    from flashrt._core.loader import Loader
+    path, backend = sys.argv[1], sys.argv[2]
+    data = np.fromfile(path, np.uint8)
+    ld = Loader(path, backend=backend)
+    d = np.empty(1 << 20, np.uint8)
+    ld.read_range(0, d)                     # the pool / ring is up and used
+    pid = os.fork()
+    ok = True
+    for i in range(30):                     # parent and child read at the same time
+        off = (i * 12288) % (len(data) - d.size)
+        ld.read_range(off, d)
+        ok &= bool(np.array_equal(d, data[off:off + d.size]))
+        ids = np.arange(i % 7, 200, 3, dtype=np.int64)
+        rows = np.empty((ids.size, 4096), np.uint8)
+        ld.read_rows(4096, 4096, ids, rows)
+        ok &= bool(np.array_equal(rows, data[4096:4096 + 4096 * 200].reshape(200, 4096)[ids]))
+    if pid == 0:
+        ld.close()
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    ld.close()
+    print("child", os.waitstatus_to_exitcode(status), "parent", ok)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loader_used_in_a_forked_child_works_in_both_processes(tmp_path, backend):
+    """Before: the child's first multi-request read waited forever for pread workers that do
+    not exist after fork(), and a shared io_uring mixed the two processes' completions."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(FORK_LOADER), str(path), backend],
+                           capture_output=True, text=True, timeout=30, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{backend}: fork()ed loader hung")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["child", "0", "parent", "True"], (r.stdout, r.stderr)
+
+
+FORK_GENERATOR = """
+    import os, sys, warnings
+    warnings.simplefilter("ignore")
+    import flashrt
+    g = flashrt.Generator(sys.argv[1], mode=sys.argv[2], memory_budget="1GB", progress=False)
+    want = g.generate("The capital of France is", max_new_tokens=4)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            got = g.generate("The capital of France is", max_new_tokens=4)
+            g.close()
+            os.write(w, ("same" if got == want else f"differs: {got!r} vs {want!r}").encode())
+        except BaseException as e:
+            os.write(w, f"{type(e).__name__}: {e}".encode())
+        os._exit(0)
+    os.close(w)
+    again = g.generate("The capital of France is", max_new_tokens=4)
+    msg = os.read(r, 4096).decode()
+    os.waitpid(pid, 0)
+    g.close()
+    print(msg, "|", again == want)
+"""
+
+
+@pytest.mark.parametrize("mode", ["flash", "naive"])
+def test_generator_used_in_a_forked_child(smollm2_dir, mode):
+    """gunicorn/multiprocessing fork an application that opened a Generator: the child
+    generates the same text, the parent keeps working."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FLASHRT_IO="pread")
+    try:
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(FORK_GENERATOR), str(smollm2_dir), mode],
+                           capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{mode}: a Generator used after fork() hung")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "same | True", (r.stdout, r.stderr)
