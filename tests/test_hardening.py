@@ -114,3 +114,47 @@ def test_generator_used_in_a_forked_child(smollm2_dir, mode):
         pytest.fail(f"{mode}: a Generator used after fork() hung")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "same | True", (r.stdout, r.stderr)
+
+
+# ---------------------------------------------------------------------------- SIGBUS
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from conftest import tiny_model
+
+    return tiny_model("llama", tmp_path_factory.mktemp("hard") / "llama")
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+ORACLE_SHRINK = """
+    import os, sys, warnings
+    warnings.simplefilter("ignore")
+    import flashrt
+    from flashrt.errors import FlashIOError
+    d = sys.argv[1]
+    g = flashrt.Generator(d, mode="flash", select="oracle", progress=False)
+    g.generate("flash", max_new_tokens=2)
+    os.truncate(os.path.join(d, "ffn.bin"), 4096)
+    try:
+        g.generate("f", max_new_tokens=4)  # one token: decode, where the oracle looks first
+        print("no error")
+    except FlashIOError as e:
+        print("FlashIOError", "ffn.bin" in str(e))
+"""
+
+
+def test_oracle_selection_on_a_truncated_bundle_file_is_an_error_not_sigbus(llama_dir, tmp_path):
+    """select="oracle" used to memory-map ffn.bin: a truncated file killed the process
+    (SIGBUS, exit 135) where select="all" raises FlashIOError."""
+    d = copy_model(llama_dir, tmp_path / "m")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(ORACLE_SHRINK), str(d)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert r.stdout.split() == ["FlashIOError", "True"], r.stdout

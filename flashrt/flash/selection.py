@@ -5,7 +5,8 @@ first (the cache keeps the head of the list when the selection does not fit). A 
 with `uses_prior` True also takes `prior=` (the last |h| of the cached neurons).
   all        every neuron: exact, the slowest flash run
   oracle     the true active set from the real weights (a test/benchmark tool: it reads
-             the whole FFN through the page cache, so it ignores the memory budget)
+             each layer's whole FFN through the loader and the page cache every token, so
+             it ignores the memory budget)
   predictor  the low-rank predictors fitted by `flashrt calibrate`
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._core import kernels
+from .._core.loader import Loader
 
 
 class AllSelector:
@@ -38,22 +40,23 @@ class OracleSelector:
         self.keep_fraction = keep_fraction
         self.n_threads = n_threads
         n, row_elems = files.n_neurons, files.ffn_row_bytes // files.dtype.itemsize
-        self._layers = [
-            np.memmap(files.ffn_path, dtype=files.dtype, mode="r", offset=files.ffn_layer_offset(l), shape=(n, row_elems))
-            for l in range(int(files.config["num_hidden_layers"]))
-        ]
+        # read, not memory-mapped: a truncated ffn.bin is a FlashIOError, not a SIGBUS
+        self._loader = Loader(str(files.ffn_path), n_threads=4, direct=False)
+        self._offsets = [files.ffn_layer_offset(l) for l in range(int(files.config["num_hidden_layers"]))]
+        self._rows = np.empty((n, row_elems), files.dtype)  # (n_neurons, row_elems) one layer
         self._h = np.empty(n, np.float32)
         self._y = np.empty(files.dim, np.float32)
 
     def true_outputs(self, layer: int, x: np.ndarray) -> np.ndarray:
         """h (n_neurons,) float32: every neuron's output for input x."""
         bias = None if self.up_bias is None else self.up_bias[layer]
-        kernels.ffn_rows(self._layers[layer], x, self._y, self.gated, self.act, bias, self._h, self.n_threads)
+        self._loader.read_range(self._offsets[layer], self._rows)
+        kernels.ffn_rows(self._rows, x, self._y, self.gated, self.act, bias, self._h, self.n_threads)
         return self._h
 
     def close(self) -> None:
-        """Drop the memory maps now (each holds a descriptor of ffn.bin), not at garbage collection."""
-        self._layers = []
+        """Close ffn.bin and stop the reader threads now, not at garbage collection."""
+        self._loader.close()
 
     def select(self, layer: int, x: np.ndarray) -> np.ndarray:
         mag = np.abs(self.true_outputs(layer, x))
