@@ -158,3 +158,48 @@ def test_oracle_selection_on_a_truncated_bundle_file_is_an_error_not_sigbus(llam
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     assert r.stdout.split() == ["FlashIOError", "True"], r.stdout
+
+
+CONVERT_SHRINK = """
+    import os, sys, warnings
+    warnings.simplefilter("ignore")
+    from flashrt.convert import convert
+    from flashrt.errors import ModelFormatError
+    from flashrt.format.writer import ModelWriter
+    src, victim, out = sys.argv[1:4]
+    add = ModelWriter.add_ffn_layer
+    def add_then_shrink(self, layer, bundles):
+        add(self, layer, bundles)
+        if layer == 0:                   # the source is cut short under the converter
+            os.truncate(victim, 4096)
+    ModelWriter.add_ffn_layer = add_then_shrink
+    try:
+        convert(src, out, dtype="float32", progress=False)
+        print("converted")
+    except ModelFormatError as e:
+        print("ModelFormatError", os.path.basename(victim) in str(e) and "shrank" in str(e),
+              os.path.exists(out))
+"""
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_source_shrinking_during_conversion_is_an_error_not_sigbus(tmp_path, kind):
+    """The converters memory-mapped their source (GGUFReader, safe_open): a file cut short
+    mid-conversion killed the process with SIGBUS."""
+    import shutil
+
+    if kind == "safetensors":
+        src = tmp_path / "hf"
+        shutil.copytree(ROOT / "tests" / "fixtures" / "hf" / "llama", src)
+        victim = src / "model.safetensors"
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+
+        src = victim = tmp_path / "m.gguf"
+        write_llama_gguf(src, *tiny_hf_llama())
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(CONVERT_SHRINK), str(src), str(victim),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert r.stdout.split() == ["ModelFormatError", "True", "False"], (r.stdout, r.stderr[-2000:])

@@ -7,6 +7,7 @@ tensors (and names) of the Hugging Face checkpoint.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -129,8 +130,26 @@ def _quantization(reader) -> str:
 
 
 # -- tensors --------------------------------------------------------------------------
-def _dequantize(t) -> np.ndarray:
-    """A GGUF tensor as float32 in NumPy (HF) shape order."""
+def _tensor_data(f, t) -> np.ndarray:
+    """t.data read from the open file f with pread, not through GGUFReader's memory map:
+    a source that shrinks during conversion is then an error, not a SIGBUS."""
+    want, off = int(t.n_bytes), int(t.data_offset)
+    buf = bytearray(want)
+    view, got = memoryview(buf), 0
+    while got < want:
+        n = os.preadv(f.fileno(), [view[got:]], off + got)
+        if n == 0:
+            raise ModelFormatError(
+                f"{f.name}: tensor {t.name!r} ends at byte {off + want} but the file now has "
+                f"{os.fstat(f.fileno()).st_size} bytes: it shrank during conversion (was it being "
+                f"rewritten or downloaded?); convert again once the file is complete")
+        got += n
+    return np.frombuffer(buf, dtype=t.data.dtype).reshape(t.data.shape)
+
+
+def _dequantize(t, f=None) -> np.ndarray:
+    """A GGUF tensor as float32 in NumPy (HF) shape order; its data read from the open
+    source file f (None: from t.data, the reader's memory map)."""
     from gguf.quants import dequantize
 
     qname = t.tensor_type.name
@@ -139,7 +158,7 @@ def _dequantize(t) -> np.ndarray:
             f"GGUF tensor {t.name!r} uses quantization {qname}, which flashrt does not "
             f"convert (supported: {', '.join(SUPPORTED_QTYPES)})")
     shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the innermost dim first
-    return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    return np.asarray(dequantize(t.data if f is None else _tensor_data(f, t), t.tensor_type), dtype=np.float32).reshape(shape)
 
 
 def _progress(iterable, enabled, **kw):
@@ -190,8 +209,10 @@ def convert_gguf(src_file, out_dir, dtype="float16", overwrite=False, progress=T
 
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
 
+    f = open(src_file, "rb")
+
     def load(name):
-        w = _dequantize(tensors[name])
+        w = _dequantize(tensors[name], f)
         if name.endswith("self_attn.q_proj.weight"):
             w = unpermute_qk(w, n_head)
         elif name.endswith("self_attn.k_proj.weight"):
@@ -206,7 +227,7 @@ def convert_gguf(src_file, out_dir, dtype="float16", overwrite=False, progress=T
                       f"tokenizer (token ids only)", stacklevel=2)
     source = {"kind": "gguf", "path": str(src_file.absolute()),
               "quantization": _quantization(reader)}
-    with ModelWriter(out_dir, "llama", config, dtype, overwrite=overwrite, source=source) as w:
+    with f, ModelWriter(out_dir, "llama", config, dtype, overwrite=overwrite, source=source) as w:
         layer_prefix = "model.layers."
         for name in resident:
             if not name.startswith(layer_prefix):

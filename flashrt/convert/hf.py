@@ -144,7 +144,6 @@ class SafetensorsSource:
     def __init__(self, src_dir: Path, model_type: str, stack: ExitStack):
         self.src_dir = src_dir
         self._stack = stack
-        self._handles = {}
         single = src_dir / "model.safetensors"
         index = src_dir / "model.safetensors.index.json"
         if index.is_file():
@@ -183,21 +182,21 @@ class SafetensorsSource:
         """The tensor as stored (float16/float32/float64), bf16 widened to float32."""
         self.check_dtype(name)
         path, key, dtype, shape, offset = self.entries[name]
-        if dtype == "BF16":  # NumPy has no bfloat16: widen the raw bits to float32
-            n = int(np.prod(shape, dtype=np.int64))
-            raw = np.fromfile(path, dtype="<u2", count=n, offset=offset)
-            if raw.size != n:
-                raise ModelFormatError(f"{path}: tensor {key!r} is truncated")
-            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        from safetensors import SafetensorError, safe_open
-
+        # read with fread, not memory-mapped (safetensors' safe_open maps the file): a source
+        # that shrinks during conversion is then an error, not a SIGBUS
+        n = int(np.prod(shape, dtype=np.int64))
         try:
-            if path not in self._handles:
-                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="np"))
-            return self._handles[path].get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ModelFormatError(f"{path}: cannot read tensor {key!r} ({e}); the file is corrupt "
-                                   f"or truncated: download it again") from e
+            raw = np.fromfile(path, dtype=_NP_DTYPES[dtype], count=n, offset=offset)
+        except (OSError, ValueError) as e:
+            raise ModelFormatError(f"{path}: cannot read tensor {key!r} ({e}); download it again") from e
+        if raw.size != n:
+            raise ModelFormatError(
+                f"{path}: tensor {key!r} ends at byte {offset + n * raw.itemsize} but the file now "
+                f"has {path.stat().st_size} bytes: it is truncated or shrank during conversion; "
+                f"convert again once the file is complete")
+        if dtype == "BF16":  # NumPy has no bfloat16: widen the raw bits to float32
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return raw.reshape(shape)
 
 
 def _read_header(path: Path) -> dict:
