@@ -203,3 +203,76 @@ def test_source_shrinking_during_conversion_is_an_error_not_sigbus(tmp_path, kin
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     assert r.stdout.split() == ["ModelFormatError", "True", "False"], (r.stdout, r.stderr[-2000:])
+
+
+# ---------------------------------------------------------------------------- --overwrite
+
+@pytest.fixture
+def hf_src(tmp_path):
+    import shutil
+
+    src = tmp_path / "hf"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "hf" / "llama", src)
+    return src
+
+
+def tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def convert_quiet(src, out, **kw):
+    from flashrt.convert import convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(src, out, dtype="float32", progress=False, **kw)
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_flashrt_model(hf_src, tmp_path):
+    from flashrt.format.writer import OutputExistsError
+
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    (out / "sub" / "manifest.json").write_text('{"name": "a web app"}')
+    (out / "manifest.json").write_text('{"name": "a web app"}')   # not flashrt's manifest
+    before = tree(out)
+    with pytest.raises(OutputExistsError, match="not a flashrt model"):
+        convert_quiet(hf_src, out, overwrite=True)
+    assert tree(out) == before
+    r = subprocess.run([sys.executable, "-m", "flashrt", "convert", str(hf_src), str(out), "--overwrite", "--quiet"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert r.returncode != 0 and "not a flashrt model" in r.stderr and "Traceback" not in r.stderr
+    assert tree(out) == before
+    # a flashrt model directory (and an empty directory) are replaced as asked
+    convert_quiet(hf_src, tmp_path / "model")
+    convert_quiet(hf_src, tmp_path / "model", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    convert_quiet(hf_src, tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+
+
+def test_output_that_contains_the_source_or_lies_inside_it_is_refused(hf_src, tmp_path):
+    """`convert m.gguf <dir of m.gguf> --overwrite` deleted the GGUF."""
+    from flashrt.format.writer import OutputExistsError
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+
+    gdir = tmp_path / "g"
+    gdir.mkdir()
+    write_llama_gguf(gdir / "m.gguf", *tiny_hf_llama())
+    # even when the source's directory looks like a model (it once held one)
+    convert_quiet(hf_src, tmp_path / "tmpmodel")
+    for p in (tmp_path / "tmpmodel").iterdir():
+        p.rename(gdir / p.name)
+    before = tree(gdir)
+    with pytest.raises(OutputExistsError, match="source"):
+        convert_quiet(gdir / "m.gguf", gdir, overwrite=True)
+    assert tree(gdir) == before
+    hf_before = tree(hf_src)
+    for out in (hf_src / "converted", hf_src):
+        with pytest.raises(OutputExistsError, match="source"):
+            convert_quiet(hf_src, out, overwrite=True)
+    assert tree(hf_src) == hf_before
+    assert not any(p.name.startswith("converted") for p in hf_src.iterdir())

@@ -28,6 +28,7 @@ from .manifest import (
     ARCHITECTURES,
     DTYPES,
     FFN_NAME,
+    MAGIC,
     MANIFEST_NAME,
     RESIDENT_NAME,
     TOKENIZER_CONFIG_NAME,
@@ -60,6 +61,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _is_flashrt_model_dir(path: Path) -> bool:
+    """True for a directory that holds a flashrt manifest (even a damaged one), or nothing."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        with open(path / MANIFEST_NAME, "rb") as f:
+            return f'"{MAGIC}"'.encode() in f.read(1 << 20)
+    except OSError:
+        return False
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """a is b or lies under b (symlinks resolved)."""
+    a, b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    return a == b or b in a.parents
 
 
 def _fsync_dir(path) -> None:
@@ -247,6 +267,11 @@ class ModelWriter:
             raise ValueError("ModelWriter is already committed or aborted")
 
     def _check_output(self):
+        src = self.source.get("path")
+        if src and (_inside(src, self.out_dir) or _inside(self.out_dir, src)):
+            raise OutputExistsError(
+                f"{self.out_dir}: the output must not contain the source {src} nor lie inside it "
+                f"(replacing it would delete the source); choose an output path elsewhere")
         if os.path.lexists(self.out_dir) and not self.overwrite:
             raise OutputExistsError(
                 f"{self.out_dir} already exists; choose another output path or pass "
@@ -254,6 +279,11 @@ class ModelWriter:
         if os.path.lexists(self.out_dir) and not self.out_dir.is_dir():
             raise OutputExistsError(f"{self.out_dir} exists and is not a directory; "
                                     f"remove it or choose another output path")
+        if os.path.lexists(self.out_dir) and not _is_flashrt_model_dir(self.out_dir):
+            raise OutputExistsError(
+                f"{self.out_dir} exists and is not a flashrt model directory (no flashrt "
+                f"{MANIFEST_NAME}); --overwrite only replaces flashrt models: remove it yourself "
+                f"or choose another output path")
 
     def _remove_stale_temp_dirs(self):
         prefix = f"{self.out_dir.name}.tmp-"
@@ -289,8 +319,7 @@ class ModelWriter:
     def _move_into_place(self) -> None:
         out = self.out_dir
         if os.path.lexists(out):
-            if not self.overwrite:  # appeared while we were converting
-                self._check_output()
+            self._check_output()  # appeared, or was replaced, while we were converting
             old = out.with_name(f"{out.name}.old-{os.getpid()}")
             if os.path.lexists(old):
                 shutil.rmtree(old)
