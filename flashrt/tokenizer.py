@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .errors import ModelFormatError, UnsupportedModelError
+from .errors import GenerationError, ModelFormatError, UnsupportedModelError
 
 # -- GGUF vocabularies -----------------------------------------------------------------
 # Pre-tokenizer regexes of llama.cpp's BPE pre-types (as in the models' tokenizer.json).
@@ -136,6 +136,53 @@ def _compile_template(source: str):
     return env.from_string(source)
 
 
+# Limits of one chat-template render, so that a hostile or buggy template cannot hang chat():
+# loop iterations over range() in total, and characters rendered beyond the messages' own.
+TEMPLATE_MAX_STEPS = 1_000_000
+TEMPLATE_MAX_EXTRA_CHARS = 1 << 20
+
+
+def _check_messages(messages) -> list:
+    if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
+        raise GenerationError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                              f"got {type(messages).__name__}")
+    messages = list(messages)
+    if not messages:
+        raise GenerationError("messages is empty: pass at least one {'role': ..., 'content': ...}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise GenerationError(f"messages[{i}] must be a dict with 'role' and 'content', "
+                                  f"got {type(m).__name__}")
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise GenerationError(f"messages[{i}] needs a non-empty string 'role', got {m.get('role')!r}")
+        content = m.get("content")
+        if not (content is None or isinstance(content, str)
+                or (isinstance(content, list) and all(isinstance(c, dict) for c in content))):
+            raise GenerationError(f"messages[{i}]['content'] must be a string (or a list of "
+                                  f"content-part dicts), got {type(content).__name__}")
+    return messages
+
+
+def _bounded_range(max_steps: int):
+    """A range() for templates that counts iterations across the whole render."""
+    left = [max_steps]
+
+    def range_(*args):
+        r = range(*args)
+
+        def steps():
+            for i in r:
+                left[0] -= 1
+                if left[0] < 0:
+                    raise GenerationError(f"the chat template loops more than {max_steps} times "
+                                          f"(range() iterations); the template is broken")
+                yield i
+
+        return steps()
+
+    return range_
+
+
 # -- the tokenizer --------------------------------------------------------------------
 class Tokenizer:
     """encode/decode with the model's BOS rule; chat template rendering."""
@@ -218,14 +265,37 @@ class Tokenizer:
     # -- chat ----------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         """Render `messages` ([{"role", "content"}, ...]) with the model's chat template."""
+        from jinja2.exceptions import TemplateError
+
         if not self.chat_template:
             raise ModelFormatError("this model has no chat template; use plain generation")
+        messages = _check_messages(messages)
         if self._template is None:
-            self._template = _compile_template(self.chat_template)
-        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+            try:
+                self._template = _compile_template(self.chat_template)
+            except TemplateError as e:
+                raise GenerationError(f"the model's chat template does not compile: {e}") from None
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                     "range": _bounded_range(TEMPLATE_MAX_STEPS)}
         variables.update(kwargs)
-        return self._template.render(messages=list(messages),
-                                     add_generation_prompt=add_generation_prompt, **variables)
+        cap = TEMPLATE_MAX_EXTRA_CHARS + 4 * len(json.dumps(messages, default=str))
+        out, n = [], 0
+        try:
+            for piece in self._template.generate(messages=messages,
+                                                 add_generation_prompt=add_generation_prompt, **variables):
+                n += len(piece)
+                if n > cap:
+                    raise GenerationError(f"the chat template rendered more than {cap} characters for "
+                                          f"these messages; the template is broken")
+                out.append(piece)
+        except GenerationError:
+            raise
+        except TemplateError as e:  # raise_exception(...), undefined names, sandbox refusals
+            raise GenerationError(f"the chat template refused these messages: {e}") from None
+        except Exception as e:  # type errors and the like inside the template
+            raise GenerationError(f"the chat template failed on these messages: "
+                                  f"{type(e).__name__}: {e}") from None
+        return "".join(out)
 
 
 class StreamDecoder:

@@ -13,7 +13,7 @@ import pytest
 
 import flashrt
 from flashrt._core.loader import uring_available
-from flashrt.errors import FlashrtError
+from flashrt.errors import FlashrtError, GenerationError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,3 +276,66 @@ def test_output_that_contains_the_source_or_lies_inside_it_is_refused(hf_src, tm
             convert_quiet(hf_src, out, overwrite=True)
     assert tree(hf_src) == hf_before
     assert not any(p.name.startswith("converted") for p in hf_src.iterdir())
+
+
+# ---------------------------------------------------------------------------- chat templates
+
+def tok_with_template(template: str):
+    from conftest import byte_tokenizer_json
+    from flashrt.tokenizer import Tokenizer
+
+    return Tokenizer.from_json(byte_tokenizer_json(), {"chat_template": template, "eos_token_ids": []})
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("template, messages, match", [
+    # how real templates reject a system role
+    ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+     "{{ messages[0]['content'] }}", [{"role": "system", "content": "x"}], "System role not supported"),
+    ("{% for m in messages %}{{ m['content'] }", USER, "compile"),                 # syntax error
+    ("{{ undefined_function(messages) }}", USER, "undefined"),                     # undefined name
+    ("{{ messages[0].content.nope.deeper }}", USER, "no attribute 'nope'"),
+    ("{{ messages[0]['content'] + 1 }}", USER, "TypeError|unsupported|concatenate"),
+    ("{{ messages }}", "hi", "list of"),                                           # malformed messages
+    ("{{ messages }}", [], "empty"),
+    ("{{ messages }}", ["hi"], r"messages\[0\]"),
+    ("{{ messages }}", [{"content": "x"}], "role"),
+    ("{{ messages }}", [{"role": "user", "content": 3}], "content"),
+    ("{{ messages }}", None, "list of"),
+])
+def test_chat_template_failures_are_generation_errors(template, messages, match):
+    with pytest.raises(GenerationError, match=match):
+        tok_with_template(template).apply_chat_template(messages)
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # silent
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}",                        # huge output
+])
+def test_chat_template_that_would_hang_or_explode_is_stopped(template):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(GenerationError, match="template"):
+        tok_with_template(template).apply_chat_template(USER)
+    assert time.monotonic() - t0 < 20
+
+
+def test_chat_with_a_raising_template_through_the_generator(llama_dir, tmp_path):
+    import json
+
+    d = copy_model(llama_dir, tmp_path / "m")
+    cfg_path = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{{ raise_exception('Conversation roles must alternate') }}"
+    cfg_path.write_text(json.dumps(cfg))
+    from flashrt.format.writer import register_file
+
+    register_file(d, "tokenizer_config.json")
+    with flashrt.Generator(d, progress=False) as g:
+        with pytest.raises(GenerationError, match="roles must alternate"):
+            g.chat(USER, max_new_tokens=2)
+        assert g.generate("ok", max_new_tokens=2) is not None  # the Generator is fine afterwards

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from flashrt.errors import ModelFormatError, UnsupportedModelError
+from flashrt.errors import GenerationError, ModelFormatError, UnsupportedModelError
 from flashrt.tokenizer import Tokenizer, tokenizer_from_gguf
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "tokenizer_ids.json")
@@ -111,19 +111,17 @@ def test_chat_template_chatml(tok):
 
 
 def test_template_sandbox_and_helpers(tok_files):
-    from jinja2.exceptions import SecurityError, TemplateError
-
     text, cfg = tok_files
     t = Tokenizer.from_json(text, dict(cfg, chat_template=(
         "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}"
         "{{ bos_token }}{{ messages[0] | tojson }}{{ eos_token }}")))
     assert t.apply_chat_template([{"role": "user", "content": "é"}]) == \
         '<|im_start|>{"role": "user", "content": "é"}<|im_end|>'
-    with pytest.raises(TemplateError, match="one message only"):
+    with pytest.raises(GenerationError, match="one message only"):
         t.apply_chat_template([{"role": "user", "content": "a"}] * 2)
     evil = Tokenizer.from_json(text, dict(cfg, chat_template="{{ ''.__class__.__mro__ }}"))
-    with pytest.raises(SecurityError):
-        evil.apply_chat_template([])
+    with pytest.raises(GenerationError, match="unsafe|__mro__"):
+        evil.apply_chat_template([{"role": "user", "content": "a"}])
     with pytest.raises(ModelFormatError, match="no chat template"):
         Tokenizer.from_json(text, dict(cfg, chat_template=None)).apply_chat_template([])
 
