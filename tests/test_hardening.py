@@ -339,3 +339,71 @@ def test_chat_with_a_raising_template_through_the_generator(llama_dir, tmp_path)
         with pytest.raises(GenerationError, match="roles must alternate"):
             g.chat(USER, max_new_tokens=2)
         assert g.generate("ok", max_new_tokens=2) is not None  # the Generator is fine afterwards
+
+
+# ---------------------------------------------------------------------------- predictors.npz
+
+def random_pset(d, n, n_layers, odd_layer=None, rng=None):
+    from flashrt.predictor import LowRankPredictor, PredictorSet
+
+    rng = rng or np.random.default_rng(0)
+    preds = []
+    for l in range(n_layers):
+        nl = n + 8 if l == odd_layer else n
+        r = 8
+        preds.append(LowRankPredictor("product", rng.standard_normal((r, d)).astype(np.float32),
+                                      rng.standard_normal((nl, r)).astype(np.float32), r_gate=4, keep_fraction=0.5))
+    return PredictorSet(preds)
+
+
+def test_predictors_with_a_bad_layer_past_the_first_are_refused_at_open(llama_dir, tmp_path):
+    """Only layer 0 was checked: a wrong layer 2 raised IndexError during generation."""
+    from flashrt.errors import ModelFormatError
+    from flashrt.format.writer import register_file
+
+    d = copy_model(llama_dir, tmp_path / "m")
+    random_pset(64, 144, 3, odd_layer=2).save(d)
+    register_file(d, "predictors.npz")
+    with pytest.raises(ModelFormatError, match="layer 2"):
+        with flashrt.Generator(d, mode="flash", select="predictor", progress=False) as g:
+            g.generate("hi", max_new_tokens=3)
+
+
+NPZ_BOMB = """
+    import sys, resource
+    from flashrt.errors import ModelFormatError
+    from flashrt.predictor import PredictorSet
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        PredictorSet.load(sys.argv[1], dim=64, n_neurons=144, n_layers=3)
+        print("loaded")
+    except ModelFormatError as e:
+        print("refused", "allow" in str(e))
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_predictors_member_inflating_far_beyond_the_model_dims_is_refused_before_inflating(tmp_path):
+    """A small compressed predictors.npz declared a 4 GB member: it was inflated (RSS) before the
+    checksum rejected it."""
+    import zipfile
+
+    path = tmp_path / "predictors.npz"
+    pset = random_pset(64, 144, 3)
+    pset.predictors[0].bias_gate = None  # a member less, so the bomb below does not add to the count
+    pset.save(path)
+    big = 400 << 20
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("l0.bias_gate2.npy", "w", force_zip64=True) as f:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (big // 4,)}
+            np.lib.format.write_array_header_1_0(f, header)
+            zeros = bytes(1 << 20)
+            for _ in range(big >> 20):
+                f.write(zeros)
+    assert path.stat().st_size < 3 << 20
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(NPZ_BOMB), str(path)], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    verdict, grew_mb = r.stdout.split("\n")[0], int(r.stdout.split("\n")[1])
+    assert verdict == "refused True", r.stdout
+    assert grew_mb < 50, f"peak RSS grew by {grew_mb} MB while refusing the file"

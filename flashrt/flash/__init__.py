@@ -50,5 +50,5 @@ def build_flash_ffn(files, weights, plan: BudgetPlan, mode: str, select: str, sp
     else:
         from ..predictor import PredictorSet
 
-        selector = PredictorSelector(PredictorSet.load(files.path), keep)
+        selector = PredictorSelector(PredictorSet.load(files.path, files.dim, files.n_neurons, files.config["num_hidden_layers"]), keep)
     return FlashFFN(files, spec, plan, mode, selector, window, n_threads)

@@ -156,14 +156,18 @@ class PredictorSet:
 
     @classmethod
     def load(cls, model_dir_or_file, dim=None, n_neurons=None, n_layers=None):
-        """Read and verify predictors.npz; ModelFormatError if missing, corrupt or for another shape."""
+        """Read and verify predictors.npz; ModelFormatError if missing, corrupt or for another shape.
+
+        With the model's dims, no member is inflated whose declared size exceeds what those
+        dims allow (a small compressed file cannot allocate gigabytes), and every layer's
+        shapes are checked."""
         path = _file_path(model_dir_or_file)
         if not path.is_file():
             raise ModelFormatError(f"{path}: no predictors; {REDO}")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                files = dict((name, z[name]) for name in z.files)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zipfile.LargeZipFile) as e:
+            files = _read_npz(path, dim, n_neurons, n_layers)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zipfile.LargeZipFile,
+                NotImplementedError, MemoryError) as e:
             raise ModelFormatError(f"{path}: cannot read the predictors ({type(e).__name__}: {e}); {REDO}") from e
         if "header" not in files:
             raise ModelFormatError(f"{path}: not a flashrt predictors file (no header); {REDO}")
@@ -193,11 +197,64 @@ class PredictorSet:
             if want is not None and int(want) != got:
                 raise ModelFormatError(f"{path}: predictors were fitted for {what}={got}, the model has "
                                        f"{want}; {REDO}")
+        for l, p in enumerate(pset.predictors):  # every layer, not only the first
+            if (p.dim, p.n_neurons) != (pset.dim, pset.n_neurons) or p.rank > min(pset.dim, pset.n_neurons):
+                raise ModelFormatError(
+                    f"{path}: layer {l}'s predictor has A {p.A.shape} and B {p.B.shape}, the model needs "
+                    f"A (r, {pset.dim}) and B ({pset.n_neurons}, r) with r <= {min(pset.dim, pset.n_neurons)}; {REDO}")
         return pset
 
     def __repr__(self):
         ranks = sorted({p.rank for p in self.predictors})
         return f"PredictorSet(kind={self.kind!r}, n_layers={self.n_layers}, ranks={ranks})"
+
+
+HEADER_MAX_BYTES = 16 << 20   # the JSON header (calibration info included)
+_NPY_HEADER_MAX = 1 << 16
+
+
+def _read_npz(path: Path, dim, n_neurons, n_layers) -> dict:
+    """{name: array} of an .npz, refusing members too large for the model before inflating them
+    (their declared size and their .npy shape), and anything but plain numeric arrays."""
+    known = dim is not None and n_neurons is not None
+    if known:
+        d, n = int(dim), int(n_neurons)
+        member_max = 4 * max(d, n) * min(d, n) + _NPY_HEADER_MAX  # float32 (r, d) or (n, r), r <= min(d, n)
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        if n_layers is not None and len(infos) > 4 * int(n_layers) + 1:
+            raise ValueError(f"{len(infos)} members, the model's {n_layers} layers allow at most {4 * int(n_layers) + 1}")
+        for info in infos:
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            cap = HEADER_MAX_BYTES if name == "header" else (member_max if known else None)
+            if cap is not None and info.file_size > cap:
+                raise ValueError(f"member {name!r} declares {info.file_size} bytes, more than the model's "
+                                 f"dims allow ({cap})")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version in ((2, 0), (3, 0)):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"member {name!r}: .npy version {version}")
+                if dtype.hasobject or dtype.kind not in "fiu":
+                    raise ValueError(f"member {name!r} has dtype {dtype}")
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if nbytes > info.file_size or (cap is not None and nbytes > cap):
+                    raise ValueError(f"member {name!r} declares shape {shape} ({nbytes} bytes) in a "
+                                     f"{info.file_size}-byte member")
+                data = bytearray(nbytes)
+                got = 0
+                view = memoryview(data)
+                while got < nbytes:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise EOFError(f"member {name!r} is truncated")
+                    got += k
+                out[name] = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return out
 
 
 def _file_path(model_dir_or_file):
