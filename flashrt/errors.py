@@ -27,3 +27,7 @@ class FlashIOError(FlashrtError, OSError):
 
 class GenerationError(FlashrtError, ValueError):
     """Bad generation input: empty prompt, prompt longer than the context, bad sampling values."""
+
+
+class DiskFullError(FlashrtError, OSError):
+    """Writing a model directory (conversion, calibration) ran out of disk space; names the file."""

@@ -407,3 +407,43 @@ def test_predictors_member_inflating_far_beyond_the_model_dims_is_refused_before
     verdict, grew_mb = r.stdout.split("\n")[0], int(r.stdout.split("\n")[1])
     assert verdict == "refused True", r.stdout
     assert grew_mb < 50, f"peak RSS grew by {grew_mb} MB while refusing the file"
+
+
+# ---------------------------------------------------------------------------- disk full
+
+def run_on_small_tmpfs(mount_dir: Path, size: str, argv: list) -> subprocess.CompletedProcess:
+    """argv with a `size` tmpfs mounted at mount_dir in a private mount namespace (gone when
+    the child exits); skips where mount namespaces are not allowed."""
+    import shlex
+    import shutil
+
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1) here to mount a small file system")
+    mount_dir.mkdir(parents=True, exist_ok=True)
+    cmd = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(mount_dir))} && exec {shlex.join(argv)}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for flags in (["-m"], ["-rm"]):
+        r = subprocess.run(["unshare", *flags, "sh", "-c", cmd], capture_output=True, text=True, timeout=120, env=env)
+        if "mount" not in r.stderr[:300] and "unshare" not in r.stderr[:300]:
+            return r
+    pytest.skip(f"cannot mount a small tmpfs in a mount namespace here: {r.stderr.strip()[:200]}")
+
+
+@pytest.mark.parametrize("size, victim", [("64k", "ffn.bin"), ("400k", "resident.safetensors")])
+def test_disk_full_during_conversion_is_one_line_naming_the_file(hf_src, tmp_path, size, victim):
+    """A full disk gave a SafetensorError traceback for resident.safetensors."""
+    from conftest import byte_tokenizer_json
+
+    (hf_src / "tokenizer.json").write_text(byte_tokenizer_json())
+    mnt = tmp_path / "small"
+    r = run_on_small_tmpfs(mnt, size, [sys.executable, "-m", "flashrt", "convert", str(hf_src), str(mnt / "out"),
+                                       "--dtype", "float32", "--quiet"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"out/{victim}" in lines[0] and "No space left" in lines[0], lines[0]
+    code = ("import sys, os\nfrom flashrt.convert import convert\nfrom flashrt.errors import DiskFullError\n"
+            "try:\n    convert(sys.argv[1], sys.argv[2] + '/out', dtype='float32', progress=False)\n"
+            "except DiskFullError as e:\n    print('DiskFullError', e.errno, os.listdir(sys.argv[2]))\n")
+    r = run_on_small_tmpfs(mnt, size, [sys.executable, "-W", "ignore", "-c", code, str(hf_src), str(mnt)])
+    assert r.stdout.split() == ["DiskFullError", "28", "[]"], (r.stdout, r.stderr[-1500:])  # and nothing left

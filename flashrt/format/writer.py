@@ -14,14 +14,16 @@ model behind.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelFormatError
+from ..errors import DiskFullError, ModelFormatError
 from ..ffn_layout import parts_for
 from .manifest import (
     ALIGNMENT,
@@ -80,6 +82,32 @@ def _inside(a: Path, b: Path) -> bool:
     """a is b or lies under b (symlinks resolved)."""
     a, b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
     return a == b or b in a.parents
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextmanager
+def _writing(path):
+    """A full disk (or quota, or file-size limit) while writing `path` -> one DiskFullError line."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise _disk_full(path, e.errno) from None
+    except Exception as e:  # safetensors reports I/O failures as SafetensorError
+        codes = [n for n in _FULL if f"os error {n})" in str(e)]
+        if type(e).__name__ != "SafetensorError" or not codes:
+            raise
+        raise _disk_full(path, codes[0]) from None
+
+
+def _disk_full(path, err: int) -> DiskFullError:
+    return DiskFullError(err, f"{path}: {os.strerror(err)} while writing the model; free some space "
+                              f"(or choose another output directory) and run again")
 
 
 def _fsync_dir(path) -> None:
@@ -152,7 +180,10 @@ class ModelWriter:
     def abort(self) -> None:
         """Remove the temp dir; nothing is left behind."""
         if not self._ffn_file.closed:
-            self._ffn_file.close()
+            try:
+                self._ffn_file.close()
+            except OSError:  # the unflushed tail hits the same full disk
+                pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._done = True
 
@@ -191,7 +222,8 @@ class ModelWriter:
         self._check_finite(out, bundles, f"FFN layer {layer}")
         self._pad_ffn()
         self._offsets.append(self._ffn_pos)
-        self._write_ffn(memoryview(out).cast("B"))
+        with _writing(self.out_dir / FFN_NAME):
+            self._write_ffn(memoryview(out).cast("B"))
 
     def add_tokenizer(self, tokenizer_json: str, tokenizer_config: dict) -> None:
         """tokenizer.json (HF tokenizers JSON text) and tokenizer_config.json (a dict)."""
@@ -210,15 +242,17 @@ class ModelWriter:
                              f"num_hidden_layers={n_layers}")
         if not self._resident:
             raise ValueError("no resident tensors were added")
-        self._pad_ffn()
-        self._ffn_file.flush()
-        os.fsync(self._ffn_file.fileno())
-        self._ffn_file.close()
+        with _writing(self.out_dir / FFN_NAME):
+            self._pad_ffn()
+            self._ffn_file.flush()
+            os.fsync(self._ffn_file.fileno())
+            self._ffn_file.close()
 
         from safetensors.numpy import save_file
 
-        save_file(self._resident, str(self.tmp_dir / RESIDENT_NAME),
-                  metadata={"format": "flashrt", "dtype": self.dtype.name})
+        with _writing(self.out_dir / RESIDENT_NAME):
+            save_file(self._resident, str(self.tmp_dir / RESIDENT_NAME),
+                      metadata={"format": "flashrt", "dtype": self.dtype.name})
         self._resident = {}
         umask = os.umask(0)
         os.umask(umask)
@@ -226,9 +260,11 @@ class ModelWriter:
         names = [RESIDENT_NAME]
         if self._tokenizer is not None:
             text, cfg = self._tokenizer
-            (self.tmp_dir / TOKENIZER_NAME).write_text(text, encoding="utf-8")
-            (self.tmp_dir / TOKENIZER_CONFIG_NAME).write_text(
-                json.dumps(cfg, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            with _writing(self.out_dir / TOKENIZER_NAME):
+                (self.tmp_dir / TOKENIZER_NAME).write_text(text, encoding="utf-8")
+            with _writing(self.out_dir / TOKENIZER_CONFIG_NAME):
+                (self.tmp_dir / TOKENIZER_CONFIG_NAME).write_text(
+                    json.dumps(cfg, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
             names += [TOKENIZER_NAME, TOKENIZER_CONFIG_NAME]
 
         files = {}
@@ -252,7 +288,7 @@ class ModelWriter:
             created_by=f"flashrt {_version()}",
         )
         manifest.validate(self.tmp_dir / MANIFEST_NAME)
-        with open(self.tmp_dir / MANIFEST_NAME, "w", encoding="utf-8") as f:
+        with _writing(self.out_dir / MANIFEST_NAME), open(self.tmp_dir / MANIFEST_NAME, "w", encoding="utf-8") as f:
             f.write(manifest.to_json())
             f.flush()
             os.fsync(f.fileno())

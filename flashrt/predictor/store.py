@@ -140,8 +140,10 @@ class PredictorSet:
         }
         blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        from ..format.writer import _writing
+
         try:
-            with open(tmp, "wb") as f:
+            with _writing(path), open(tmp, "wb") as f:
                 np.savez(f, header=blob, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
