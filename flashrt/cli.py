@@ -236,6 +236,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("flashrt: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a flashrt bug: still one line, unless asked for the traceback
+        if os.environ.get("FLASHRT_DEBUG") == "1":
+            raise
+        print("flashrt: internal error: " + " ".join(f"{type(e).__name__}: {e}".split())
+              + " (set FLASHRT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 def _error(message: str) -> None:

@@ -447,3 +447,22 @@ def test_disk_full_during_conversion_is_one_line_naming_the_file(hf_src, tmp_pat
             "except DiskFullError as e:\n    print('DiskFullError', e.errno, os.listdir(sys.argv[2]))\n")
     r = run_on_small_tmpfs(mnt, size, [sys.executable, "-W", "ignore", "-c", code, str(hf_src), str(mnt)])
     assert r.stdout.split() == ["DiskFullError", "28", "[]"], (r.stdout, r.stderr[-1500:])  # and nothing left
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+def test_cli_internal_error_is_one_line_and_exit_2(monkeypatch, capsys):
+    from flashrt import cli
+
+    def broken(args):
+        raise KeyError("layer.17\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    monkeypatch.delenv("FLASHRT_DEBUG", raising=False)
+    assert cli.main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("flashrt: internal error: KeyError:"), err
+    assert "layer.17" in err and "FLASHRT_DEBUG=1" in err
+    monkeypatch.setenv("FLASHRT_DEBUG", "1")
+    with pytest.raises(KeyError):  # the traceback, for a bug report
+        cli.main(["info"])
