@@ -466,3 +466,31 @@ def test_cli_internal_error_is_one_line_and_exit_2(monkeypatch, capsys):
     monkeypatch.setenv("FLASHRT_DEBUG", "1")
     with pytest.raises(KeyError):  # the traceback, for a bug report
         cli.main(["info"])
+
+
+# ---------------------------------------------------------------------------- calibrate
+
+def test_calibrate_checks_it_can_write_the_model_dir_before_the_slow_part(llama_dir, tmp_path):
+    """On a read-only model directory calibrate recorded and fitted first, then failed saving."""
+    d = copy_model(llama_dir, tmp_path / "m")
+    before = tree(d)
+    code = ("import sys, importlib\nc = importlib.import_module('flashrt.predictor.calibrate')\n"
+            "from flashrt.errors import FlashrtError\n"
+            "import flashrt.flash.recording as r; r.RecordingFFN = None\n"  # the slow part must not even start
+            "try:\n    c.calibrate(sys.argv[1], n_tokens=64, progress=False)\n"
+            "except FlashrtError as e:\n    print('refused:', e)\n")
+    mnt = str(d)
+    import shlex
+
+    cmd = (f"mount --bind {shlex.quote(mnt)} {shlex.quote(mnt)} && mount -o remount,bind,ro {shlex.quote(mnt)} && "
+           f"exec {shlex.join([sys.executable, '-W', 'ignore', '-c', code, mnt])}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = None
+    for flags in (["-m"], ["-rm"]):
+        r = subprocess.run(["unshare", *flags, "sh", "-c", cmd], capture_output=True, text=True, timeout=120, env=env)
+        if r.stdout or "Traceback" in r.stderr:
+            break
+    else:
+        pytest.skip(f"cannot make a read-only bind mount here: {r.stderr.strip()[:200]}")
+    assert r.stdout.startswith("refused:") and "cannot write the predictors" in r.stdout, (r.stdout, r.stderr[-1500:])
+    assert tree(d) == before

@@ -186,6 +186,28 @@ class CalibrationReport:
 MIN_CALIBRATION_TOKENS = 8
 
 
+def check_writable(model_dir) -> None:
+    """Fail now, not after minutes of recording and fitting, when predictors.npz (and the
+    manifest that records it) cannot be written into model_dir."""
+    import os
+    from pathlib import Path
+
+    probe = Path(model_dir) / f".predictors.npz.probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise FlashrtError(f"{model_dir}: cannot write the predictors there ({e.strerror}); calibrate a "
+                           f"copy in a writable directory (flashrt convert ... OUT) or fix its permissions") from None
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+
+
 def resolve_ranks(rank, gated, n_layers, dim, n_neurons):
     """Per-layer ranks from `rank` (None: default_ranks; an int; a per-layer list), checked:
     a product predictor needs rank >= 2 (gate and up share it), and no rank exceeds min(d, n)."""
@@ -341,6 +363,8 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
         raise FlashrtError(f"calibration needs at least {MIN_CALIBRATION_TOKENS} tokens, got {n_tokens!r}")
     t0 = time.perf_counter()
     files = ModelFiles.open(model_dir)
+    if save:
+        check_writable(files.path)
     arch, config = files.architecture, files.config
     weights = files.load_resident()
     spec = ffn_spec(arch, config, weights)
