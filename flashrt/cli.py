@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 from . import __version__
 from .errors import FlashrtError
@@ -98,7 +99,8 @@ def cmd_info(args) -> int:
             "path": str(files.path),
             "architecture": files.architecture,
             "model_type": files.config.get("model_type"),
-            "dtype": str(files.dtype),
+            "dtype": files.storage,
+            "resident_quantized": dict(sorted(Counter(m.tensor_dtypes.values()).items())),
             "layers": files.config.get("num_hidden_layers"),
             "hidden_size": files.dim,
             "ffn_neurons": files.n_neurons,
@@ -162,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face directory or GGUF file into a flashrt model")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--dtype", choices=["float32", "float16", "q8_0", "q4_0", "q4_1"], default=None,
+                   help="storage type (default: a GGUF's own type, e.g. Q4_1 -> q4_1; float16 for "
+                        "Hugging Face checkpoints)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)

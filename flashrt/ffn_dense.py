@@ -3,11 +3,14 @@
 A layer's bundle matrix is (n_neurons, n_parts * d): row i = [gate_i,] up_i, down_i
 (see the spec's "FFN bundle layout"). One token runs the fused `ffn_rows` kernel over all
 rows; many tokens (prefill) run BLAS over row blocks converted to float32.
+Bundles are float16/float32 arrays, or uint8 rows of quantized blocks (`qtype` q8_0 | q4_0 |
+q4_1: each part of a row is d weights in blocks of 32, see flashrt/quant.py).
 """
 import numpy as np
 
 from flashrt._core import kernels
 from flashrt.linear import _scratch
+from flashrt.quant import BLOCK_BYTES, BLOCK_ELEMS
 from flashrt.threads import default_threads
 
 __all__ = ["DenseFFN", "ffn_blocks", "ACTIVATIONS"]
@@ -39,18 +42,21 @@ def _describe(a):
 class DenseFFN:
     """FFN over all neurons of every layer, bundles resident in DRAM.
 
-    bundles: list over layers of (n_neurons, n_parts * d) float16|float32 C-contiguous
+    bundles: list over layers of (n_neurons, n_parts * d) float16|float32 C-contiguous, or
+             (n_neurons, n_parts * row_bytes(qtype, d)) uint8 for a quantized qtype
     gated: bool, or the parts tuple ("gate", "up", "down") / ("up", "down")
     act: "silu" | "relu" | "gelu" (exact erf gelu). Gated: h = act(gate.x) * (up.x);
          otherwise h = act(up.x + up_bias).
     up_bias: list over layers of (n_neurons,) float32 (or None entries), or None
     down_bias: list over layers of (d,) float32 (or None entries), or None; added once
     n_threads: kernel threads (None: flashrt.threads.default_threads() at each call)
+    qtype: None (float bundles) or "q8_0" | "q4_0" | "q4_1"
 
     `ffn(layer, x (T, d) float32) -> (T, d) float32`: the FFN without residual or norm.
     """
 
-    def __init__(self, bundles, gated, act, up_bias=None, down_bias=None, n_threads=None):
+    def __init__(self, bundles, gated, act, up_bias=None, down_bias=None, n_threads=None,
+                 qtype=None):
         self.gated = _is_gated(gated)
         if act not in ACTIVATIONS:
             raise ValueError(f"DenseFFN: act must be one of {ACTIVATIONS}, got {act!r}")
@@ -60,20 +66,28 @@ class DenseFFN:
         if not bundles:
             raise ValueError("DenseFFN: bundles is empty (one (n, n_parts * d) matrix per layer)")
         first = bundles[0]
+        if qtype is not None and qtype not in BLOCK_BYTES:
+            raise ValueError(f"DenseFFN: qtype must be None or one of {sorted(BLOCK_BYTES)}, got {qtype!r}")
+        dtypes = (np.float16, np.float32) if qtype is None else (np.uint8,)
+        unit = 1 if qtype is None else BLOCK_BYTES[qtype]
         for l, B in enumerate(bundles):
-            if (not isinstance(B, np.ndarray) or B.ndim != 2 or B.dtype not in (np.float16, np.float32)
+            if (not isinstance(B, np.ndarray) or B.ndim != 2 or B.dtype not in dtypes
                     or not B.flags.c_contiguous):
-                raise ValueError(f"DenseFFN: bundles[{l}] must be a C-contiguous 2-D float16 or "
-                                 f"float32 array, got {_describe(B)}")
-            if B.shape[1] % self.n_parts != 0 or B.shape[1] == 0:
+                raise ValueError(f"DenseFFN: bundles[{l}] must be a C-contiguous 2-D "
+                                 f"{' or '.join(np.dtype(t).name for t in dtypes)} array"
+                                 f"{'' if qtype is None else f' of {qtype} blocks'}, got {_describe(B)}")
+            if B.shape[1] % (self.n_parts * unit) != 0 or B.shape[1] == 0:
                 raise ValueError(f"DenseFFN: bundles[{l}] has {B.shape[1]} columns, not a multiple "
-                                 f"of n_parts = {self.n_parts}")
+                                 f"of n_parts = {self.n_parts}"
+                                 f"{'' if qtype is None else f' x {qtype} blocks'}")
             if B.shape[1] != first.shape[1] or B.dtype != first.dtype:
                 raise ValueError(f"DenseFFN: bundles[{l}] is {_describe(B)} but bundles[0] is "
                                  f"{_describe(first)}; every layer needs the same dim and dtype")
         self.bundles = bundles                       # list of (n_neurons, n_parts * d)
         self.n_layers = len(bundles)
-        self.dim = first.shape[1] // self.n_parts
+        self.qtype = qtype
+        self.dim = (first.shape[1] // self.n_parts if qtype is None
+                    else first.shape[1] // (self.n_parts * BLOCK_BYTES[qtype]) * BLOCK_ELEMS)
         self.dtype = first.dtype
         self.up_bias = self._check_biases("up_bias", up_bias, lambda l: bundles[l].shape[0])
         self.down_bias = self._check_biases("down_bias", down_bias, lambda l: self.dim)
@@ -120,7 +134,7 @@ class DenseFFN:
         y = np.empty((T, self.dim), dtype=np.float32)
         if T == 1:
             kernels.ffn_rows(B, x[0], y[0], self.gated, self.act, self.up_bias[layer],
-                             None if h_out is None else h_out[0], n_threads)
+                             None if h_out is None else h_out[0], n_threads, self.qtype)
         elif T > 1:
             self._blocks(layer, x, y, h_out, n_threads)
         if self.down_bias[layer] is not None:
@@ -128,7 +142,8 @@ class DenseFFN:
         return y
 
     def _blocks(self, layer, x, y, h_out, n_threads):
-        ffn_blocks(self.bundles[layer], x, y, self.gated, self.act, self.up_bias[layer], h_out, n_threads)
+        ffn_blocks(self.bundles[layer], x, y, self.gated, self.act, self.up_bias[layer], h_out,
+                   n_threads, self.qtype)
 
     @classmethod
     def from_files(cls, files, weights, n_threads=None):
@@ -137,19 +152,21 @@ class DenseFFN:
 
         spec = ffn_spec(files.architecture, files.config, weights)
         bundles = [files.read_ffn_layer(l) for l in range(files.n_layers)]
-        return cls(bundles, spec.gated, spec.act, spec.up_bias, spec.down_bias, n_threads=n_threads)
+        return cls(bundles, spec.gated, spec.act, spec.up_bias, spec.down_bias, n_threads=n_threads,
+                   qtype=files.qtype)
 
 
-def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None):
+def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None, qtype=None):
     """y (T, d) = FFN of the rows of B (n, n_parts * d) for x (T, d), with float32 BLAS over
-    row blocks (float16 blocks converted into a reused scratch). Overwrites y; h_out (T, n)
-    optionally receives each neuron's h. Shared by dense prefill and the flash stream."""
+    row blocks (float16 or quantized (qtype) blocks converted into a reused scratch).
+    Overwrites y; h_out (T, n) optionally receives each neuron's h. Shared by dense prefill
+    and the flash stream."""
     n_threads = default_threads() if n_threads is None else n_threads
     P = 3 if gated else 2
-    d = B.shape[1] // P
+    d = x.shape[1]
     n = B.shape[0]
     rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, SCRATCH_ELEMS // (P * d)))
-    buf = _scratch(rows * P * d) if B.dtype == np.float16 else None
+    buf = _scratch(rows * P * d) if B.dtype != np.float32 else None
     y[...] = 0.0
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -157,7 +174,7 @@ def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None):
             blk = B[r0:r1]                                           # (b, P * d) float32
         else:
             blk = buf[: (r1 - r0) * P * d].reshape(r1 - r0, P * d)   # (b, P * d) float32
-            kernels.f16_to_f32(B[r0:r1], blk, n_threads)
+            kernels.to_f32(B[r0:r1], blk, qtype, n_threads)
         if gated:
             h = np.matmul(x, blk[:, :d].T)                           # (T, b) gate . x
             kernels.activation_inplace(h, act, n_threads)

@@ -1,15 +1,18 @@
-"""y = x @ W.T (+ bias) for float16 or float32 weights in HF layout (out_features, in_features).
+"""y = x @ W.T (+ bias) for float16, float32 or quantized (QMatrix) weights in HF layout
+(out_features, in_features).
 
-One token (T == 1, decode) runs the GEMV kernel, which converts float16 on the fly.
-Many tokens (T > 1, prefill) run BLAS: float32 weights directly; float16 weights are converted
-block by block (rows of W) into a reused float32 scratch, so the full float32 copy never exists.
-NumPy's own float16 matmul is never used (it is ~100x slower).
+One token (T == 1, decode) runs the GEMV kernel, which converts float16 on the fly and runs
+quantized rows as integer dot products against a per-block int8 copy of x.
+Many tokens (T > 1, prefill) run BLAS: float32 weights directly; float16 and quantized weights
+are converted block by block (rows of W) into a reused float32 scratch, so the full float32
+copy never exists. NumPy's own float16 matmul is never used (it is ~100x slower).
 """
 import threading
 
 import numpy as np
 
 from flashrt._core import kernels
+from flashrt.quant import QMatrix
 from flashrt.threads import default_threads
 
 __all__ = ["linear"]
@@ -37,10 +40,12 @@ def block_rows(in_dim, n_rows):
 
 
 def _check(W, x, bias, out):
-    if (not isinstance(W, np.ndarray) or W.ndim != 2 or W.dtype not in (np.float16, np.float32)
+    if isinstance(W, QMatrix):
+        pass
+    elif (not isinstance(W, np.ndarray) or W.ndim != 2 or W.dtype not in (np.float16, np.float32)
             or not W.flags.c_contiguous):
-        raise ValueError("linear: W must be a C-contiguous 2-D float16 or float32 array "
-                         f"(out_features, in_features), got {_describe(W)}")
+        raise ValueError("linear: W must be a C-contiguous 2-D float16 or float32 array or a "
+                         f"QMatrix (out_features, in_features), got {_describe(W)}")
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim not in (1, 2):
         raise ValueError(f"linear: x must be a float32 array (T, in_features), got {_describe(x)}")
     if x.shape[-1] != W.shape[1]:
@@ -67,7 +72,7 @@ def _describe(a):
 def linear(W, x, bias=None, n_threads=None, out=None):
     """x @ W.T (+ bias).
 
-    W: (out_features, in_features) float16|float32, C-contiguous   # IN
+    W: (out_features, in_features) float16|float32, C-contiguous, or a QMatrix  # IN
     x: (T, in_features) float32 (or (in_features,))                 # IN
     bias: (out_features,) float32 or None                          # IN
     out: (T, out_features) float32 or None (allocated)             # OUT
@@ -82,24 +87,30 @@ def linear(W, x, bias=None, n_threads=None, out=None):
     T = x2.shape[0]
     y = np.empty((T, n_out), dtype=np.float32) if out is None else out.reshape(T, n_out)
 
-    if T == 1:
+    if isinstance(W, QMatrix):
+        if T == 1:
+            kernels.gemv(W.data, x2[0], y[0], n_threads, W.qtype)
+        else:
+            _matmul_blocks(W.data, W.qtype, in_dim, x2, y, n_threads)
+    elif T == 1:
         kernels.gemv(W, x2[0], y[0], n_threads)
     elif W.dtype == np.float32:
         np.matmul(x2, W.T, out=y)
     else:
-        _matmul_f16_blocks(W, x2, y, n_threads)
+        _matmul_blocks(W, None, in_dim, x2, y, n_threads)
     if bias is not None:
         y += bias
     return y[0] if squeeze else y
 
 
-def _matmul_f16_blocks(W, x, y, n_threads):
-    """y (T, n) = x (T, k) @ W.T for float16 W, converting row blocks of W to float32."""
-    n_out, in_dim = W.shape
+def _matmul_blocks(W, qtype, in_dim, x, y, n_threads):
+    """y (T, n) = x (T, k) @ W.T for float16 W (qtype None) or quantized rows W (n, row_bytes),
+    converting row blocks of W to float32."""
+    n_out = W.shape[0]
     rows = block_rows(in_dim, n_out)
     buf = _scratch(rows * in_dim)
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
         blk = buf[: (r1 - r0) * in_dim].reshape(r1 - r0, in_dim)   # (rows, in_dim) float32
-        kernels.f16_to_f32(W[r0:r1], blk, n_threads)
+        kernels.to_f32(W[r0:r1], blk, qtype, n_threads)
         np.matmul(x, blk.T, out=y[:, r0:r1])

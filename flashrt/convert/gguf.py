@@ -4,11 +4,21 @@ Weights are dequantized to float32 with `gguf.quants.dequantize` (llama.cpp's ow
 reference code), GGUF's innermost-first shapes are reversed for NumPy, and llama.cpp's
 rotary row permutation of the Q and K projections is undone, giving exactly the
 tensors (and names) of the Hugging Face checkpoint.
+
+Storage (`dtype`): by default the type matching the GGUF's FFN tensors (Q8_0 -> q8_0,
+Q4_0 -> q4_0, Q4_1 -> q4_1, other 4/5-bit and K-quants -> q4_1 or q8_0, F16 -> float16; see
+flashrt.quant.GGUF_DEFAULT). Tensors whose GGUF blocks flashrt stores as they are -- Q8_0,
+Q4_0, Q4_1 matrices kept row-major: embeddings, attention, the head, and the FFN's gate and
+up rows -- are copied bit for bit (the Q/K permutation moves whole rows). The down
+projection is stored transposed in GGUF (a neuron's column is strided), so it is
+dequantized and requantized along d_model with ggml's reference quantizer; so is anything
+whose GGUF type differs from the storage type.
 """
 from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +26,7 @@ import numpy as np
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..ffn_layout import make_bundles
 from ..format.writer import ModelWriter
+from ..quant import GGUF_DEFAULT, GGUF_EXACT, QMatrix, fits, is_quantized, quantize
 from ..tokenizer import tokenizer_from_gguf
 from .names import GGUF_IGNORED, expected_tensors, gguf_to_hf
 
@@ -161,6 +172,19 @@ def _dequantize(t, f=None) -> np.ndarray:
     return np.asarray(dequantize(t.data if f is None else _tensor_data(f, t), t.tensor_type), dtype=np.float32).reshape(shape)
 
 
+def default_storage(types) -> str:
+    """The storage type for GGUF tensor type names `types` (the FFN's gate/up tensors): the
+    match of the most common one."""
+    common = Counter(types).most_common(1)[0][0]
+    return GGUF_DEFAULT.get(common, "float16")
+
+
+def _blocks(t, f):
+    """A GGUF tensor's rows as its uint8 blocks (rows, row_bytes): the file's bytes (read from f)."""
+    shape = tuple(int(s) for s in reversed(t.shape))
+    return np.asarray(_tensor_data(f, t), dtype=np.uint8).reshape(shape[0], -1)
+
+
 def _progress(iterable, enabled, **kw):
     if not enabled:
         return iterable
@@ -169,10 +193,12 @@ def _progress(iterable, enabled, **kw):
     return tqdm(iterable, **kw)
 
 
-def convert_gguf(src_file, out_dir, dtype="float16", overwrite=False, progress=True, *,
+def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, *,
                  reader=None) -> Path:
     """Convert a llama-architecture GGUF file into a flashrt model directory.
 
+    dtype: the storage type (float16 | float32 | q8_0 | q4_0 | q4_1), or None for the type
+    matching the file's FFN tensors (see the module docstring for what is copied exactly).
     `reader`: an already parsed `gguf.GGUFReader` of `src_file` (parsing takes seconds).
     """
     import gguf
@@ -211,13 +237,49 @@ def convert_gguf(src_file, out_dir, dtype="float16", overwrite=False, progress=T
 
     f = open(src_file, "rb")
 
-    def load(name):
-        w = _dequantize(tensors[name], f)
+    def unpermute(name, w):
         if name.endswith("self_attn.q_proj.weight"):
-            w = unpermute_qk(w, n_head)
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = unpermute_qk(w, n_kv)
+            return unpermute_qk(w, n_head)
+        if name.endswith("self_attn.k_proj.weight"):
+            return unpermute_qk(w, n_kv)
         return w
+
+    def load(name):
+        return unpermute(name, _dequantize(tensors[name], f))
+
+    ffn_types = [tensors[layer[p][0]].tensor_type.name for layer in ffn for p in layer if p != "down"]
+    chosen = dtype is not None
+    storage = dtype if chosen else default_storage(ffn_types)
+    n_exact = 0
+
+    def exact(name, want):
+        """The tensor's GGUF blocks as a QMatrix when they are stored as `want` (or, by default,
+        in any quantized type flashrt holds); else None."""
+        nonlocal n_exact
+        t = tensors[name]
+        have = GGUF_EXACT.get(t.tensor_type.name)
+        if have is None or not is_quantized(have) or (want is not None and have != want):
+            return None
+        n_exact += 1
+        return QMatrix(np.ascontiguousarray(unpermute(name, _blocks(t, f))), have)
+
+    def resident_tensor(name):
+        if is_quantized(storage) and len(tensors[name].shape) == 2:
+            q = exact(name, storage if chosen else None)
+            if q is not None:
+                return q
+        return load(name)
+
+    def ffn_layer(parts):
+        if not is_quantized(storage) or not fits(storage, config["hidden_size"]):
+            return make_bundles(*(load(parts[p][0]) for p in w.parts))
+        blocks = []
+        for p in w.parts:
+            name = parts[p][0]
+            q = exact(name, storage) if p != "down" else None
+            blocks.append(q.data if q is not None else
+                          quantize(load(name).T if p == "down" else load(name), storage))
+        return np.concatenate(blocks, axis=1)          # (n_neurons, n_parts * row_bytes)
 
     tok = None
     if "tokenizer.ggml.model" in reader.fields:
@@ -226,17 +288,18 @@ def convert_gguf(src_file, out_dir, dtype="float16", overwrite=False, progress=T
         warnings.warn(f"{src_file}: no tokenizer metadata; the converted model will have no "
                       f"tokenizer (token ids only)", stacklevel=2)
     source = {"kind": "gguf", "path": str(src_file.absolute()),
-              "quantization": _quantization(reader)}
-    with f, ModelWriter(out_dir, "llama", config, dtype, overwrite=overwrite, source=source) as w:
+              "quantization": _quantization(reader), "storage": storage}
+    with f, ModelWriter(out_dir, "llama", config, storage, overwrite=overwrite, source=source) as w:
         layer_prefix = "model.layers."
         for name in resident:
             if not name.startswith(layer_prefix):
-                w.add_resident(name, load(name))
+                w.add_resident(name, resident_tensor(name))
         for l, parts in enumerate(_progress(ffn, progress, desc="convert", unit="layer")):
             for name in resident:
                 if name.startswith(f"{layer_prefix}{l}."):
-                    w.add_resident(name, load(name))
-            w.add_ffn_layer(l, make_bundles(*(load(parts[p][0]) for p in w.parts)))
+                    w.add_resident(name, resident_tensor(name))
+            w.add_ffn_layer(l, ffn_layer(parts))
+        w.source["tensors_copied_exactly"] = n_exact
         if tok is not None:
             w.add_tokenizer(*tok)
         return w.commit()

@@ -38,7 +38,8 @@ class FlashFFN:
         self.n_layers = int(files.config["num_hidden_layers"])
         self.n_neurons = files.n_neurons
         self.dim = files.dim
-        self.dtype = files.dtype
+        self.dtype = files.dtype             # float16/float32, or uint8 quantized blocks
+        self.qtype = files.qtype             # None, or q8_0 | q4_0 | q4_1 (the kernels' qtype=)
         self.row_bytes = files.ffn_row_bytes
         self.row_elems = self.row_bytes // self.dtype.itemsize
         self.layer_offsets = [files.ffn_layer_offset(l) for l in range(self.n_layers)]
@@ -117,10 +118,11 @@ class FlashFFN:
             self.loader.read_range(base + start * self.row_bytes, chunk)
             bias = None if up_bias is None else up_bias[start:start + m]
             if T == 1:
-                kernels.ffn_rows(chunk, x[0], self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads)
+                kernels.ffn_rows(chunk, x[0], self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads,
+                                 self.qtype)
                 out[0] += self._part
             else:
-                ffn_blocks(chunk, x, part, self.spec.gated, self.spec.act, bias, None, self.n_threads)
+                ffn_blocks(chunk, x, part, self.spec.gated, self.spec.act, bias, None, self.n_threads, self.qtype)
                 out += part
         if self.spec.down_bias is not None:
             out += self.spec.down_bias[layer]
@@ -165,7 +167,7 @@ class FlashFFN:
         if self.spec.up_bias is not None:
             bias = self.spec.up_bias[layer][cache.used_ids()]
         h = None if self.prior is None else self._h[:rows.shape[0]]
-        kernels.ffn_rows(rows, x, self._y, self.spec.gated, self.spec.act_code, bias, h, self.n_threads)
+        kernels.ffn_rows(rows, x, self._y, self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype)
         if h is not None:  # the next token's prior: the true |h| of every neuron now cached
             prior = self.prior[layer]
             prior.fill(-1.0)
@@ -199,7 +201,8 @@ class FlashFFN:
             self.loader.read_rows(self.layer_offsets[layer], self.row_bytes, part_ids, chunk)
             t1 = time.perf_counter_ns()
             bias = None if up_bias is None else up_bias[part_ids]
-            kernels.ffn_rows(chunk, x, self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads)
+            kernels.ffn_rows(chunk, x, self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads,
+                                 self.qtype)
             y += self._part
             ns_io += t1 - t0
             ns_compute += time.perf_counter_ns() - t1

@@ -39,6 +39,7 @@ class OracleSelector:
         self.gated, self.act, self.up_bias = gated, act, up_bias
         self.keep_fraction = keep_fraction
         self.n_threads = n_threads
+        self.qtype = files.qtype
         n, row_elems = files.n_neurons, files.ffn_row_bytes // files.dtype.itemsize
         # read, not memory-mapped: a truncated ffn.bin is a FlashIOError, not a SIGBUS
         self._loader = Loader(str(files.ffn_path), n_threads=4, direct=False)
@@ -51,7 +52,8 @@ class OracleSelector:
         """h (n_neurons,) float32: every neuron's output for input x."""
         bias = None if self.up_bias is None else self.up_bias[layer]
         self._loader.read_range(self._offsets[layer], self._rows)
-        kernels.ffn_rows(self._rows, x, self._y, self.gated, self.act, bias, self._h, self.n_threads)
+        kernels.ffn_rows(self._rows, x, self._y, self.gated, self.act, bias, self._h, self.n_threads,
+                         qtype=self.qtype)
         return self._h
 
     def close(self) -> None:

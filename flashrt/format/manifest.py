@@ -12,19 +12,28 @@ from dataclasses import asdict, dataclass, field
 from ..errors import ModelFormatError
 
 MAGIC = "flashrt-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: storage types (quantized FFN bundles and resident tensors); 1 still reads
 MANIFEST_NAME = "manifest.json"
 RESIDENT_NAME = "resident.safetensors"
 FFN_NAME = "ffn.bin"
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 ALIGNMENT = 4096
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "float32", "q8_0", "q4_0", "q4_1")   # storage types (flashrt/quant.py)
+QUANT_DTYPES = ("q8_0", "q4_0", "q4_1")
 ARCHITECTURES = ("llama", "opt")
 
 HEAD_BYTES = 1 << 20  # head hash covers the first and the last MiB
 _HASH_CHUNK = 8 << 20
 REDO = "re-run `flashrt convert` to rebuild the model directory"
+
+
+def storage_row_bytes(dtype: str, k: int) -> int:
+    """Bytes of k weights stored as `dtype` (quantized: k / 32 blocks; see flashrt/quant.py)."""
+    block = {"q8_0": 34, "q4_0": 18, "q4_1": 20}.get(dtype)
+    if block is not None:
+        return k // 32 * block
+    return k * (2 if dtype == "float16" else 4)
 
 
 def _blake2b():
@@ -70,7 +79,12 @@ def _fail(what: str, path=None):
 
 @dataclass
 class Manifest:
-    """The parsed manifest.json. `ffn`, `files` and `source` are the JSON objects as written."""
+    """The parsed manifest.json. `ffn`, `files` and `source` are the JSON objects as written.
+
+    dtype: the storage type of the FFN bundles and the default of the 2-D resident tensors;
+    tensor_dtypes: {resident tensor name: quantized type} for every resident tensor stored as
+    quantized blocks (uint8 in resident.safetensors), which may differ from dtype (a GGUF's
+    Q8_0 embedding copied bit for bit into a q4_1 model)."""
 
     architecture: str
     config: dict
@@ -81,13 +95,16 @@ class Manifest:
     created_by: str = "flashrt"
     magic: str = MAGIC
     format_version: int = FORMAT_VERSION
+    tensor_dtypes: dict = field(default_factory=dict)
 
     # -- JSON ------------------------------------------------------------------------
     def to_json(self) -> str:
         d = asdict(self)
-        order = ["magic", "format_version", "architecture", "config", "dtype", "ffn",
-                 "files", "source", "created_by"]
+        order = ["magic", "format_version", "architecture", "config", "dtype", "tensor_dtypes",
+                 "ffn", "files", "source", "created_by"]
         d = {k: d[k] for k in order}
+        if not d["tensor_dtypes"]:
+            del d["tensor_dtypes"]      # float models: the manifest older flashrt writes
         d["checksum"] = manifest_checksum(d)
         return json.dumps(d, indent=1) + "\n"
 
@@ -174,10 +191,19 @@ class Manifest:
         ints = ["n_neurons", "dim", "row_bytes", "alignment", "file_bytes"]
         if not all(isinstance(f[k], int) and f[k] > 0 for k in ints):
             _fail(f"ffn fields {ints} must be positive integers", path)
-        itemsize = 2 if self.dtype == "float16" else 4
-        if f["row_bytes"] != len(parts) * f["dim"] * itemsize:
-            _fail(f"ffn row_bytes {f['row_bytes']} != {len(parts)} parts x dim {f['dim']} x "
-                  f"{itemsize} bytes", path)
+        if not isinstance(self.tensor_dtypes, dict) or any(
+                v not in QUANT_DTYPES for v in self.tensor_dtypes.values()):
+            _fail(f"manifest 'tensor_dtypes' must map tensor names to one of "
+                  f"{list(QUANT_DTYPES)}", path)
+        if (self.dtype in QUANT_DTYPES or self.tensor_dtypes) and self.format_version < 2:
+            _fail(f"quantized storage needs format_version 2, the manifest says "
+                  f"{self.format_version}", path)
+        if self.dtype in QUANT_DTYPES and f["dim"] % 32:
+            _fail(f"ffn dim {f['dim']} is not a whole number of {self.dtype} blocks of 32", path)
+        part_bytes = storage_row_bytes(self.dtype, f["dim"])
+        if f["row_bytes"] != len(parts) * part_bytes:
+            _fail(f"ffn row_bytes {f['row_bytes']} != {len(parts)} parts x {part_bytes} bytes "
+                  f"({f['dim']} weights as {self.dtype})", path)
         if f["file"] not in self.files:
             _fail(f"manifest does not list the FFN file {f['file']!r}", path)
         if self.files[f["file"]]["bytes"] != f["file_bytes"]:

@@ -20,6 +20,7 @@ from .manifest import (
     RESIDENT_NAME,
     TOKENIZER_CONFIG_NAME,
     TOKENIZER_NAME,
+    QUANT_DTYPES,
     Manifest,
     full_hash,
     head_hash,
@@ -107,8 +108,19 @@ class ModelFiles:
         return self.manifest.architecture
 
     @property
+    def storage(self) -> str:
+        """The FFN bundles' storage type: float16 | float32 | q8_0 | q4_0 | q4_1."""
+        return self.manifest.dtype
+
+    @property
+    def qtype(self):
+        """The bundles' quantized type, or None for float bundles (the kernels' `qtype=`)."""
+        return self.manifest.dtype if self.manifest.dtype in QUANT_DTYPES else None
+
+    @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.manifest.dtype).newbyteorder("<")
+        """The NumPy dtype of bundle rows: the float type, or uint8 for quantized blocks."""
+        return np.dtype(np.uint8 if self.qtype else self.manifest.dtype).newbyteorder("<")
 
     @property
     def n_layers(self) -> int:
@@ -131,14 +143,15 @@ class ModelFiles:
         return size - 8 - n
 
     def load_resident(self) -> dict:
-        """Every non-FFN tensor, {HF name: array} owned in RAM (2-D model dtype, 1-D float32).
+        """Every non-FFN tensor, {HF name: array} owned in RAM (2-D float16/float32 arrays or
+        QMatrix for the quantized ones the manifest's tensor_dtypes lists, 1-D float32).
 
         Each tensor is read straight into its own array (no whole-file buffer, no mmap), so
         opening a model never holds more than the tensors themselves: the memory budget counts
         on it. The file is safetensors; its header is parsed with the safetensors rules.
         """
         p = self.resident_path
-        dtypes = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+        dtypes = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "U8": np.dtype("u1")}
         try:
             with open(p, "rb") as f:
                 n_header = int.from_bytes(f.read(8), "little")
@@ -166,11 +179,24 @@ class ModelFiles:
             if isinstance(e, ModelFormatError):
                 raise
             raise ModelFormatError(f"{p}: cannot read the resident tensors ({e}); {REDO}") from e
+        from ..quant import QMatrix
+
+        quantized = self.manifest.tensor_dtypes
+        float_2d = np.dtype("<f2") if self.qtype else self.dtype
         for name, a in tensors.items():
-            want = self.dtype if a.ndim >= 2 else np.dtype("<f4")
+            want = (np.dtype("u1") if name in quantized else float_2d) if a.ndim >= 2 else np.dtype("<f4")
             if a.dtype != want:
                 raise ModelFormatError(
                     f"{p}: tensor {name!r} is {a.dtype}, expected {want.name}; {REDO}")
+            if name in quantized:
+                try:
+                    tensors[name] = QMatrix(a, quantized[name])
+                except ValueError as e:
+                    raise ModelFormatError(f"{p}: tensor {name!r}: {e}; {REDO}") from None
+        missing = sorted(set(quantized) - set(tensors))
+        if missing:
+            raise ModelFormatError(f"{p}: the manifest lists quantized tensors {missing} the "
+                                   f"file lacks; {REDO}")
         return tensors
 
     def check_resident(self, weights: dict) -> None:
@@ -242,13 +268,15 @@ class ModelFiles:
         return offsets[layer]
 
     def read_ffn_layer(self, layer: int) -> np.ndarray:
-        """Layer `layer`'s bundles, (n_neurons, n_parts * dim) in the model dtype (plain read)."""
+        """Layer `layer`'s bundles, (n_neurons, n_parts * dim) in the model dtype, or
+        (n_neurons, row_bytes) uint8 blocks for quantized storage (plain read)."""
         offset = self.ffn_layer_offset(layer)
-        count = self.n_neurons * self.ffn_row_elems
+        row_elems = self.ffn_row_bytes // self.dtype.itemsize
+        count = self.n_neurons * row_elems
         a = np.fromfile(self.ffn_path, dtype=self.dtype, count=count, offset=offset)
         if a.size != count:
             raise ModelFormatError(f"{self.ffn_path}: layer {layer} is truncated; {REDO}")
-        return a.reshape(self.n_neurons, self.ffn_row_elems)  # (n_neurons, n_parts * dim)
+        return a.reshape(self.n_neurons, row_elems)  # (n_neurons, n_parts * dim) or row bytes
 
     # -- tokenizer -------------------------------------------------------------------
     @property

@@ -7,6 +7,12 @@
         w.add_tokenizer(tokenizer_json, tokenizer_config)
         w.commit()
 
+`dtype` is a storage type (flashrt/quant.py): float16 | float32, or q8_0 | q4_0 | q4_1, which
+quantizes the FFN bundles (each part in blocks of 32) and every 2-D resident tensor whose rows
+are a whole number of blocks (the others stay float16). A `QMatrix` passed to add_resident
+is stored as is (its own type, bit for bit), and uint8 bundles of the model's type are
+written as they are (a GGUF's blocks).
+
 Everything goes to `<out_dir>.tmp-<pid>` and is renamed into place by `commit()`
 (also called on a clean exit from the `with`); an exception inside the `with`
 removes the temp dir, so an interrupted conversion never leaves a valid-looking
@@ -24,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiskFullError, ModelFormatError
+from ..quant import QMatrix, fits, is_quantized, quantize
 from ..ffn_layout import parts_for
 from .manifest import (
     ALIGNMENT,
@@ -39,6 +46,7 @@ from .manifest import (
     _blake2b,
     head_hash,
     full_hash,
+    storage_row_bytes,
 )
 
 
@@ -131,7 +139,7 @@ class ModelWriter:
                  alignment: int = ALIGNMENT):
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-        dtype = np.dtype(dtype).name
+        dtype = dtype if isinstance(dtype, str) and is_quantized(dtype) else np.dtype(dtype).name
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if alignment <= 0 or alignment & (alignment - 1):
@@ -139,7 +147,12 @@ class ModelWriter:
         self.out_dir = Path(os.path.abspath(out_dir))
         self.architecture = architecture
         self.config = dict(config)
-        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.storage = dtype                       # the storage type's name
+        self.quantized = is_quantized(dtype)
+        # array dtype of bundle rows (uint8 blocks when quantized) and of float resident tensors
+        self.dtype = np.dtype(np.uint8 if self.quantized else dtype).newbyteorder("<")
+        self.float_dtype = np.dtype("<f2") if self.quantized else self.dtype
+        self._tensor_dtypes: dict[str, str] = {}
         self.overwrite = overwrite
         self.source = dict(source or {})
         self.alignment = alignment
@@ -193,15 +206,25 @@ class ModelWriter:
         self._check_open()
         if name in self._resident:
             raise ValueError(f"resident tensor {name!r} added twice")
+        if isinstance(array, QMatrix):                 # already blocks: stored bit for bit
+            self._resident[name] = np.ascontiguousarray(array.data)
+            self._tensor_dtypes[name] = array.qtype
+            return
         array = np.asarray(array)
-        dtype = self.dtype if array.ndim >= 2 else np.dtype("<f4")
+        if self.quantized and array.ndim == 2 and fits(self.storage, array.shape[1]):
+            self._check_finite(array, array, f"resident tensor {name!r}")
+            self._resident[name] = quantize(array, self.storage)
+            self._tensor_dtypes[name] = self.storage
+            return
+        dtype = self.float_dtype if array.ndim >= 2 else np.dtype("<f4")
         with np.errstate(over="ignore"):  # overflow is reported by _check_finite
             out = np.ascontiguousarray(array, dtype=dtype)
         self._check_finite(out, array, f"resident tensor {name!r}")
         self._resident[name] = out
 
     def add_ffn_layer(self, layer: int, bundles) -> None:
-        """Layer `layer`'s bundle matrix (n_neurons, n_parts * dim); layers in order 0, 1, ..."""
+        """Layer `layer`'s bundle matrix (n_neurons, n_parts * dim) of floats, or for a quantized
+        model its rows as uint8 blocks (n_neurons, n_parts * row_bytes); layers in order 0, 1, ..."""
         self._check_open()
         if layer != len(self._offsets):
             raise ValueError(f"FFN layers must be added in order: expected layer "
@@ -212,6 +235,18 @@ class ModelWriter:
             raise ValueError(f"layer {layer}: bundles must be (n_neurons, {n_parts} * dim), "
                              f"got {bundles.shape}")
         n, dim = bundles.shape[0], bundles.shape[1] // n_parts
+        if self.quantized and bundles.dtype == np.uint8:       # blocks already
+            dim = dim // storage_row_bytes(self.storage, 32) * 32
+            if bundles.shape[1] != n_parts * storage_row_bytes(self.storage, dim):
+                raise ValueError(f"layer {layer}: {bundles.shape[1]} bytes per row is not "
+                                 f"{n_parts} parts of {self.storage} blocks")
+        elif self.quantized:
+            if not fits(self.storage, dim):
+                raise ModelFormatError(
+                    f"{self.storage} storage needs the FFN dim (hidden_size) to be a multiple "
+                    f"of 32, this model's is {dim}; convert with --dtype float16")
+            self._check_finite(bundles, bundles, f"FFN layer {layer}")
+            bundles = quantize(bundles.reshape(n, n_parts, dim), self.storage).reshape(n, -1)
         if self._n_neurons is None:
             self._n_neurons, self._dim = n, dim
         elif (n, dim) != (self._n_neurons, self._dim):
@@ -252,7 +287,7 @@ class ModelWriter:
 
         with _writing(self.out_dir / RESIDENT_NAME):
             save_file(self._resident, str(self.tmp_dir / RESIDENT_NAME),
-                      metadata={"format": "flashrt", "dtype": self.dtype.name})
+                      metadata={"format": "flashrt", "dtype": self.storage})
         self._resident = {}
         umask = os.umask(0)
         os.umask(umask)
@@ -278,7 +313,8 @@ class ModelWriter:
         manifest = Manifest(
             architecture=self.architecture,
             config=self.config,
-            dtype=self.dtype.name,
+            dtype=self.storage,
+            tensor_dtypes=dict(self._tensor_dtypes),
             ffn={"file": FFN_NAME, "parts": list(self.parts), "n_neurons": self._n_neurons,
                  "dim": self._dim, "row_bytes": self._n_row_bytes(),
                  "alignment": self.alignment, "layer_offsets": list(self._offsets),
@@ -340,7 +376,7 @@ class ModelWriter:
     def _n_row_bytes(self) -> int:
         if self._dim is None:
             raise ValueError("no FFN layers were added")
-        return len(self.parts) * self._dim * self.dtype.itemsize
+        return len(self.parts) * storage_row_bytes(self.storage, self._dim)
 
     def _write_ffn(self, data) -> None:
         self._ffn_file.write(data)

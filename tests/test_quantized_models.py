@@ -1,0 +1,210 @@
+"""Quantized storage end to end: Hugging Face fixtures and GGUF files converted to q8_0, q4_0
+and q4_1, run dense and from flash.
+
+Oracles: the plain NumPy forward pass (tests/test_models.py) on the weights the converted
+model holds, dequantized: prefill (float32 BLAS over dequantized blocks) must match it to
+float32 rounding, decode (integer dots against a per-block int8 copy of x) within the error
+that int8 activation costs; transformers' float32 logits (the fixtures) within the error
+each storage type is measured to cost on these random tiny models; the dense path for the
+flash path (same quantized weights, every neuron selected: <= 1e-5 on logits); the GGUF
+file's own bytes for what is copied bit for bit, ggml's reference quantizer for what is
+requantized.
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+import flashrt
+from flashrt.convert import convert
+from flashrt.format import ModelFiles
+from flashrt.quant import QMatrix, dequantize, quantize
+
+from conftest import FIXTURES, HF_NAMES
+from test_models import NumpyFFN, load_fixture
+from flashrt.ffn_layout import unbundle
+from flashrt.models import architecture_for, build_model
+from flashrt.models.base import numpy_linear
+
+QTYPES = ["q8_0", "q4_0", "q4_1"]
+# Errors as max |logit - reference| / std(reference logits) over every fixture and position.
+# Against transformers' float32 logits, measured: float16 0.004, q8_0 0.09 (decode 0.12),
+# q4_0 1.22, q4_1 1.51 -- random tiny models (64 dims, unit-variance weights) are a worst
+# case for 4-bit blocks; the bounds leave ~1.3x room and say what each type costs here.
+REL_TOL = {"q8_0": 0.16, "q4_0": 1.6, "q4_1": 2.0}
+# Decode against the NumPy forward on the same dequantized weights: the int8 copy of x
+# (measured <= 0.08 on the fixtures).
+DECODE_REL_TOL = 0.15
+
+
+def expected(name):
+    e = np.load(FIXTURES / "hf" / name / "expected.npz")
+    return e["input_ids"].ravel(), e["logits"].reshape(-1, e["logits"].shape[-1])
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """(name, qtype) -> converted model directory."""
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny checkpoints have no tokenizer
+        for name in HF_NAMES:
+            for q in QTYPES:
+                out[name, q] = convert(FIXTURES / "hf" / name, root / f"{name}-{q}", dtype=q,
+                                       progress=False)
+    return out
+
+
+def dequantized_reference(name, files):
+    """The plain NumPy model (numpy_linear, NumpyFFN) on the weights `files` holds, dequantized."""
+    config, hf, _, _ = load_fixture(name)
+    W = dict(hf)                                           # 1-D tensors (norms, biases) as in HF
+    for k, v in files.load_resident().items():
+        W[k] = v.dequantize() if isinstance(v, QMatrix) else v.astype(np.float32)
+    arch = architecture_for(config)
+    hf_names = {"llama": {"gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+                          "down": "mlp.down_proj.weight"},
+                "opt": {"up": "fc1.weight", "down": "fc2.weight"}}[arch]
+    prefix = "model.layers.{}." if arch == "llama" else "model.decoder.layers.{}."
+    for l in range(files.n_layers):
+        B = files.read_ffn_layer(l)
+        n, P = B.shape[0], len(files.ffn_parts)
+        F = dequantize(B.reshape(n, P, -1), files.qtype).reshape(n, -1)
+        for part, a in unbundle(F, files.ffn_parts).items():
+            W[prefix.format(l) + hf_names[part]] = a
+    return build_model(arch, config, W, NumpyFFN(arch, config, W), numpy_linear)
+
+
+def decode_logits(g, ids):
+    g._reset()
+    return np.stack([g.model.forward(np.array([t], dtype=np.int64), g.kv)[-1] for t in ids])
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_hf_checkpoint_quantizes_on_request(quantized, qtype):
+    m = ModelFiles.open(quantized["llama", qtype])
+    assert m.storage == qtype and m.qtype == qtype and m.dtype == np.uint8
+    assert m.manifest.format_version == 2
+    d, n_parts = m.dim, len(m.ffn_parts)
+    assert m.ffn_row_bytes == n_parts * d // 32 * {"q8_0": 34, "q4_0": 18, "q4_1": 20}[qtype]
+    res = m.load_resident()
+    for name, a in res.items():
+        if a.ndim == 2:
+            assert isinstance(a, QMatrix) and a.qtype == qtype, name
+        else:
+            assert a.dtype == np.float32, name
+    # the stored blocks are ggml's quantization of the checkpoint's weights
+    from safetensors.numpy import load_file
+    src = load_file(FIXTURES / "hf" / "llama" / "model.safetensors")
+    w = src["model.layers.0.self_attn.q_proj.weight"].astype(np.float32)
+    np.testing.assert_array_equal(res["model.layers.0.self_attn.q_proj.weight"].data, quantize(w, qtype))
+    gate = src["model.layers.1.mlp.gate_proj.weight"].astype(np.float32)
+    down = src["model.layers.1.mlp.down_proj.weight"].astype(np.float32)
+    rows = m.read_ffn_layer(1)
+    rb = m.ffn_row_bytes // n_parts
+    np.testing.assert_array_equal(rows[:, :rb], quantize(gate, qtype))
+    np.testing.assert_array_equal(rows[:, 2 * rb:], quantize(down.T, qtype))
+
+
+@pytest.mark.parametrize("name", HF_NAMES)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantized_model_computes_with_the_weights_it_holds(quantized, name, qtype):
+    ids, _ = expected(name)
+    files = ModelFiles.open(quantized[name, qtype])
+    ref_model = dequantized_reference(name, files)
+    ref = ref_model.forward(ids, ref_model.make_cache(len(ids)))
+    with flashrt.Generator(files.path) as g:
+        np.testing.assert_allclose(g.logits(ids), ref, atol=1e-4, rtol=0)     # prefill: float x
+        err = np.abs(decode_logits(g, ids) - ref).max() / ref.std()          # decode: int8 x
+    assert err < DECODE_REL_TOL, f"{name} {qtype}: decode error {err:.4f} x std(logits)"
+
+
+@pytest.mark.parametrize("name", HF_NAMES)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantized_logits_close_to_transformers(quantized, name, qtype):
+    ids, want = expected(name)
+    with flashrt.Generator(quantized[name, qtype]) as g:
+        got = np.concatenate([g.logits(ids), decode_logits(g, ids)])
+    err = np.abs(got - np.concatenate([want, want])).max() / want.std()
+    assert err < REL_TOL[qtype], f"{name} {qtype}: max error {err:.4f} x std(logits)"
+
+
+@pytest.mark.parametrize("name", HF_NAMES)
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("mode", ["flash", "naive"])
+def test_flash_with_every_neuron_equals_dense_quantized(quantized, name, qtype, mode):
+    ids, _ = expected(name)
+    with flashrt.Generator(quantized[name, qtype]) as g:
+        dense = g.logits(ids)
+        dense_decode = decode_logits(g, ids)
+    with flashrt.Generator(quantized[name, qtype], mode=mode,
+                           select="all" if mode == "flash" else None) as g:
+        np.testing.assert_allclose(g.logits(ids), dense, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(decode_logits(g, ids), dense_decode, atol=1e-5, rtol=0)
+
+
+def test_budget_counts_quantized_bytes(quantized):
+    f16 = ModelFiles.open(convert(FIXTURES / "hf" / "llama", quantized["llama", "q4_1"].parent / "l16",
+                                  dtype="float16", progress=False))
+    q4 = ModelFiles.open(quantized["llama", "q4_1"])
+    assert q4.ffn_bytes * 3 < f16.ffn_bytes        # 20 bytes per 32 weights vs 64
+    assert q4.resident_bytes * 2 < f16.resident_bytes
+    with flashrt.Generator(f16.path, mode="flash", select="all") as g:
+        p = g.plan
+        fixed = p.resident_bytes + p.tokenizer_bytes + p.kv_bytes + p.working_bytes + p.predictor_bytes
+    budget = fixed + f16.ffn_bytes // 4            # room for a quarter of the float16 FFN
+    with flashrt.Generator(f16.path, mode="flash", memory_budget=budget, select="all") as g16, \
+         flashrt.Generator(q4.path, mode="flash", memory_budget=budget, select="all") as g4:
+        assert 0 < g16.plan.cache_rows < f16.n_neurons
+        assert g4.plan.cache_rows >= min(q4.n_neurons, 3 * g16.plan.cache_rows)
+
+
+def test_gguf_blocks_are_copied_bit_for_bit_and_down_requantized(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize as gguf_dequantize
+    from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+    from flashrt.convert.gguf import unpermute_qk
+
+    hp, t = tiny_hf_llama(d=64, n_ff=96, heads=4, kv=2, vocab=40)
+    G = gguf.GGMLQuantizationType
+    qtypes = {name: G.Q4_1 for name, a in t.items() if a.ndim == 2}
+    qtypes["model.embed_tokens.weight"] = G.Q8_0
+    write_llama_gguf(tmp_path / "m.gguf", hp, t, qtypes=qtypes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # no tokenizer metadata
+        q = ModelFiles.open(convert(tmp_path / "m.gguf", tmp_path / "q", progress=False))
+        f32 = ModelFiles.open(convert(tmp_path / "m.gguf", tmp_path / "f32", dtype="float32",
+                                      progress=False))
+    assert q.storage == "q4_1"                                   # the file's own type
+    assert q.manifest.source["tensors_copied_exactly"] == 1 + 2 * 6   # embedding, 4 attn + gate/up x 2 layers
+    by = {x.name: x for x in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+
+    def blocks(name):
+        x = by[name]
+        return np.asarray(x.data, np.uint8).reshape(int(x.shape[-1]), -1)
+
+    res = q.load_resident()
+    emb = res["model.embed_tokens.weight"]
+    assert emb.qtype == "q8_0" and np.array_equal(emb.data, blocks("token_embd.weight"))
+    for l in range(2):
+        a = f"model.layers.{l}.self_attn."
+        assert np.array_equal(res[a + "q_proj.weight"].data, unpermute_qk(blocks(f"blk.{l}.attn_q.weight"), 4))
+        assert np.array_equal(res[a + "k_proj.weight"].data, unpermute_qk(blocks(f"blk.{l}.attn_k.weight"), 2))
+        assert np.array_equal(res[a + "o_proj.weight"].data, blocks(f"blk.{l}.attn_output.weight"))
+        rows = q.read_ffn_layer(l)
+        rb = rows.shape[1] // 3
+        assert np.array_equal(rows[:, :rb], blocks(f"blk.{l}.ffn_gate.weight"))
+        assert np.array_equal(rows[:, rb:2 * rb], blocks(f"blk.{l}.ffn_up.weight"))
+        down = gguf_dequantize(by[f"blk.{l}.ffn_down.weight"].data, G.Q4_1).reshape(64, 96)
+        assert np.array_equal(rows[:, 2 * rb:], quantize(down.T, "q4_1"))    # re-blocked along d
+    # copied exactly: the values are the float32 conversion's, bit for bit
+    f32_res = f32.load_resident()
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"):
+        np.testing.assert_array_equal(res[name].dequantize(), f32_res[name])
+    # and the model runs: flash with every neuron equals dense
+    ids = np.arange(1, 12)
+    with flashrt.Generator(q.path) as g:
+        dense = g.logits(ids)
+    with flashrt.Generator(q.path, mode="flash", select="all") as g:
+        np.testing.assert_allclose(g.logits(ids), dense, atol=1e-5, rtol=0)
