@@ -1,11 +1,12 @@
 """Dense path speed on SmolLM2-135M-Instruct beside its peers, same GGUF, same thread count:
-flashrt (float16 weights in DRAM), llama.cpp (llama-cpp-python, Q4_1) and transformers
+flashrt at the GGUF's own storage (q4_1: the file's blocks, see flashrt/convert/gguf.py) and at
+float16, llama.cpp (llama-cpp-python, Q4_1; skipped when not installed) and transformers
 (float32, the GGUF dequantized by its own loader; skipped when torch is not installed).
 
 Prefill: tokens/s over one prompt (greedy, KV cache reset each time).
 Decode:  tokens/s over N greedy tokens after the prompt (the prompt's time excluded).
 Bandwidth: the bytes of weights each decode step touches x tokens/s (the honest ceiling of
-a memory-bound decoder); flashrt touches every resident matrix and the whole FFN in float16.
+a memory-bound decoder); flashrt touches every resident matrix and the whole FFN once.
 Runs are interleaved (a, b, c, a, b, c, ...) and medians reported: this machine is shared.
 
     python bench/bench_dense.py            # ~2-3 minutes
@@ -21,13 +22,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PROSE, fmt_ms, header, md_table, summarize, write_result  # noqa: E402
+from common import PROSE, WORK_DIR, fmt_ms, header, md_table, summarize, write_result  # noqa: E402
 
 
-def flashrt_runner(threads: int):
+def flashrt_runner(threads: int, path=None):
     import flashrt
 
-    g = flashrt.Generator(threads=threads, progress=False)
+    g = flashrt.Generator(path, threads=threads, progress=False)
     files = g.files
     touched = files.resident_bytes + files.ffn_bytes  # every matrix once per token (tied head = embedding)
 
@@ -47,8 +48,21 @@ def flashrt_runner(threads: int):
     return g, prefill, decode, touched
 
 
+def default_storage_model(gguf: str):
+    """The GGUF converted at its own storage type (cached in bench/work)."""
+    from flashrt.convert import convert
+
+    out = WORK_DIR / "smollm2-default-storage"
+    if not (out / "manifest.json").is_file():
+        convert(gguf, out, overwrite=out.exists(), progress=False)
+    return out
+
+
 def llama_cpp_runner(gguf: str, threads: int, n_ctx: int):
-    from llama_cpp import Llama
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
 
     llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx, verbose=False)
 
@@ -119,11 +133,17 @@ def main(argv=None):
                   dict(threads=args.threads, decode_tokens=args.tokens, prompt_tokens=args.prompt_tokens,
                        repeats=args.repeats, gguf=os.path.basename(gguf)))
     runners = {}
+    qpath = default_storage_model(gguf)
+    gq, *rest = flashrt_runner(args.threads, qpath)
+    runners[f"flashrt dense ({gq.files.storage}, the GGUF's blocks)"] = rest
     g, *rest = flashrt_runner(args.threads)
-    runners["flashrt dense (float16)"] = rest
+    runners[f"flashrt dense ({g.files.storage})"] = rest
     ids = (g.tokenizer.encode(PROSE * 8))[: args.prompt_tokens]
-    llm, *rest = llama_cpp_runner(gguf, args.threads, n_ctx=args.prompt_tokens + args.tokens + 8)
-    runners["llama.cpp (Q4_1)"] = rest
+    llama = llama_cpp_runner(gguf, args.threads, n_ctx=args.prompt_tokens + args.tokens + 8)
+    if llama is not None:
+        runners["llama.cpp (Q4_1)"] = llama[1:]
+    else:
+        print("llama-cpp-python is not installed: the llama.cpp row is skipped", flush=True)
     if not args.no_transformers:
         tr = transformers_runner(gguf, args.threads)
         if tr is not None:
@@ -140,12 +160,13 @@ def main(argv=None):
             f"{n}: {r['decode'][-1]:.1f} tok/s" for n, r in results.items()), flush=True)
 
     rows = []
-    ref = summarize(results["llama.cpp (Q4_1)"]["decode"])["median"]
+    ref_name = "llama.cpp (Q4_1)" if "llama.cpp (Q4_1)" in results else f"flashrt dense ({g.files.storage})"
+    ref = summarize(results[ref_name]["decode"])["median"]
     for name, (_, _, touched) in runners.items():
         p, d = summarize(results[name]["prefill"]), summarize(results[name]["decode"])
         rows.append([name, fmt_ms(p), fmt_ms(d), f"{d['median'] / ref:.2f}", f"{touched / 1e6:.0f}",
                      f"{touched * d['median'] / 1e9:.2f}"])
-    table = md_table(["runtime", "prefill tok/s (min-max)", "decode tok/s (min-max)", "decode vs llama.cpp",
+    table = md_table(["runtime", "prefill tok/s (min-max)", "decode tok/s (min-max)", f"decode vs {ref_name}",
                       "weight MB touched / token", "GB/s achieved"], rows)
     print(table)
     write_result("dense_peers.md", text + "\n" + table)

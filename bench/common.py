@@ -201,17 +201,17 @@ def drop_page_cache(paths=()) -> str:
 
 
 # ----------------------------------------------------------------------------- models
-def synthetic_path(shape: str) -> Path:
-    return WORK_DIR / f"synthetic-{shape}"
+def synthetic_path(shape: str, dtype: str = "float16") -> Path:
+    return WORK_DIR / (f"synthetic-{shape}" + ("" if dtype == "float16" else f"-{dtype}"))
 
 
-def ensure_synthetic(shape: str, path=None) -> Path:
-    """The synthetic model of `shape`, generated (bench/make_synthetic.py) if missing."""
-    p = Path(path) if path else synthetic_path(shape)
+def ensure_synthetic(shape: str, path=None, dtype: str = "float16") -> Path:
+    """The synthetic model of `shape` stored as `dtype`, generated (bench/make_synthetic.py) if missing."""
+    p = Path(path) if path else synthetic_path(shape, dtype)
     if not (p / "manifest.json").is_file():
-        print(f"generating the synthetic {shape} model into {p} ...", flush=True)
-        subprocess.run([sys.executable, str(BENCH_DIR / "make_synthetic.py"), str(p), "--shape", shape],
-                       check=True)
+        print(f"generating the synthetic {shape} model ({dtype}) into {p} ...", flush=True)
+        subprocess.run([sys.executable, str(BENCH_DIR / "make_synthetic.py"), str(p), "--shape", shape,
+                        "--dtype", dtype], check=True)
     return p
 
 

@@ -114,7 +114,7 @@ def window_stats(sel, ks=(1, 5)):
     return out
 
 
-def build(out, shape="opt-6.7b", seed=0, overwrite=False, act=None, quiet=False):
+def build(out, shape="opt-6.7b", seed=0, overwrite=False, act=None, quiet=False, dtype="float16"):
     sh = SHAPES[shape]
     a = dict(ACTIVATION, **(act or {}))
     L, d, n, H, V, r = (sh[k] for k in ("n_layers", "dim", "n_neurons", "n_heads", "vocab", "rank"))
@@ -171,7 +171,8 @@ def build(out, shape="opt-6.7b", seed=0, overwrite=False, act=None, quiet=False)
     preds, layer_report = [], []
     margin = None
     dp = "model.decoder."
-    with ModelWriter(out, "opt", config, "float16", overwrite=overwrite, source=source) as w:
+    source["storage"] = dtype        # float16, or a quantized type the writer quantizes to
+    with ModelWriter(out, "opt", config, dtype, overwrite=overwrite, source=source) as w:
         w.add_resident(dp + "embed_tokens.weight", embed)
         w.add_resident(dp + "embed_positions.weight", positions)
         w.add_resident("lm_head.weight", rng.standard_normal((V, d), dtype=np.float32) * HEAD_SCALE)
@@ -249,8 +250,10 @@ def main():
     ap.add_argument("--shape", default="opt-6.7b", choices=sorted(SHAPES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "q8_0", "q4_0", "q4_1"],
+                    help="storage type (quantized: the same weights, quantized by the writer)")
     args = ap.parse_args()
-    build(args.out, args.shape, args.seed, args.overwrite)
+    build(args.out, args.shape, args.seed, args.overwrite, dtype=args.dtype)
 
 
 if __name__ == "__main__":
