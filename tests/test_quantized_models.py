@@ -1,10 +1,10 @@
 """Quantized storage end to end: Hugging Face fixtures and GGUF files converted to q8_0, q4_0
 and q4_1, run dense and from flash.
 
-Oracles: the plain NumPy forward pass (tests/test_models.py) on the weights the converted
-model holds, dequantized: prefill (float32 BLAS over dequantized blocks) must match it to
-float32 rounding, decode (integer dots against a per-block int8 copy of x) within the error
-that int8 activation costs; transformers' float32 logits (the fixtures) within the error
+Oracles: flashrt's float32 path (itself checked against transformers) on a float32 copy of
+the values the converted model holds, dequantized: prefill (float32 BLAS over dequantized
+blocks) must match it to float32 rounding, decode (integer dots against a per-block int8
+copy of x) within the error that int8 activation costs; transformers' float32 logits (the fixtures) within the error
 each storage type is measured to cost on these random tiny models; the dense path for the
 flash path (same quantized weights, every neuron selected: <= 1e-5 on logits); the GGUF
 file's own bytes for what is copied bit for bit, ggml's reference quantizer for what is
@@ -20,11 +20,9 @@ from flashrt.convert import convert
 from flashrt.format import ModelFiles
 from flashrt.quant import QMatrix, dequantize, quantize
 
+from flashrt.format.writer import ModelWriter
+
 from conftest import FIXTURES, HF_NAMES
-from test_models import NumpyFFN, load_fixture
-from flashrt.ffn_layout import unbundle
-from flashrt.models import architecture_for, build_model
-from flashrt.models.base import numpy_linear
 
 QTYPES = ["q8_0", "q4_0", "q4_1"]
 # Errors as max |logit - reference| / std(reference logits) over every fixture and position.
@@ -32,7 +30,7 @@ QTYPES = ["q8_0", "q4_0", "q4_1"]
 # q4_0 1.22, q4_1 1.51 -- random tiny models (64 dims, unit-variance weights) are a worst
 # case for 4-bit blocks; the bounds leave ~1.3x room and say what each type costs here.
 REL_TOL = {"q8_0": 0.16, "q4_0": 1.6, "q4_1": 2.0}
-# Decode against the NumPy forward on the same dequantized weights: the int8 copy of x
+# Decode against the float32 model of the same dequantized weights: the int8 copy of x
 # (measured <= 0.08 on the fixtures).
 DECODE_REL_TOL = 0.15
 
@@ -56,24 +54,18 @@ def quantized(tmp_path_factory):
     return out
 
 
-def dequantized_reference(name, files):
-    """The plain NumPy model (numpy_linear, NumpyFFN) on the weights `files` holds, dequantized."""
-    config, hf, _, _ = load_fixture(name)
-    W = dict(hf)                                           # 1-D tensors (norms, biases) as in HF
-    for k, v in files.load_resident().items():
-        W[k] = v.dequantize() if isinstance(v, QMatrix) else v.astype(np.float32)
-    arch = architecture_for(config)
-    hf_names = {"llama": {"gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
-                          "down": "mlp.down_proj.weight"},
-                "opt": {"up": "fc1.weight", "down": "fc2.weight"}}[arch]
-    prefix = "model.layers.{}." if arch == "llama" else "model.decoder.layers.{}."
-    for l in range(files.n_layers):
-        B = files.read_ffn_layer(l)
-        n, P = B.shape[0], len(files.ffn_parts)
-        F = dequantize(B.reshape(n, P, -1), files.qtype).reshape(n, -1)
-        for part, a in unbundle(F, files.ffn_parts).items():
-            W[prefix.format(l) + hf_names[part]] = a
-    return build_model(arch, config, W, NumpyFFN(arch, config, W), numpy_linear)
+def dequantized_copy(files, out):
+    """A float32 model directory holding exactly the values `files` stores, dequantized: run by
+    flashrt's float32 path (itself checked against transformers), it is the oracle for the
+    quantized paths."""
+    with ModelWriter(out, files.architecture, files.config, "float32") as w:
+        for name, a in files.load_resident().items():
+            w.add_resident(name, a.dequantize() if isinstance(a, QMatrix) else a.astype(np.float32))
+        for l in range(files.n_layers):
+            B = files.read_ffn_layer(l)
+            n, P = B.shape[0], len(files.ffn_parts)
+            w.add_ffn_layer(l, dequantize(B.reshape(n, P, -1), files.qtype).reshape(n, -1))
+    return out
 
 
 def decode_logits(g, ids):
@@ -109,11 +101,11 @@ def test_hf_checkpoint_quantizes_on_request(quantized, qtype):
 
 @pytest.mark.parametrize("name", HF_NAMES)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_quantized_model_computes_with_the_weights_it_holds(quantized, name, qtype):
+def test_quantized_model_computes_with_the_weights_it_holds(quantized, tmp_path, name, qtype):
     ids, _ = expected(name)
     files = ModelFiles.open(quantized[name, qtype])
-    ref_model = dequantized_reference(name, files)
-    ref = ref_model.forward(ids, ref_model.make_cache(len(ids)))
+    with flashrt.Generator(dequantized_copy(files, tmp_path / "f32")) as g:
+        ref = g.logits(ids)
     with flashrt.Generator(files.path) as g:
         np.testing.assert_allclose(g.logits(ids), ref, atol=1e-4, rtol=0)     # prefill: float x
         err = np.abs(decode_logits(g, ids) - ref).max() / ref.std()          # decode: int8 x
