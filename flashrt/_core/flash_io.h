@@ -27,7 +27,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#if defined(__has_include)
+/* io_uring is Linux's: compiled where <linux/io_uring.h> exists (FLASHRT_NO_URING turns it off,
+ * as on macOS); without it frt_ring_new fails with ENOSYS and the loader uses the pread pool. */
+#if defined(__has_include) && !defined(FLASHRT_NO_URING)
 #  if __has_include(<linux/io_uring.h>)
 #    include <linux/io_uring.h>
 #    define FRT_HAVE_URING 1
@@ -35,6 +37,33 @@
 #endif
 #ifndef FRT_HAVE_URING
 #  define FRT_HAVE_URING 0
+#endif
+
+/* O_DIRECT is Linux's. Where it does not exist (macOS) O_DIRECT is a flag of ours that never
+ * reaches the kernel: frt_open opens without it and asks for fcntl(F_NOCACHE) instead (the
+ * page cache bypass macOS has), or fails with EINVAL where neither exists, so the loader falls
+ * back to buffered reads with its warning. The loader opens every file through frt_open. */
+#ifdef O_DIRECT
+#  define FRT_HAVE_O_DIRECT 1
+static inline int frt_open(const char *path, int flags) { return open(path, flags); }
+#else
+#  define FRT_HAVE_O_DIRECT 0
+#  define O_DIRECT 0x40000000
+_Static_assert((O_DIRECT & (O_ACCMODE | O_CLOEXEC)) == 0, "O_DIRECT stand-in collides with open flags");
+static inline int frt_open(const char *path, int flags) {
+    int nocache = (flags & O_DIRECT) != 0;
+    int fd = open(path, flags & ~O_DIRECT);
+    if (fd < 0 || !nocache) return fd;
+#  ifdef F_NOCACHE
+    if (fcntl(fd, F_NOCACHE, 1) == 0) return fd;
+    int err = errno;
+#  else
+    int err = EINVAL;
+#  endif
+    close(fd);
+    errno = err;
+    return -1;
+}
 #endif
 
 /* One read: `len` bytes at file offset `off` into `buf`; at least `need`

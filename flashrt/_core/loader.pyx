@@ -27,7 +27,7 @@ from libc.string cimport memcpy, strerror
 cnp.import_array()
 
 cdef extern from "<fcntl.h>" nogil:
-    int c_open "open"(const char* path, int flags)
+    int c_open "frt_open"(const char* path, int flags)   # open(); F_NOCACHE for O_DIRECT on macOS (flash_io.h)
     int O_RDONLY
     int O_DIRECT
     int O_CLOEXEC
