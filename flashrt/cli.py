@@ -1,4 +1,4 @@
-"""The `flashrt` command: convert | generate | chat | info | perplexity | calibrate.
+"""The `flashrt` command: convert | generate | chat | info | perplexity | calibrate | models.
 
 Every flashrt error becomes one line on stderr and exit code 1 (2 for usage errors).
 """
@@ -156,6 +156,30 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from . import home
+
+    if args.models_command == "rm":
+        if bool(args.names) == bool(args.all):
+            raise FlashrtError("name the models to remove (`flashrt models` lists them), or pass --all")
+        names = [m.name for m in home.list_models()] if args.all else args.names
+        for name in names:
+            print(f"removed {home.remove_model(name)}")
+        if args.all and not names:
+            print(f"no cached models in {home.models_dir()}")
+        return 0
+    models = home.list_models()
+    if args.json:
+        print(json.dumps([dict(vars(m), path=str(m.path)) for m in models], indent=2))
+        return 0
+    print(f"{home.models_dir()}: {len(models)} cached model(s), "
+          f"{home.human_bytes(sum(m.bytes for m in models))}")
+    for m in models:
+        print(f"{m.name}  {home.human_bytes(m.bytes)}  {m.storage}{'  calibrated' if m.calibrated else ''}"
+              f"  from {m.source_kind} {m.source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashrt", description="Run LLMs from flash on the CPU.")
     parser.add_argument("--version", action="version", version=f"flashrt {__version__}")
@@ -215,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("models", help="list the cached conversions (`flashrt models rm NAME|--all` removes them)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models, models_command=None)
+    rm = p.add_subparsers(dest="models_command").add_parser("rm", help="remove cached conversions")
+    rm.add_argument("names", nargs="*", metavar="NAME")
+    rm.add_argument("--all", action="store_true", help="remove every cached conversion")
     return parser
 
 
