@@ -1,6 +1,8 @@
 """Converters into the flashrt model directory: Hugging Face safetensors and GGUF."""
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 from ..errors import ModelFormatError
@@ -41,3 +43,15 @@ def convert_gguf(*args, **kwargs):
     from .gguf import convert_gguf as f
 
     return f(*args, **kwargs)
+
+
+class _CallableModule(types.ModuleType):
+    """`flashrt.convert` is both this package and the function: importing the package binds the
+    name on `flashrt` to the module (the import system does that after the function was bound),
+    so the module itself must be callable for `flashrt.convert(src, out)` to keep working."""
+
+    def __call__(self, src, out, dtype="float16", overwrite=False, progress=True) -> Path:
+        return convert(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
+
+
+sys.modules[__name__].__class__ = _CallableModule
