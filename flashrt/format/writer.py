@@ -358,11 +358,18 @@ class ModelWriter:
                 f"or choose another output path")
 
     def _remove_stale_temp_dirs(self):
-        prefix = f"{self.out_dir.name}.tmp-"
-        for p in self.out_dir.parent.glob(prefix + "*"):
-            pid = p.name[len(prefix):]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+        """Remove the temp dirs of dead processes converting to the same output, and their
+        `.old-PID` dirs: one whose output is missing (killed between the two renames of a
+        replacement) is the previous model, and is put back first."""
+        for kind in ("tmp", "old"):
+            prefix = f"{self.out_dir.name}.{kind}-"
+            for p in self.out_dir.parent.glob(prefix + "*"):
+                pid = p.name[len(prefix):]
+                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    if kind == "old" and not os.path.lexists(self.out_dir):
+                        os.rename(p, self.out_dir)
+                    else:
+                        shutil.rmtree(p, ignore_errors=True)
 
     def _check_finite(self, out, src, what):
         if out.dtype.kind == "f" and not np.isfinite(out).all():
