@@ -67,8 +67,9 @@ def main() -> int:
         out = subprocess.run([sys.executable, "-m", "flashrt", "generate", "Hi", "--model", str(model),
                               "--max-tokens", "4"], capture_output=True, text=True, env=env, cwd=tmp, timeout=120)
         assert out.returncode == 0, out.stderr
-        cli = shutil.which("flashrt")
-        assert cli and Path(cli).parent == Path(sys.executable).parent, f"the flashrt command is not the venv's: {cli}"
+        cli = Path(sys.executable).parent / "flashrt"  # the console script the wheel installed
+        out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == f"flashrt {flashrt.__version__}", (cli, out)
     print(f"smoke: PASS in {time.perf_counter() - t0:.1f} s")
     return 0
 
