@@ -50,8 +50,8 @@ class _CallableModule(types.ModuleType):
     name on `flashrt` to the module (the import system does that after the function was bound),
     so the module itself must be callable for `flashrt.convert(src, out)` to keep working."""
 
-    def __call__(self, src, out, dtype="float16", overwrite=False, progress=True) -> Path:
-        return convert(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
+    def __call__(self, *args, **kwargs) -> Path:
+        return convert(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _CallableModule
