@@ -247,7 +247,7 @@ def smollm2_path(calibrated=True) -> Path:
         tmp = WORK_DIR / f"smollm2-calibrated.tmp-{os.getpid()}"
         shutil.copytree(src, tmp)
         os.rename(tmp, dst)
-    from flashrt.predictor import calibrate
+    from flashrt.calibration import calibrate
 
     print("calibrating SmolLM2 predictors (sparsity 0.5, 2048 self-generated tokens) ...", flush=True)
     calibrate(str(dst), n_tokens=2048, sparsity=0.5, progress=True)
@@ -441,7 +441,7 @@ def runtime_bytes(path, max_context=256) -> int:
 
     import flashrt
     from flashrt.errors import BudgetError
-    from flashrt.flash.budget import MIN_CACHE_SHARE, parse_size
+    from flashrt.budget import MIN_CACHE_SHARE, parse_size
 
     mb = model_bytes(path)
     select = "predictor" if (Path(path) / "predictors.npz").is_file() else "all"
@@ -468,7 +468,7 @@ def budget_for(path, share=0.5, max_context=256) -> tuple[int, str]:
     (resident + FFN), the paper's setting. When that cannot hold the resident tensors plus
     flashrt's own memory (tiny models), the budget is share x the model's bytes *plus* that
     runtime memory. Returns (bytes, note)."""
-    from flashrt.flash.budget import MIN_CACHE_SHARE
+    from flashrt.budget import MIN_CACHE_SHARE
 
     mb = model_bytes(path)
     runtime = runtime_bytes(path, max_context)

@@ -8,7 +8,7 @@ A teacher-forced replica of flash mode, so that a 20-point curve takes minutes r
 the hour the real decode path would: every context chunk runs as one batched dense forward
 pass, and in each layer the FFN output is corrected to what flash mode computes, that is
 with only the neurons in the window (the union of the last `window` selections, all of them
-computed, as in flashrt.flash.ffn) contributing. Because the model is causal this gives the
+computed, as in flashrt.ffn.flash) contributing. Because the model is causal this gives the
 same logits as feeding the tokens one at a time; bench_predictor_quality.py runs the real
 path and agrees to 4 digits on the rows both measure (see bench/results/predictor_quality.md).
 
@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import md_table, perplexity_plot  # noqa: E402
-from flashrt.ffn_dense import DenseFFN  # noqa: E402
+from flashrt.api import model_args  # noqa: E402
+from flashrt.ffn.dense import DenseFFN  # noqa: E402
 from flashrt.format.reader import ModelFiles  # noqa: E402
 from flashrt.linear import linear  # noqa: E402
 from flashrt.models import build_model  # noqa: E402
@@ -113,7 +114,8 @@ def main(argv=None):
 
     files = ModelFiles.open(args.model_dir)
     weights = files.load_resident()
-    dense = DenseFFN.from_files(files, weights, n_threads=1)
+    family, margs = model_args(files)
+    dense = DenseFFN.from_files(files, family.ffn_spec(margs, weights), n_threads=1)
     d = dense.dim
     down = [np.ascontiguousarray(b[:, 2 * d:], dtype=np.float32) for b in dense.bundles]   # (n, d) per layer
     pset = PredictorSet.load(args.model_dir) if "predictor" in args.modes else None

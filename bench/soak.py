@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 
 import flashrt  # noqa: E402
 from flashrt.errors import BudgetError  # noqa: E402
-from flashrt.flash.budget import fmt_bytes, parse_size, plan_budget  # noqa: E402
+from flashrt.api import model_args  # noqa: E402
+from flashrt.budget import fmt_bytes, parse_size, plan_budget  # noqa: E402
 from flashrt.format import ModelFiles  # noqa: E402
 from flashrt.home import resolve_model_path  # noqa: E402
 
@@ -87,7 +88,7 @@ def tight_budget(path: Path, cache_share: float, max_context: int) -> int:
     tokenizer_bytes = max(proc_status()["RssAnon"] - before, 0)
     del tok
     n_ctx = int(files.config.get("max_position_embeddings") or 2048)
-    plan = plan_budget(files, "flash", None, max_context, n_ctx, tokenizer_bytes=tokenizer_bytes)
+    plan = plan_budget(files, model_args(files)[1], "flash", None, max_context, n_ctx, tokenizer_bytes=tokenizer_bytes)
     fixed = plan.total - plan.cache_bytes
     return int(fixed + cache_share * files.ffn_bytes)
 

@@ -10,19 +10,98 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .budget import BudgetPlan, check_dense_budget, plan_budget
 from .errors import FlashrtError, GenerationError, ModelFormatError
+from .ffn.dense import DenseFFN
+from .ffn.flash import FlashFFN
+from .ffn.selection import AllSelector, OracleSelector, PredictorSelector
+from .format.manifest import MANIFEST_NAME
+from .format.reader import ModelFiles
 from .home import resolve_model_path
+from .kv_cache import KVCache
+from .linear import linear
+from .models import family
+from .predictor import PREDICTORS_NAME, PredictorSet
 from .sampling import SamplingParams, sample
 from .threads import blas_single_threaded, default_threads
+from .tokenizer import Tokenizer
 
 MODES = ("dense", "flash", "naive")
+SELECTS = ("all", "oracle", "predictor")
 DEFAULT_MAX_CONTEXT = 2048
+
+
+# ---------------------------------------------------------------------- loading a model
+def model_args(files: ModelFiles):
+    """(family module, ModelArgs) of an opened model directory: its config validated by the
+    family, and the FFN file checked to hold what the config says."""
+    where = files.path / MANIFEST_NAME
+    fam = family(files.architecture)
+    args = fam.ModelArgs.from_dict(files.config, where=str(where))
+    if (args.n_neurons, args.hidden_size) != (files.n_neurons, files.dim):
+        raise ModelFormatError(
+            f"{where}: the FFN holds {files.n_neurons} neurons of dim {files.dim}, the config says "
+            f"{args.n_neurons} of {args.hidden_size}; re-run `flashrt convert` to rebuild the model directory")
+    return fam, args
+
+
+def load_model(files: ModelFiles, make_ffn, n_threads: int | None = None):
+    """The model of an opened directory: resident tensors loaded and checked against the
+    family's table, the FFN that `make_ffn(spec, weights)` builds from the family's FFNSpec.
+    Returns the family's Model (its FFN is `model.ffn`)."""
+    fam, args = model_args(files)
+    weights = files.load_resident()
+    files.check_resident(weights, fam.tensors(args)[0])
+    ffn = make_ffn(fam.ffn_spec(args, weights), weights)
+    lin = lambda W, x, bias=None: linear(W, x, bias, n_threads=n_threads)  # noqa: E731
+    return fam.Model(args, weights, ffn, lin)
+
+
+def predictors_path(files: ModelFiles) -> Path:
+    return files.path / PREDICTORS_NAME
+
+
+def choose_select(files: ModelFiles, select: str | None) -> str:
+    """The selection policy: the caller's, else the predictor when the model has one, else all."""
+    if select is not None:
+        if select not in SELECTS:
+            raise FlashrtError(f"select must be one of {', '.join(SELECTS)}; got {select!r}")
+        if select == "predictor" and not predictors_path(files).is_file():
+            raise FlashrtError(f"{files.path} has no predictors; run `flashrt calibrate --model {files.path}` first")
+        return select
+    if predictors_path(files).is_file():
+        return "predictor"
+    warnings.warn(
+        f"{files.path.name} has no sparsity predictors, so flash mode reads every FFN neuron (select='all'); "
+        f"run `flashrt calibrate --model {files.path}` to read only the neurons each token needs",
+        stacklevel=3,
+    )
+    return "all"
+
+
+def flash_ffn(files: ModelFiles, spec, plan: BudgetPlan, mode: str, select: str, sparsity, window: int,
+              n_threads: int) -> FlashFFN:
+    """The FlashFFN for an opened model, its selector built from `select`."""
+    if not isinstance(window, int) or window < 1:
+        raise FlashrtError(f"window must be a positive integer, got {window!r}")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise FlashrtError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    keep = None if sparsity is None else 1.0 - sparsity
+    if mode == "naive" or select == "all":
+        selector = AllSelector(files.n_neurons)
+    elif select == "oracle":
+        selector = OracleSelector(files, spec.gated, spec.act_code, spec.up_bias, keep if keep is not None else 0.5,
+                                  n_threads)
+    else:
+        selector = PredictorSelector(PredictorSet.load(files.path, files.dim, files.n_neurons, files.n_layers), keep)
+    return FlashFFN(files, spec, plan, mode, selector, window, n_threads)
 
 
 @dataclass
@@ -87,12 +166,6 @@ class Generator:
         max_context: int | None = None,
         progress: bool = True,
     ):
-        from .format.reader import ModelFiles
-        from .kv_cache import KVCache
-        from .linear import linear
-        from .models import build_model
-        from .tokenizer import Tokenizer
-
         if mode not in MODES:
             raise FlashrtError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -113,37 +186,30 @@ class Generator:
             _return_freed_memory()  # the parse's scratch (~31 MB for SmolLM2) is freed: hand it back
             tokenizer_bytes = _tokenizer_bytes(self.files.tokenizer_dir, _rss_bytes() - rss_before)
             n_ctx_model = int(self.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
+            _, args = model_args(self.files)
             self.plan = None
             self.select = None
             if mode == "dense":
                 self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, n_ctx_model)
                 if memory_budget is not None:
-                    from .flash.budget import check_dense_budget
-
-                    check_dense_budget(self.files, memory_budget, self.max_context)
+                    check_dense_budget(self.files, args, memory_budget, self.max_context)
             else:
-                from .flash import choose_select, plan_budget, predictors_path
-
                 self.select = choose_select(self.files, select) if mode == "flash" else "all"
                 pred = predictors_path(self.files)
                 pred_bytes = pred.stat().st_size if self.select == "predictor" else 0
-                self.plan = plan_budget(self.files, mode, memory_budget, max_context, n_ctx_model, pred_bytes,
+                self.plan = plan_budget(self.files, args, mode, memory_budget, max_context, n_ctx_model, pred_bytes,
                                         tokenizer_bytes)
                 self.max_context = self.plan.max_context
-            weights = self.files.load_resident()
-            self.files.check_resident(weights)
-            if mode == "dense":
-                from .ffn_dense import DenseFFN
 
-                self.ffn = DenseFFN.from_files(self.files, weights, n_threads=self.n_threads)
-            else:
-                from .flash import build_flash_ffn
+            def make_ffn(spec, weights):  # held by self at once: close() releases it if the model fails
+                if mode == "dense":
+                    self.ffn = DenseFFN.from_files(self.files, spec, n_threads=self.n_threads)
+                else:
+                    self.ffn = flash_ffn(self.files, spec, self.plan, mode, self.select, sparsity, window,
+                                         self.n_threads)
+                return self.ffn
 
-                self.ffn = build_flash_ffn(self.files, weights, self.plan, mode, self.select, sparsity, window,
-                                           self.n_threads)
-            lin = lambda W, x, bias=None: linear(W, x, bias, n_threads=self.n_threads)  # noqa: E731
-            self.model = build_model(self.files.architecture, self.config, weights, self.ffn, lin)
-            args = self.model.args
+            self.model = load_model(self.files, make_ffn, self.n_threads)
             self.kv = KVCache(args.num_hidden_layers, self.max_context, args.num_key_value_heads, args.head_dim)
         except BaseException as e:
             self.close()

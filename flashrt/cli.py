@@ -143,7 +143,7 @@ def cmd_perplexity(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .home import resolve_model_path
-    from .predictor.calibrate import calibrate
+    from .calibration import calibrate
 
     text = None
     if args.text:

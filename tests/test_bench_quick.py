@@ -56,7 +56,7 @@ def test_predictor_curve_replica_matches_the_real_flash_path(tmp_path, monkeypat
     import flashrt
     from conftest import tiny_model
     from flashrt.perplexity import perplexity
-    from flashrt.predictor import calibrate
+    from flashrt.calibration import calibrate
 
     monkeypatch.syspath_prepend(str(BENCH))
     sys.modules.pop("predictor_curve", None)

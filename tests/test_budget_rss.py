@@ -15,7 +15,7 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import json, re, sys
     import numpy as np
-    import flashrt, flashrt.api, flashrt.flash.ffn, flashrt.tokenizer, flashrt.format.reader, flashrt.models
+    import flashrt, flashrt.api, flashrt.ffn.flash, flashrt.tokenizer, flashrt.format.reader, flashrt.models
     from flashrt.format import ModelFiles
 
     def status(key):

@@ -191,7 +191,7 @@ def test_flash_io_error(tiny):
     """Reads fail under a running `generate` (the loader's fault hook, in the child)."""
     code = """
 import errno, sys
-import flashrt.flash.ffn as F
+import flashrt.ffn.flash as F
 from flashrt._core.loader import Loader
 
 class FailingLoader(Loader):

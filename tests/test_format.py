@@ -11,11 +11,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from flashrt.errors import ModelFormatError
-from flashrt.ffn_layout import (
+from flashrt.ffn.layout import (
     make_bundles,
     make_bundles_relu,
     part_views,
-    parts_for,
     split_bundles,
     unbundle,
 )
@@ -27,6 +26,7 @@ from flashrt.format import (
     OutputExistsError,
     register_file,
 )
+from flashrt.models import parts_for
 
 REPO = Path(__file__).resolve().parents[1]
 

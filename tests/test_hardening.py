@@ -474,9 +474,9 @@ def test_calibrate_checks_it_can_write_the_model_dir_before_the_slow_part(llama_
     """On a read-only model directory calibrate recorded and fitted first, then failed saving."""
     d = copy_model(llama_dir, tmp_path / "m")
     before = tree(d)
-    code = ("import sys, importlib\nc = importlib.import_module('flashrt.predictor.calibrate')\n"
+    code = ("import sys, importlib\nc = importlib.import_module('flashrt.calibration')\n"
             "from flashrt.errors import FlashrtError\n"
-            "import flashrt.flash.recording as r; r.RecordingFFN = None\n"  # the slow part must not even start
+            "import flashrt.calibration as r; r.RecordingFFN = None\n"  # the slow part must not even start
             "try:\n    c.calibrate(sys.argv[1], n_tokens=64, progress=False)\n"
             "except FlashrtError as e:\n    print('refused:', e)\n")
     mnt = str(d)

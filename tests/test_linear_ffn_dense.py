@@ -6,10 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import flashrt.ffn_dense as ffn_dense
+import flashrt.ffn.dense as ffn_dense
 import flashrt.linear as linear_mod
 from flashrt._core import kernels
-from flashrt.ffn_dense import DenseFFN
+from flashrt.ffn.dense import DenseFFN
 from flashrt.linear import linear
 from flashrt.threads import default_threads
 

@@ -115,8 +115,8 @@ def test_float16_kv_cache():
 def test_flashrt_linear_and_dense_ffn():
     """The runtime's own linear + DenseFFN (other modules) reproduce the fixtures too."""
     linear_mod = pytest.importorskip("flashrt.linear")
-    ffn_dense = pytest.importorskip("flashrt.ffn_dense")
-    from flashrt.ffn_layout import make_bundles, make_bundles_relu
+    ffn_dense = pytest.importorskip("flashrt.ffn.dense")
+    from flashrt.ffn.layout import make_bundles, make_bundles_relu
 
     for name in HF_FIXTURES:
         config, weights, ids, expected = load_fixture(name)
@@ -288,7 +288,7 @@ def test_smollm2_from_flashrt_gguf_converter(tmp_path):
     if not hasattr(convert, "convert_gguf"):
         pytest.skip("flashrt.convert.convert_gguf not written yet")
     reader_mod = pytest.importorskip("flashrt.format.reader")
-    from flashrt.ffn_layout import split_bundles
+    from flashrt.ffn.layout import split_bundles
 
     out = tmp_path / "smollm2"
     convert.convert_gguf(smollm2_gguf(), str(out), dtype="float32", progress=False)

@@ -314,7 +314,7 @@ class _FakeDense:
 
 
 def test_recording_ffn_records_inputs_and_outputs():
-    from flashrt.flash.recording import RecordingFFN
+    from flashrt.calibration import RecordingFFN
     rng = np.random.default_rng(11)
     layers = [planted_gated(rng, T=1, d=16, n=24)[2:] for _ in range(2)]
     inner = _FakeDense(layers)
@@ -340,7 +340,7 @@ def test_recording_ffn_records_inputs_and_outputs():
 @pytest.mark.parametrize("name", ["opt", "llama"])
 def test_calibrate_tiny_model(tmp_path, name):
     from flashrt.convert.hf import convert_hf
-    from flashrt.predictor import calibrate
+    from flashrt.calibration import calibrate
     src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", name)
     out = tmp_path / name
     convert_hf(src, out, dtype="float32", progress=False)
@@ -457,7 +457,7 @@ def test_calibrate_tiny_opt_reaches_target_recall_on_held_out_tokens(tmp_path):
     many; the figure is printed, not bounded). Fewer calibration tokens leave the threshold noisy:
     at 2000 tokens recall lands near 0.91-0.93."""
     from flashrt.convert.hf import convert_hf
-    from flashrt.predictor import calibrate
+    from flashrt.calibration import calibrate
     out = tmp_path / "opt"
     convert_hf(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "opt"), out, dtype="float32",
                progress=False)
@@ -474,7 +474,7 @@ def test_smollm2_flash_greedy_text_stays_coherent(smollm2_dir, tmp_path):
     """Calibrated from the model's own samples, flash mode at 50% selected writes text the dense
     model finds about as likely as its own greedy text (the dense model is the judge)."""
     import flashrt
-    from flashrt.predictor import calibrate
+    from flashrt.calibration import calibrate
 
     model = tmp_path / "smollm2"
     model.mkdir()

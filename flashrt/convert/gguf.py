@@ -17,6 +17,7 @@ whose GGUF type differs from the storage type.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -24,14 +25,26 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError, UnsupportedModelError
-from ..ffn_layout import make_bundles
+from ..ffn.layout import bundle
 from ..format.writer import ModelWriter
+from ..models import family
 from ..quant import GGUF_DEFAULT, GGUF_EXACT, QMatrix, fits, is_quantized, quantize
 from ..tokenizer import tokenizer_from_gguf
-from .names import GGUF_IGNORED, expected_tensors, gguf_to_hf
 
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                     "Q4_K", "Q5_K", "Q6_K")
+# GGUF tensors that carry nothing flashrt needs (precomputed rotary tables).
+GGUF_IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd$")
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_to_hf(name: str, names: dict):
+    """The HF name of a GGUF tensor by a family's GGUF_NAMES table, or None when unknown."""
+    m = _BLK.match(name)
+    if m:
+        key = "blk.{}." + m.group(2)
+        return names[key].format(m.group(1)) if key in names else None
+    return names.get(name)
 
 
 # -- llama.cpp's Q/K row permutation ----------------------------------------------------
@@ -214,17 +227,19 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     by_gguf = {t.name: t for t in reader.tensors}
     config = gguf_config(reader, by_gguf)
     config["vocab_size"] = int(by_gguf["token_embd.weight"].shape[1])
+    llama = family("llama")
+    args = llama.ModelArgs.from_dict(config, str(src_file), warn=True)
 
     tensors = {}  # HF name -> GGUF tensor
     for name, t in by_gguf.items():
-        hf = gguf_to_hf(name)
+        hf = gguf_to_hf(name, llama.GGUF_NAMES)
         if hf is None:
             if GGUF_IGNORED.match(name):
                 continue
             raise UnsupportedModelError(f"{src_file}: GGUF tensor {name!r} has no meaning in "
                                         f"flashrt's llama model; this variant is not supported")
         tensors[hf] = t
-    resident, ffn = expected_tensors("llama", config)
+    resident, ffn = llama.tensors(args)
     for name, shape in list(resident.items()) + [nv for layer in ffn for nv in layer.values()]:
         if name not in tensors:
             raise ModelFormatError(f"{src_file}: tensor for {name!r} is missing")
@@ -233,7 +248,7 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
             raise ModelFormatError(f"{src_file}: tensor for {name!r} has shape {got}, the "
                                    f"metadata implies {tuple(shape)}")
 
-    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    n_head, n_kv = args.num_attention_heads, args.num_key_value_heads
 
     f = open(src_file, "rb")
 
@@ -272,7 +287,7 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
 
     def ffn_layer(parts):
         if not is_quantized(storage) or not fits(storage, config["hidden_size"]):
-            return make_bundles(*(load(parts[p][0]) for p in w.parts))
+            return bundle({p: load(parts[p][0]) for p in w.parts}, w.parts)
         blocks = []
         for p in w.parts:
             name = parts[p][0]
@@ -289,7 +304,7 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
                       f"tokenizer (token ids only)", stacklevel=2)
     source = {"kind": "gguf", "path": str(src_file.absolute()),
               "quantization": _quantization(reader), "storage": storage}
-    with f, ModelWriter(out_dir, "llama", config, storage, overwrite=overwrite, source=source) as w:
+    with f, ModelWriter(out_dir, llama.ARCHITECTURE, config, storage, overwrite=overwrite, source=source) as w:
         layer_prefix = "model.layers."
         for name in resident:
             if not name.startswith(layer_prefix):

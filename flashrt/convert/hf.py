@@ -1,12 +1,15 @@
 """Hugging Face safetensors checkpoint -> flashrt model directory.
 
-Supported: model_type llama, mistral, qwen2 (architecture "llama"; SmolLM is llama)
-and opt (architecture "opt", pre-LN, no projections). Anything the forward passes do
-not implement is refused with UnsupportedModelError before a byte is written.
+Any family in flashrt.models (model_type llama, mistral, qwen2, opt; SmolLM is llama):
+the family's ModelArgs.from_dict validates the config, its tensor table says what the
+checkpoint must hold. Anything the forward passes do not implement is refused with
+UnsupportedModelError before a byte is written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,134 +17,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError, UnsupportedModelError
-from ..ffn_layout import make_bundles, make_bundles_relu
+from ..ffn.layout import bundle
 from ..format.writer import ModelWriter
-from .names import HF_IGNORED, embed_name, expected_tensors, normalize_hf_name
+from ..models import family_for
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
-OPT_ACTIVATIONS = ("relu", "gelu")
 _NP_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
-
-
-# -- config ---------------------------------------------------------------------------
-# rope scaling kinds the forward pass implements, and the keys each needs
-ROPE_SCALING = {"linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                           "original_max_position_embeddings")}
-
-
-def _rope(cfg: dict, where: str):
-    """(rope_theta, rope_scaling dict or None) from old (rope_theta/rope_scaling) or new
-    (transformers 5 rope_parameters) config keys. The scaling dict carries "rope_type"."""
-    rp = cfg.get("rope_parameters")
-    scaling = cfg.get("rope_scaling")
-    theta = cfg.get("rope_theta")
-    if isinstance(rp, dict):
-        theta = rp.get("rope_theta", theta)
-        if rp.get("rope_type", rp.get("type", "default")) != "default":
-            scaling = rp
-    if scaling is None:
-        return (10000.0 if theta is None else float(theta)), None
-    if not isinstance(scaling, dict):
-        scaling = {"rope_type": scaling}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return (10000.0 if theta is None else float(theta)), None
-    if kind not in ROPE_SCALING:
-        raise UnsupportedModelError(
-            f"{where}: rope scaling {kind!r} is not supported (flashrt implements plain RoPE "
-            f"and {', '.join(ROPE_SCALING)} scaling)")
-    missing = [k for k in ROPE_SCALING[kind] if scaling.get(k) is None]
-    if missing:
-        raise ModelFormatError(f"{where}: rope scaling {kind!r} lacks {missing}")
-    scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
-    scaling["rope_type"] = kind
-    return (10000.0 if theta is None else float(theta)), scaling
-
-
-def normalize_config(cfg: dict, where="config.json"):
-    """Validate an HF config and fill the defaults the forward passes rely on.
-
-    Returns (architecture, config). Raises UnsupportedModelError for what flashrt lacks.
-    """
-    cfg = dict(cfg)
-    mt = cfg.get("model_type")
-    if mt in LLAMA_TYPES:
-        arch = "llama"
-    elif mt == "opt":
-        arch = "opt"
-    else:
-        raise UnsupportedModelError(
-            f"{where}: model_type {mt!r} is not supported; flashrt converts "
-            f"{', '.join(LLAMA_TYPES)} (SmolLM is llama) and opt")
-    need = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-            "intermediate_size" if arch == "llama" else "ffn_dim"]
-    missing = [k for k in need if cfg.get(k) is None]
-    if missing:
-        raise ModelFormatError(f"{where}: missing required key(s) {missing}")
-    heads = cfg["num_attention_heads"]
-    cfg.setdefault("num_key_value_heads", heads)
-    if cfg["num_key_value_heads"] is None:
-        cfg["num_key_value_heads"] = heads
-    if cfg.get("head_dim") is None:
-        cfg["head_dim"] = cfg["hidden_size"] // heads
-
-    if arch == "llama":
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"{where}: hidden_act {act!r} is not supported for "
-                                        f"{mt} (flashrt implements silu)")
-        if cfg.get("mlp_bias"):
-            raise UnsupportedModelError(f"{where}: mlp_bias=True is not supported")
-        if cfg.get("attention_bias") and mt != "qwen2":
-            raise UnsupportedModelError(f"{where}: attention_bias=True is not supported for {mt}")
-        if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
-            raise ModelFormatError(f"{where}: num_attention_heads is not a multiple of "
-                                   f"num_key_value_heads")
-        cfg["rope_theta"], cfg["rope_scaling"] = _rope(cfg, where)
-        cfg["hidden_act"] = "silu"
-        cfg.setdefault("rms_norm_eps", 1e-6)
-        cfg.setdefault("max_position_embeddings", 2048)
-        cfg.setdefault("tie_word_embeddings", False)
-        cfg.setdefault("attention_bias", False)
-        cfg.setdefault("mlp_bias", False)
-        window = cfg.get("sliding_window")
-        active = window is not None and (mt == "mistral" or cfg.get("use_sliding_window"))
-        if active and window < cfg["max_position_embeddings"]:
-            warnings.warn(
-                f"{where}: sliding_window={window} is ignored; flashrt attends to the whole "
-                f"context (identical results for contexts up to {window} tokens)", stacklevel=3)
-    else:
-        if not cfg.get("do_layer_norm_before", True):
-            raise UnsupportedModelError(f"{where}: OPT with do_layer_norm_before=False "
-                                        f"(e.g. opt-350m) is not supported")
-        wdim = cfg.get("word_embed_proj_dim") or cfg["hidden_size"]
-        if wdim != cfg["hidden_size"]:
-            raise UnsupportedModelError(
-                f"{where}: OPT with project_in/project_out (word_embed_proj_dim={wdim} != "
-                f"hidden_size={cfg['hidden_size']}) is not supported")
-        act = cfg.get("activation_function", "relu")
-        if act not in OPT_ACTIVATIONS:
-            raise UnsupportedModelError(f"{where}: OPT activation_function {act!r} is not "
-                                        f"supported (flashrt implements {OPT_ACTIVATIONS})")
-        if cfg.get("_remove_final_layer_norm"):
-            raise UnsupportedModelError(f"{where}: OPT with _remove_final_layer_norm=True is "
-                                        f"not supported")
-        if not cfg.get("enable_bias", True) or not cfg.get("layer_norm_elementwise_affine", True):
-            raise UnsupportedModelError(f"{where}: OPT without biases or without layer-norm "
-                                        f"affine parameters is not supported")
-        cfg["activation_function"] = act
-        cfg.setdefault("max_position_embeddings", 2048)
-        cfg.setdefault("tie_word_embeddings", True)
-        cfg.setdefault("do_layer_norm_before", True)
-    return arch, cfg
+# Tensors some checkpoints carry that are recomputed at run time.
+HF_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
 # -- tensors --------------------------------------------------------------------------
 class SafetensorsSource:
     """The tensors of one checkpoint (single file or sharded), by normalised HF name."""
 
-    def __init__(self, src_dir: Path, model_type: str, stack: ExitStack):
+    def __init__(self, src_dir: Path, family, stack: ExitStack):
         self.src_dir = src_dir
         self._stack = stack
         single = src_dir / "model.safetensors"
@@ -165,8 +54,9 @@ class SafetensorsSource:
                 raise ModelFormatError(
                     f"{path}: shard listed in model.safetensors.index.json is missing; "
                     f"download the complete checkpoint")
-            for key, (dtype, shape, offset) in _read_header(path).items():
-                self.entries[normalize_hf_name(key, model_type)] = (path, key, dtype, shape, offset)
+            header = _read_header(path)
+            for name, key in family.sanitize({k: k for k in header}).items():  # the family's names
+                self.entries[name] = (path, key, *header[key])
 
     def shape(self, name):
         return tuple(self.entries[name][3])
@@ -329,15 +219,19 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
     if not cfg_path.is_file():
         raise ModelFormatError(f"{src_dir}: no config.json; is this a Hugging Face model "
                                f"directory?")
-    arch, config = normalize_config(_load_json(cfg_path), str(cfg_path))
+    hf_config = _load_json(cfg_path)
+    family = family_for(hf_config, str(cfg_path))
+    args = family.ModelArgs.from_dict(hf_config, str(cfg_path), warn=True)
+    config = args.to_config(hf_config)
     with ExitStack() as stack:
-        src = SafetensorsSource(src_dir, config["model_type"], stack)
-        embed = embed_name(arch)
+        src = SafetensorsSource(src_dir, family, stack)
+        embed = family.EMBED_NAME
         if not config["tie_word_embeddings"] and "lm_head.weight" in src.entries and \
                 embed in src.entries and src.shape(embed) == src.shape("lm_head.weight") and \
                 np.array_equal(src.get(embed), src.get("lm_head.weight")):
             config["tie_word_embeddings"] = True  # an untied head equal to the embedding
-        resident, ffn = expected_tensors(arch, config)
+            args = dataclasses.replace(args, tie_word_embeddings=True)
+        resident, ffn = family.tensors(args)
         for name, shape in list(resident.items()) + [nv for layer in ffn for nv in layer.values()]:
             if name not in src.entries:
                 raise ModelFormatError(f"{src_dir}: tensor {name!r} is missing from the "
@@ -355,14 +249,12 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
 
         source = {"kind": "hf", "path": str(src_dir.absolute()),
                   "model_type": config["model_type"]}
-        with ModelWriter(out_dir, arch, config, dtype, overwrite=overwrite, source=source) as w:
+        with ModelWriter(out_dir, family.ARCHITECTURE, config, dtype, overwrite=overwrite, source=source) as w:
             for name in _progress(list(resident), progress, desc="resident", unit="tensor"):
                 w.add_resident(name, src.get(name))
             for l, parts in enumerate(_progress(ffn, progress, desc="ffn", unit="layer")):
-                arrays = [src.get(parts[p][0]) for p in w.parts]
                 # bundled in the source precision; the writer casts (and checks overflow)
-                bundles = (make_bundles if arch == "llama" else make_bundles_relu)(*arrays)
-                w.add_ffn_layer(l, bundles)
+                w.add_ffn_layer(l, bundle({p: src.get(parts[p][0]) for p in w.parts}, w.parts))
             tok = hf_tokenizer(src_dir, config)
             if tok is not None:
                 w.add_tokenizer(*tok)

@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..errors import ModelFormatError
+from ..models import FAMILIES, parts_for
 
 MAGIC = "flashrt-model"
 FORMAT_VERSION = 2  # 2: storage types (quantized FFN bundles and resident tensors); 1 still reads
@@ -21,7 +22,6 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 ALIGNMENT = 4096
 DTYPES = ("float16", "float32", "q8_0", "q4_0", "q4_1")   # storage types (flashrt/quant.py)
 QUANT_DTYPES = ("q8_0", "q4_0", "q4_1")
-ARCHITECTURES = ("llama", "opt")
 
 HEAD_BYTES = 1 << 20  # head hash covers the first and the last MiB
 _HASH_CHUNK = 8 << 20
@@ -158,9 +158,9 @@ class Manifest:
     # -- checks ----------------------------------------------------------------------
     def validate(self, path=None) -> None:
         """Internal consistency (no file access). ModelFormatError on anything wrong."""
-        if self.architecture not in ARCHITECTURES:
+        if self.architecture not in FAMILIES:
             _fail(f"unknown architecture {self.architecture!r} (expected one of "
-                  f"{list(ARCHITECTURES)})", path)
+                  f"{sorted(FAMILIES)})", path)
         if self.dtype not in DTYPES:
             _fail(f"unknown dtype {self.dtype!r} (expected one of {list(DTYPES)})", path)
         if not isinstance(self.config, dict) or not isinstance(self.files, dict):
@@ -182,8 +182,6 @@ class Manifest:
         missing = [k for k in need if k not in f]
         if missing:
             _fail(f"manifest 'ffn' lacks field(s) {missing}", path)
-        from ..ffn_layout import parts_for  # no cycle: ffn_layout imports only numpy
-
         parts = tuple(f["parts"])
         if parts != parts_for(self.architecture):
             _fail(f"ffn parts {list(parts)} do not match architecture "

@@ -199,22 +199,10 @@ class ModelFiles:
                                    f"file lacks; {REDO}")
         return tensors
 
-    def check_resident(self, weights: dict) -> None:
-        """ModelFormatError unless `weights` holds every tensor the config implies, with
-        the shape it implies (a manifest config that disagrees with the files)."""
-        from ..convert.names import expected_tensors
-
+    def check_resident(self, weights: dict, expected: dict) -> None:
+        """ModelFormatError unless `weights` holds every tensor of `expected` {name: shape}
+        (the family's table for the manifest's config) with that shape."""
         p = self.resident_path
-        try:
-            expected, _ = expected_tensors(self.architecture, self.config)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelFormatError(f"{self.path / MANIFEST_NAME}: the config is incomplete or "
-                                   f"malformed ({type(e).__name__}: {e}); {REDO}") from None
-        n_ff = self.config.get("intermediate_size" if self.architecture == "llama" else "ffn_dim")
-        if (n_ff, self.config.get("hidden_size")) != (self.n_neurons, self.dim):
-            raise ModelFormatError(
-                f"{self.path / MANIFEST_NAME}: the FFN holds {self.n_neurons} neurons of dim {self.dim}, "
-                f"the config says {n_ff} of {self.config.get('hidden_size')}; {REDO}")
         for name, shape in expected.items():
             if name not in weights:
                 raise ModelFormatError(f"{p}: tensor {name!r} is missing; {REDO}")

@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiskFullError, ModelFormatError
+from ..models import FAMILIES, parts_for
 from ..quant import QMatrix, fits, is_quantized, quantize
-from ..ffn_layout import parts_for
 from .manifest import (
     ALIGNMENT,
-    ARCHITECTURES,
     DTYPES,
     FFN_NAME,
     MAGIC,
@@ -137,8 +136,8 @@ class ModelWriter:
     def __init__(self, out_dir, architecture: str, config: dict, dtype="float16",
                  overwrite: bool = False, source: dict | None = None,
                  alignment: int = ALIGNMENT):
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        if architecture not in FAMILIES:
+            raise ValueError(f"architecture must be one of {sorted(FAMILIES)}, got {architecture!r}")
         dtype = dtype if isinstance(dtype, str) and is_quantized(dtype) else np.dtype(dtype).name
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")

@@ -1,25 +1,13 @@
-"""Pieces shared by the forward passes: the FFN and linear interfaces, norms,
-softmax, rotary tables and attention over the KV cache. Pure NumPy, float32.
+"""Pieces shared by the forward passes: the linear interface, norms, softmax, the
+rotary config and tables, and attention over the KV cache. Pure NumPy, float32.
 """
 
 import math
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
-from flashrt.errors import GenerationError, UnsupportedModelError
-
-
-class FFN(Protocol):
-    """The feed-forward block of one layer, without the norm before it or the residual.
-
-    Dense (all rows in DRAM) or on flash (predicted rows through the neuron cache):
-    the model cannot tell. Biases (OPT's fc1/fc2) are the FFN's business.
-    """
-
-    def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """x (T, d) float32 -> (T, d) float32."""
-        ...
+from flashrt.errors import GenerationError, ModelFormatError, UnsupportedModelError
 
 
 # linear(W (out, in) float16|float32, x (T, in) float32, bias (out,) float32 | None) -> (T, out) float32
@@ -67,7 +55,60 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+def weight_getter(weights, checkpoint):
+    """get(name, float32=False, optional=False) over a {HF name: array} dict: the array (as
+    float32 for norms and biases), None for an absent optional one, else ModelFormatError
+    naming the tensor and `checkpoint` (e.g. "a llama checkpoint")."""
+
+    def get(name, float32=False, optional=False):
+        if name not in weights:
+            if optional:
+                return None
+            raise ModelFormatError(f"weights are missing {name!r} ({checkpoint} has it)")
+        a = weights[name]
+        return np.asarray(a, dtype=np.float32) if float32 else a
+
+    return get
+
+
 # --------------------------------------------------------------------------- rotary embeddings
+
+# rope scaling kinds the forward pass implements, and the keys each needs
+ROPE_SCALING = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings")}
+
+
+def rope_config(cfg: dict, where: str = "config"):
+    """(rope_theta, rope_scaling dict or None) from old (rope_theta/rope_scaling) or new
+    (transformers 5 rope_parameters) config keys. The scaling dict carries "rope_type".
+    UnsupportedModelError for a kind the forward pass lacks, ModelFormatError for missing keys."""
+    rp = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    theta = cfg.get("rope_theta")
+    if isinstance(rp, dict):
+        theta = rp.get("rope_theta", theta)
+        if rp.get("rope_type", rp.get("type", "default")) != "default":
+            scaling = rp
+    theta = 10000.0 if theta is None else float(theta)
+    if scaling is None:
+        return theta, None
+    if not isinstance(scaling, dict):
+        scaling = {"rope_type": scaling}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALING:
+        raise UnsupportedModelError(
+            f"{where}: rope scaling {kind!r} is not supported (flashrt implements plain RoPE "
+            f"and {', '.join(ROPE_SCALING)} scaling)")
+    missing = [k for k in ROPE_SCALING[kind] if scaling.get(k) is None]
+    if missing:
+        raise ModelFormatError(f"{where}: rope scaling {kind!r} lacks {missing}")
+    scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
+    scaling["rope_type"] = kind
+    return theta, scaling
+
 
 def rope_inv_freq(head_dim, theta, scaling=None):
     """Inverse frequencies (head_dim/2,) float64, as HF's rope init for rope_type

@@ -1,20 +1,36 @@
-"""The Llama family forward pass (model_type llama, mistral, qwen2; SmolLM is llama).
+"""The Llama family (model_type llama, mistral, qwen2; SmolLM is llama): everything
+flashrt knows about it.
 
-RMSNorm -> attention (RoPE, GQA, optional q/k/v biases) -> residual ->
-RMSNorm -> FFN (the injected interface, gated SiLU) -> residual; final RMSNorm; head.
-Weights use Hugging Face state-dict names and layouts.
+    ModelArgs.from_dict   the one validator of a config (converters and the runtime call it)
+    tensors(args)         the tensor-name table: resident tensors and FFN parts, with shapes
+    GGUF_NAMES            llama.cpp's tensor names -> Hugging Face's
+    sanitize(weights)     drop tensors the forward pass does not use
+    ffn_spec(args, w)     the FFN's kind (gated SiLU, no biases); FFN_PARTS its bundle parts
+    Model                 the forward pass
+
+RMSNorm -> attention (RoPE, GQA, optional q/k/v biases, optional sliding window) ->
+residual -> RMSNorm -> FFN (the injected interface, gated SiLU) -> residual; final
+RMSNorm; head. Weights use Hugging Face state-dict names and layouts.
 """
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from flashrt.errors import ModelFormatError, UnsupportedModelError
+from flashrt.ffn.base import FFNSpec
+from flashrt.ffn.layout import GATED_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import Rope, attention, embed, rms_norm, rope_inv_freq
+from flashrt.models.base import Rope, attention, embed, rms_norm, rope_config, weight_getter
 
+ARCHITECTURE = "llama"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+FFN_PARTS = GATED_PARTS
+EMBED_NAME = "model.embed_tokens.weight"
+ACTIVATIONS = ("silu",)
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 
 
 @dataclass
@@ -38,69 +54,133 @@ class ModelArgs:
     extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, config):
-        """Keep the HF config.json keys this family uses (transformers 4 or 5 spellings)."""
+    def from_dict(cls, config, where="config", warn=False):
+        """Keep the HF config.json keys this family uses (transformers 4 or 5 spellings);
+        UnsupportedModelError for what flashrt does not implement, ModelFormatError for a
+        config that cannot work. warn: say what the options mean at run time (converters)."""
         model_type = config.get("model_type", "llama")
         if model_type not in MODEL_TYPES:
             raise UnsupportedModelError(
-                f"model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)})"
-            )
-        try:
-            hidden = int(config["hidden_size"])
-            n_heads = int(config["num_attention_heads"])
-            args = dict(
-                model_type=model_type,
-                hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=n_heads,
-                num_key_value_heads=int(config.get("num_key_value_heads") or n_heads),
-                vocab_size=int(config["vocab_size"]),
-                head_dim=int(config.get("head_dim") or hidden // n_heads),
-            )
-        except KeyError as e:
-            raise ModelFormatError(f"config is missing {e.args[0]!r} (a {model_type} config needs it)") from None
-        # transformers >= 5 nests rope_theta and the scaling into rope_parameters.
-        rope = dict(config.get("rope_parameters") or {})
-        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+                f"{where}: model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)})")
+        missing = [k for k in REQUIRED if config.get(k) is None]
+        if missing:
+            raise ModelFormatError(f"{where}: missing required key(s) {missing} (a {model_type} config needs them)")
+        hidden_act = config.get("hidden_act", "silu")
+        if hidden_act not in ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"{where}: hidden_act {hidden_act!r} is not supported for {model_type} (flashrt implements silu)")
+        if config.get("mlp_bias"):
+            raise UnsupportedModelError(f"{where}: mlp_bias=True is not supported")
+        if config.get("attention_bias") and model_type != "qwen2":
+            raise UnsupportedModelError(f"{where}: attention_bias=True is not supported for {model_type}")
+        hidden = int(config["hidden_size"])
+        n_heads = int(config["num_attention_heads"])
+        n_kv_heads = int(config.get("num_key_value_heads") or n_heads)
+        if n_heads % n_kv_heads:
+            raise ModelFormatError(
+                f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+        rope_theta, scaling = rope_config(config, where)
+        max_pos = int(config.get("max_position_embeddings", 2048))
         window = config.get("sliding_window")
         if model_type == "qwen2" and not config.get("use_sliding_window", False):
             window = None
-        if window is not None and window >= int(config.get("max_position_embeddings", 2048)):
+        if window is not None and window >= max_pos:
             window = None
-        hidden_act = config.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise UnsupportedModelError(f"hidden_act {hidden_act!r} is not supported (Llama family needs 'silu')")
-        args.update(
+        if warn and window is not None:
+            warnings.warn(f"{where}: sliding_window={window}: each token attends to the last {window} "
+                          f"positions only, as {model_type} does", stacklevel=3)
+        return cls(
+            model_type=model_type,
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads,
+            vocab_size=int(config["vocab_size"]),
+            head_dim=int(config.get("head_dim") or hidden // n_heads),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(config.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
             sliding_window=None if window is None else int(window),
             hidden_act=hidden_act,
         )
-        if args["num_attention_heads"] % args["num_key_value_heads"]:
-            raise ModelFormatError(
-                f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
-                f"{args['num_key_value_heads']}"
-            )
-        rope_inv_freq(args["head_dim"], args["rope_theta"], scaling)  # refuses unknown rope types
-        return cls(**args)
+
+    def to_config(self, config):
+        """The config a converter writes into the manifest: the HF config with the keys the
+        runtime relies on filled in (rope normalised)."""
+        cfg = dict(config)
+        cfg["num_key_value_heads"] = self.num_key_value_heads
+        cfg["head_dim"] = self.head_dim
+        cfg["rope_theta"], cfg["rope_scaling"] = self.rope_theta, self.rope_scaling
+        cfg["hidden_act"] = self.hidden_act
+        cfg.setdefault("rms_norm_eps", 1e-6)
+        cfg.setdefault("max_position_embeddings", 2048)
+        cfg.setdefault("tie_word_embeddings", False)
+        cfg.setdefault("attention_bias", False)
+        cfg.setdefault("mlp_bias", False)
+        return cfg
 
     @property
     def n_neurons(self):
         return self.intermediate_size
 
-    @property
-    def ffn_activation(self):
-        return "silu"
+
+def tensors(args):
+    """The tensor-name table: (resident {HF name: shape}, ffn [per layer {part: (HF name, shape)}])."""
+    d, n_ff, hd = args.hidden_size, args.intermediate_size, args.head_dim
+    q_dim = args.num_attention_heads * hd
+    kv_dim = args.num_key_value_heads * hd
+    qkv_bias = args.model_type == "qwen2"
+    resident = {EMBED_NAME: (args.vocab_size, d), "model.norm.weight": (d,)}
+    if not args.tie_word_embeddings:
+        resident["lm_head.weight"] = (args.vocab_size, d)
+    ffn = []
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        resident[p + "input_layernorm.weight"] = (d,)
+        resident[p + "post_attention_layernorm.weight"] = (d,)
+        resident[p + "self_attn.q_proj.weight"] = (q_dim, d)
+        resident[p + "self_attn.k_proj.weight"] = (kv_dim, d)
+        resident[p + "self_attn.v_proj.weight"] = (kv_dim, d)
+        resident[p + "self_attn.o_proj.weight"] = (d, q_dim)
+        if qkv_bias:
+            resident[p + "self_attn.q_proj.bias"] = (q_dim,)
+            resident[p + "self_attn.k_proj.bias"] = (kv_dim,)
+            resident[p + "self_attn.v_proj.bias"] = (kv_dim,)
+        ffn.append({"gate": (p + "mlp.gate_proj.weight", (n_ff, d)),
+                    "up": (p + "mlp.up_proj.weight", (n_ff, d)),
+                    "down": (p + "mlp.down_proj.weight", (d, n_ff))})
+    return resident, ffn
+
+
+# llama.cpp (GGUF) tensor names -> Hugging Face ("{}" is the layer)
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
 
 
 def sanitize(weights):
-    """Drop tensors the forward pass does not use (rotary buffers, a head duplicating a tied embedding)."""
+    """Drop tensors the forward pass does not use (rotary buffers)."""
     return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def ffn_spec(args, weights):
+    """A gated SiLU FFN without biases."""
+    return FFNSpec(gated=True, act=args.hidden_act, up_bias=None, down_bias=None)
 
 
 @dataclass
@@ -124,15 +204,7 @@ class Model:
         self.args = args
         self.ffn = ffn
         self.linear = linear
-        w = sanitize(weights)
-
-        def get(name, float32=False, optional=False):
-            if name not in w:
-                if optional:
-                    return None
-                raise ModelFormatError(f"weights are missing {name!r} (a {args.model_type} checkpoint has it)")
-            a = w[name]
-            return np.asarray(a, dtype=np.float32) if float32 else a
+        get = weight_getter(sanitize(weights), f"a {args.model_type} checkpoint")
 
         self.embed_tokens = get("model.embed_tokens.weight")  # (vocab, d) float16|float32
         self.norm = get("model.norm.weight", float32=True)     # (d,) float32

@@ -1,4 +1,10 @@
-"""The OPT forward pass (pre-LayerNorm variants: do_layer_norm_before=True).
+"""OPT (pre-LayerNorm variants: do_layer_norm_before=True): everything flashrt knows about it.
+
+    ModelArgs.from_dict   the one validator of a config (converters and the runtime call it)
+    tensors(args)         the tensor-name table: resident tensors and FFN parts, with shapes
+    sanitize(weights)     HF names normalised to `model.decoder....`
+    ffn_spec(args, w)     the FFN's kind (ReLU or GELU, fc1/fc2 biases); FFN_PARTS its bundle parts
+    Model                 the forward pass
 
 token + learned position embeddings (offset 2) -> per layer: LayerNorm -> attention
 (biases, q scaled by head_dim**-0.5) -> residual -> LayerNorm -> FFN (the injected
@@ -10,12 +16,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashrt.errors import GenerationError, ModelFormatError, UnsupportedModelError
+from flashrt.ffn.base import FFNSpec
+from flashrt.ffn.layout import RELU_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import attention, embed, layer_norm
+from flashrt.models.base import attention, embed, layer_norm, weight_getter
 
+ARCHITECTURE = "opt"
+MODEL_TYPES = ("opt",)
+FFN_PARTS = RELU_PARTS
+EMBED_NAME = "model.decoder.embed_tokens.weight"
+GGUF_NAMES = None  # flashrt converts OPT from Hugging Face checkpoints only
 POSITION_OFFSET = 2  # HF OPTLearnedPositionalEmbedding
 LAYER_NORM_EPS = 1e-5
 ACTIVATIONS = ("relu", "gelu")
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "ffn_dim")
 
 
 @dataclass
@@ -31,38 +45,58 @@ class ModelArgs:
     model_type: str = "opt"
 
     @classmethod
-    def from_dict(cls, config):
+    def from_dict(cls, config, where="config", warn=False):
+        """Keep the HF config.json keys OPT uses; UnsupportedModelError for the variants
+        flashrt does not implement, ModelFormatError for a config that cannot work."""
         if config.get("model_type", "opt") != "opt":
-            raise UnsupportedModelError(f"model_type {config.get('model_type')!r} is not OPT")
-        try:
-            hidden = int(config["hidden_size"])
-            args = cls(
-                hidden_size=hidden,
-                ffn_dim=int(config["ffn_dim"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                vocab_size=int(config["vocab_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-                activation_function=config.get("activation_function", "relu"),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-            )
-        except KeyError as e:
-            raise ModelFormatError(f"config is missing {e.args[0]!r} (an OPT config needs it)") from None
+            raise UnsupportedModelError(f"{where}: model_type {config.get('model_type')!r} is not OPT")
+        missing = [k for k in REQUIRED if config.get(k) is None]
+        if missing:
+            raise ModelFormatError(f"{where}: missing required key(s) {missing} (an OPT config needs them)")
+        hidden = int(config["hidden_size"])
         if not config.get("do_layer_norm_before", True):
             raise UnsupportedModelError(
-                "OPT with do_layer_norm_before=False (post-LN, e.g. opt-350m) is not supported"
-            )
-        if int(config.get("word_embed_proj_dim", hidden)) != hidden:
+                f"{where}: OPT with do_layer_norm_before=False (post-LN, e.g. opt-350m) is not supported")
+        wdim = int(config.get("word_embed_proj_dim") or hidden)
+        if wdim != hidden:
             raise UnsupportedModelError(
-                "OPT with word_embed_proj_dim != hidden_size (project_in/project_out) is not supported"
-            )
+                f"{where}: OPT with project_in/project_out (word_embed_proj_dim={wdim} != "
+                f"hidden_size={hidden}) is not supported")
+        if config.get("_remove_final_layer_norm"):
+            raise UnsupportedModelError(f"{where}: OPT with _remove_final_layer_norm=True is not supported")
         if not config.get("enable_bias", True) or not config.get("layer_norm_elementwise_affine", True):
-            raise UnsupportedModelError("OPT without biases or without affine LayerNorms is not supported")
-        if args.activation_function not in ACTIVATIONS:
             raise UnsupportedModelError(
-                f"OPT activation_function {args.activation_function!r} is not supported ({', '.join(ACTIVATIONS)})"
-            )
-        return args
+                f"{where}: OPT without biases or without affine LayerNorms is not supported")
+        act = config.get("activation_function", "relu")
+        if act not in ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"{where}: OPT activation_function {act!r} is not supported (flashrt implements "
+                f"{', '.join(ACTIVATIONS)})")
+        return cls(
+            hidden_size=hidden,
+            ffn_dim=int(config["ffn_dim"]),
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_attention_heads=int(config["num_attention_heads"]),
+            vocab_size=int(config["vocab_size"]),
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            activation_function=act,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        )
+
+    def to_config(self, config):
+        """The config a converter writes into the manifest: the HF config with the keys the
+        runtime relies on filled in."""
+        cfg = dict(config)
+        cfg.setdefault("num_key_value_heads", self.num_attention_heads)
+        if cfg["num_key_value_heads"] is None:
+            cfg["num_key_value_heads"] = self.num_attention_heads
+        if cfg.get("head_dim") is None:
+            cfg["head_dim"] = self.head_dim
+        cfg["activation_function"] = self.activation_function
+        cfg.setdefault("max_position_embeddings", 2048)
+        cfg.setdefault("tie_word_embeddings", True)
+        cfg.setdefault("do_layer_norm_before", True)
+        return cfg
 
     @property
     def head_dim(self):
@@ -76,9 +110,30 @@ class ModelArgs:
     def n_neurons(self):
         return self.ffn_dim
 
-    @property
-    def ffn_activation(self):
-        return self.activation_function
+
+def tensors(args):
+    """The tensor-name table: (resident {HF name: shape}, ffn [per layer {part: (HF name, shape)}])."""
+    d, n_ff = args.hidden_size, args.ffn_dim
+    resident = {EMBED_NAME: (args.vocab_size, d),
+                "model.decoder.embed_positions.weight": (args.max_position_embeddings + POSITION_OFFSET, d),
+                "model.decoder.final_layer_norm.weight": (d,),
+                "model.decoder.final_layer_norm.bias": (d,)}
+    if not args.tie_word_embeddings:
+        resident["lm_head.weight"] = (args.vocab_size, d)
+    ffn = []
+    for i in range(args.num_hidden_layers):
+        p = f"model.decoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            resident[p + f"self_attn.{proj}.weight"] = (d, d)
+            resident[p + f"self_attn.{proj}.bias"] = (d,)
+        for ln in ("self_attn_layer_norm", "final_layer_norm"):
+            resident[p + f"{ln}.weight"] = (d,)
+            resident[p + f"{ln}.bias"] = (d,)
+        resident[p + "fc1.bias"] = (n_ff,)
+        resident[p + "fc2.bias"] = (d,)
+        ffn.append({"up": (p + "fc1.weight", (n_ff, d)),
+                    "down": (p + "fc2.weight", (d, n_ff))})
+    return resident, ffn
 
 
 def sanitize(weights):
@@ -89,6 +144,16 @@ def sanitize(weights):
             k = "model." + k
         out[k] = v
     return out
+
+
+def ffn_spec(args, weights):
+    """A ReLU/GELU FFN with fc1 (up) and fc2 (down) biases, per layer float32."""
+    def bias(i, name):
+        return np.ascontiguousarray(weights[f"model.decoder.layers.{i}.{name}.bias"], np.float32)
+
+    n = args.num_hidden_layers
+    return FFNSpec(gated=False, act=args.activation_function,
+                   up_bias=[bias(i, "fc1") for i in range(n)], down_bias=[bias(i, "fc2") for i in range(n)])
 
 
 @dataclass
@@ -117,12 +182,7 @@ class Model:
         w = sanitize(weights)
         if "model.decoder.project_in.weight" in w or "model.decoder.project_out.weight" in w:
             raise UnsupportedModelError("OPT with project_in/project_out is not supported")
-
-        def get(name, float32=False):
-            if name not in w:
-                raise ModelFormatError(f"weights are missing {name!r} (an OPT checkpoint has it)")
-            a = w[name]
-            return np.asarray(a, dtype=np.float32) if float32 else a
+        get = weight_getter(w, "an OPT checkpoint")
 
         d = "model.decoder."
         self.embed_tokens = get(d + "embed_tokens.weight")        # (vocab, d)

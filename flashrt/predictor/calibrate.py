@@ -1,10 +1,10 @@
-"""Calibration: record activations with the dense forward pass, fit each layer's predictor,
-allocate per-layer keep fractions under one model-wide target, store predictors.npz.
+"""Calibration's model-free core: fit each layer's predictor on recorded activations,
+allocate per-layer keep fractions under one model-wide target, report their quality.
 
-    report = calibrate("models/smollm2", texts=None, n_tokens=4096, sparsity=0.5)
-    print(report.summary())
+    pset, report = fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5)
 
-With no texts the calibration text is sampled from the model itself (temperature 1).
+The driver that records those activations with the dense forward pass and saves
+predictors.npz is flashrt.calibration.calibrate (it runs the model; this module never does).
 
 Gated FFNs: a neuron "counts" when |h| = |silu(gate.x) * (up.x)| exceeds the layer's
 magnitude threshold, calibrated so that the layer keeps its share of neurons; the
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from ..errors import FlashrtError, ModelFormatError
+from ..errors import FlashrtError
 from .fit import fit_layer
 from .lowrank import default_ranks, ffn_macs, n_keep, topk_mask
 from .store import PredictorSet
@@ -186,28 +186,6 @@ class CalibrationReport:
 MIN_CALIBRATION_TOKENS = 8
 
 
-def check_writable(model_dir) -> None:
-    """Fail now, not after minutes of recording and fitting, when predictors.npz (and the
-    manifest that records it) cannot be written into model_dir."""
-    import os
-    from pathlib import Path
-
-    probe = Path(model_dir) / f".predictors.npz.probe-{os.getpid()}"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise FlashrtError(f"{model_dir}: cannot write the predictors there ({e.strerror}); calibrate a "
-                           f"copy in a writable directory (flashrt convert ... OUT) or fix its permissions") from None
-    finally:
-        try:
-            os.unlink(probe)
-        except OSError:
-            pass
-
-
 def resolve_ranks(rank, gated, n_layers, dim, n_neurons):
     """Per-layer ranks from `rank` (None: default_ranks; an int; a per-layer list), checked:
     a product predictor needs rank >= 2 (gate and up share it), and no rank exceeds min(d, n)."""
@@ -325,108 +303,3 @@ def _progress(total, desc, enabled):
     except ImportError:  # pragma: no cover
         return _NoBar()
     return tqdm(total=total, desc=desc, unit="layer")
-
-
-
-def _sample_token(logits, rng, temperature=1.0):
-    z = logits.astype(np.float64) / temperature
-    z -= z.max()
-    p = np.exp(z)
-    p /= p.sum()
-    return int(rng.choice(len(p), p=p))
-
-
-def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, progress=True, ctx=512,
-              epochs=8, target_recall=0.95, allocate=False, dtype="float16", seed=0, save=True,
-              n_threads=None, prior_weight=0.0):
-    """Record activations with the dense forward pass, fit, allocate, save predictors.npz.
-
-    model_dir: a flashrt model directory. texts: list of strings (or one string) to run
-    through the model; None samples n_tokens of text from the model itself (temperature 1,
-    sequences of `ctx` tokens started from BOS), which records the decode distribution.
-    sparsity: model-wide fraction of neurons skipped per token (gated models).
-    rank: int, per-layer list, or None (default_ranks: under 5% of the dense FFN MACs in total).
-    dtype: storage dtype of the factors ("float16" halves the file; scoring is float32).
-    prior_weight: temporal prior weight stored with the predictors (0: off; see lowrank.py).
-    Returns the CalibrationReport (report.summary() prints the per-layer table).
-    """
-    from flashrt.ffn_dense import DenseFFN
-    from flashrt.ffn_spec import ffn_spec
-    from flashrt.flash.recording import RecordingFFN
-    from flashrt.format.reader import ModelFiles
-    from flashrt.linear import linear
-    from flashrt.models import build_model
-
-    if not 0.0 <= sparsity < 1.0:
-        raise FlashrtError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)) or n_tokens < MIN_CALIBRATION_TOKENS:
-        raise FlashrtError(f"calibration needs at least {MIN_CALIBRATION_TOKENS} tokens, got {n_tokens!r}")
-    t0 = time.perf_counter()
-    files = ModelFiles.open(model_dir)
-    if save:
-        check_writable(files.path)
-    arch, config = files.architecture, files.config
-    weights = files.load_resident()
-    spec = ffn_spec(arch, config, weights)
-    L, d = files.n_layers, files.dim
-    resolve_ranks(rank, spec.gated, L, d, files.n_neurons)     # bad ranks fail before the slow recording
-    dense = DenseFFN.from_files(files, weights, n_threads=n_threads)
-    bundles = dense.bundles                                   # per layer (n, n_parts * d)
-    rec = RecordingFFN(dense, max_tokens=n_tokens)
-    lin = (lambda W, x, bias=None: linear(W, x, bias, n_threads=n_threads))
-    model = build_model(arch, config, weights, rec, lin)
-    ctx = int(min(ctx, config.get("max_position_embeddings", ctx)))
-    rng = np.random.default_rng(seed)
-    if texts is not None:
-        from flashrt.tokenizer import Tokenizer
-        if files.tokenizer_dir is None:
-            raise ModelFormatError(f"{model_dir}: calibration texts were given but the model has no "
-                                   f"tokenizer; pass texts=None to sample calibration text from the model")
-        tok = Tokenizer.from_dir(files.tokenizer_dir)
-        if isinstance(texts, str):
-            texts = [texts]
-        ids = np.array([i for t in texts for i in tok.encode(t)], dtype=np.int64)
-        if ids.size < MIN_CALIBRATION_TOKENS:
-            raise FlashrtError(f"the calibration text holds {ids.size} tokens; calibration needs at least "
-                               f"{MIN_CALIBRATION_TOKENS} (more than 1000 are best)")
-        chunks = [ids[i: i + ctx] for i in range(0, min(ids.size, n_tokens), ctx)]
-        bar = _progress(len(chunks), "record", progress)
-        for c in chunks:
-            model.forward(c, model.make_cache(len(c)))
-            bar.update(1)
-        bar.close()
-        source = {"kind": "text", "n_texts": len(texts)}
-    else:
-        bos = config.get("bos_token_id")
-        bos = int(bos[0] if isinstance(bos, list) else bos) if bos is not None else 0
-        bar = _progress(n_tokens, "sample + record", progress)
-        while rec.n_recorded(0) < n_tokens:
-            kv = model.make_cache(ctx)
-            tok_id = bos
-            for _ in range(min(ctx, n_tokens - rec.n_recorded(0))):
-                logits = model.forward(np.array([tok_id]), kv)
-                tok_id = _sample_token(logits[-1], rng)
-                bar.update(1)
-        bar.close()
-        source = {"kind": "sampled", "temperature": 1.0}
-    t_record = time.perf_counter() - t0
-    X_layers, H_layers, fit_weights = [], [], []
-    for l in range(L):
-        X, H = rec.arrays(l, dtype=rec.dtype)                  # float16: fitted layer by layer in float32
-        X_layers.append(X)
-        H_layers.append(H)
-        B = bundles[l]
-        if spec.gated:
-            fit_weights.append((B[:, :d], B[:, d:2 * d], B[:, 2 * d:].T))
-        else:
-            fit_weights.append((B[:, :d], None if spec.up_bias is None else spec.up_bias[l], B[:, d:].T))
-    rec.clear()
-    pset, report = fit_predictors(X_layers, H_layers, fit_weights, spec.gated, sparsity=sparsity, rank=rank,
-                                  target_recall=target_recall, epochs=epochs, allocate=allocate,
-                                  dtype=np.dtype(dtype), progress=progress, seed=seed, prior_weight=prior_weight,
-                                  meta={"source": source, "ctx": ctx, "record_seconds": t_record})
-    report.seconds = time.perf_counter() - t0
-    if save:
-        report.path = str(pset.save(model_dir))
-    return report
-

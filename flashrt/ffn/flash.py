@@ -21,9 +21,10 @@ import numpy as np
 from .._core import kernels
 from .._core.cache import NeuronCache
 from .._core.loader import Loader
-from ..ffn_dense import ffn_blocks
-from .budget import STREAM_CHUNK_BYTES
+from .dense import ffn_blocks
 from .stats import FlashStats
+
+STREAM_CHUNK_BYTES = 2 << 20  # prefill / naive stream each layer through a buffer this size
 
 
 class FlashFFN:

@@ -1,7 +1,7 @@
 """The FFN with every layer's bundle matrix in DRAM (dense mode, and the flash path's oracle).
 
 A layer's bundle matrix is (n_neurons, n_parts * d): row i = [gate_i,] up_i, down_i
-(see the spec's "FFN bundle layout"). One token runs the fused `ffn_rows` kernel over all
+(see flashrt/ffn/layout.py). One token runs the fused `ffn_rows` kernel over all
 rows; many tokens (prefill) run BLAS over row blocks converted to float32.
 Bundles are float16/float32 arrays, or uint8 rows of quantized blocks (`qtype` q8_0 | q4_0 |
 q4_1: each part of a row is d weights in blocks of 32, see flashrt/quant.py).
@@ -146,11 +146,9 @@ class DenseFFN:
                    n_threads, self.qtype)
 
     @classmethod
-    def from_files(cls, files, weights, n_threads=None):
-        """Every layer's bundle matrix read into DRAM from an opened model directory."""
-        from flashrt.ffn_spec import ffn_spec
-
-        spec = ffn_spec(files.architecture, files.config, weights)
+    def from_files(cls, files, spec, n_threads=None):
+        """Every layer's bundle matrix read into DRAM from an opened model directory;
+        spec: the family's FFNSpec (models/<family>.py: ffn_spec)."""
         bundles = [files.read_ffn_layer(l) for l in range(files.n_layers)]
         return cls(bundles, spec.gated, spec.act, spec.up_bias, spec.down_bias, n_threads=n_threads,
                    qtype=files.qtype)

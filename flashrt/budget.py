@@ -10,14 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import BudgetError
+from .errors import BudgetError
+from .ffn.flash import STREAM_CHUNK_BYTES
+from .kv_cache import KVCache
 
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 KV_BUDGET_SHARE = 0.10  # under a budget, the default context uses at most this share of it
 MIN_CONTEXT = 256
-STREAM_CHUNK_BYTES = 2 << 20  # prefill / naive stream each layer through a buffer this size
 MIN_CACHE_SHARE = 0.05  # flash mode needs room for at least this share of each layer's neurons
 
 
@@ -45,20 +46,17 @@ def fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def kv_bytes_per_token(config: dict) -> int:
-    n_layers = int(config["num_hidden_layers"])
-    n_heads = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_heads)
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
-    return n_layers * n_kv * head_dim * 2 * 4  # k and v, float32
+def kv_bytes_per_token(args) -> int:
+    """KV-cache bytes per position (k and v, float32) for a family's ModelArgs."""
+    return KVCache.bytes_needed(args.num_hidden_layers, 1, args.num_key_value_heads, args.head_dim)
 
 
-def working_bytes(config: dict, row_bytes: int, max_context: int) -> int:
+def working_bytes(args, row_bytes: int, max_context: int) -> int:
     """Activation buffers of one forward: logits, attention scores of a full-context prompt,
     a stream chunk and its float32 conversion, per-block scratch of the linear layers."""
-    vocab = int(config["vocab_size"])
-    d = int(config["hidden_size"])
-    n_heads = int(config["num_attention_heads"])
+    vocab = args.vocab_size
+    d = args.hidden_size
+    n_heads = args.num_attention_heads
     stream = STREAM_CHUNK_BYTES * 3  # raw chunk + float32 copy (f16 models) + h/partial sums
     scores = n_heads * max_context * max_context * 4
     return 2 * vocab * 4 + scores + stream + 8 * max_context * d * 4
@@ -95,30 +93,30 @@ class BudgetPlan:
                 f"neuron caches {fmt_bytes(self.cache_bytes)} ({self.cache_rows}/{self.n_neurons} neurons per layer)")
 
 
-def _default_context(config: dict, budget: int | None, max_context: int | None, n_ctx_model: int) -> int:
+def _default_context(args, budget: int | None, max_context: int | None, n_ctx_model: int) -> int:
     if max_context is not None:
         if max_context < 1:
             raise BudgetError(f"max_context must be positive, got {max_context}")
         return min(int(max_context), n_ctx_model)
     ctx = min(2048, n_ctx_model)
     if budget is not None:
-        per_token = kv_bytes_per_token(config)
+        per_token = kv_bytes_per_token(args)
         while ctx > MIN_CONTEXT and ctx * per_token > KV_BUDGET_SHARE * budget:
             ctx //= 2
     return ctx
 
 
-def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_model: int,
+def plan_budget(files, args, mode: str, memory_budget, max_context: int | None, n_ctx_model: int,
                 predictor_bytes: int = 0, tokenizer_bytes: int = 0) -> BudgetPlan:
-    """Split the budget. With no budget, flash mode caches every neuron (a DRAM-sized cache)."""
-    config = files.config
+    """Split the budget. With no budget, flash mode caches every neuron (a DRAM-sized cache).
+    args: the family's ModelArgs of the model in `files`."""
     budget = parse_size(memory_budget) if memory_budget is not None else None
-    ctx = _default_context(config, budget, max_context, n_ctx_model)
-    n_layers = int(config["num_hidden_layers"])
+    ctx = _default_context(args, budget, max_context, n_ctx_model)
+    n_layers = args.num_hidden_layers
     row_bytes = files.ffn_row_bytes
     n_neurons = files.n_neurons
     fixed = dict(resident_bytes=files.resident_bytes, predictor_bytes=predictor_bytes, tokenizer_bytes=tokenizer_bytes,
-                 kv_bytes=ctx * kv_bytes_per_token(config), working_bytes=working_bytes(config, row_bytes, ctx))
+                 kv_bytes=ctx * kv_bytes_per_token(args), working_bytes=working_bytes(args, row_bytes, ctx))
     fixed_total = sum(fixed.values())
     if mode == "naive":
         cache_rows = 0
@@ -143,11 +141,11 @@ def plan_budget(files, mode: str, memory_budget, max_context: int | None, n_ctx_
                       cache_bytes=int(cache_rows) * row_bytes * n_layers, max_context=ctx, n_neurons=n_neurons, **fixed)
 
 
-def check_dense_budget(files, memory_budget, max_context: int) -> None:
+def check_dense_budget(files, args, memory_budget, max_context: int) -> None:
     """Dense mode holds everything in DRAM: refuse a budget smaller than that."""
     budget = parse_size(memory_budget)
-    need = (files.resident_bytes + files.ffn_bytes + max_context * kv_bytes_per_token(files.config)
-            + working_bytes(files.config, files.ffn_row_bytes, max_context))
+    need = (files.resident_bytes + files.ffn_bytes + max_context * kv_bytes_per_token(args)
+            + working_bytes(args, files.ffn_row_bytes, max_context))
     if budget < need:
         raise BudgetError(f"dense mode keeps the whole model in DRAM and needs {fmt_bytes(need)}, more than the "
                           f"budget of {fmt_bytes(budget)}; use mode='flash' to run under this budget")

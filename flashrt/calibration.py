@@ -1,0 +1,217 @@
+"""Calibration's driver: record activations with the dense forward pass, fit each layer's
+predictor (flashrt.predictor), store predictors.npz.
+
+    report = calibrate("models/smollm2", texts=None, n_tokens=4096, sparsity=0.5)
+    print(report.summary())
+
+With no texts the calibration text is sampled from the model itself (temperature 1).
+
+RecordingFFN wraps the dense FFN and records, during a forward pass, each layer's FFN
+input x and every neuron's output h (the calibration data for the predictors):
+
+    rec = RecordingFFN(dense_ffn, token_fraction=0.5, seed=0)
+    model.forward(ids, kv)                          # records while computing as usual
+    X, H = rec.arrays(layer)                        # (T, d), (T, n) float32
+
+The wrapped FFN must accept `h_out=` (flashrt.ffn.dense.DenseFFN does) and fill it with
+the (T, n) per-neuron outputs: gated h = silu(gate.x) * (up.x); ReLU h = act(up.x + b).
+The same token subset is recorded at every layer of one forward call (drawn at layer 0),
+so rows line up across layers. Stored as float16 by default to halve the memory.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .api import load_model
+from .errors import FlashrtError, ModelFormatError
+from .ffn.dense import DenseFFN
+from .format.reader import ModelFiles
+from .predictor.calibrate import MIN_CALIBRATION_TOKENS, fit_predictors, resolve_ranks
+from .tokenizer import Tokenizer
+
+
+class RecordingFFN:
+    """FFN(layer, x (T, d)) -> (T, d), recording (x, h) of a subset of tokens per layer."""
+
+    def __init__(self, inner, token_fraction=1.0, max_tokens=None, dtype=np.float16, seed=0):
+        if not 0.0 < token_fraction <= 1.0:
+            raise ValueError(f"RecordingFFN: token_fraction must be in (0, 1], got {token_fraction}")
+        self.inner = inner
+        self.token_fraction = float(token_fraction)
+        self.max_tokens = max_tokens
+        self.dtype = np.dtype(dtype)
+        self.enabled = True
+        self._rng = np.random.default_rng(seed)
+        self._x = {}          # layer -> list of (t, d) arrays
+        self._h = {}          # layer -> list of (t, n) arrays
+        self._rows = None     # token rows chosen for the current forward call
+        self._counts = {}     # layer -> tokens recorded
+
+    def n_recorded(self, layer=0):
+        return self._counts.get(layer, 0)
+
+    def n_neurons(self, layer):
+        return self.inner.n_neurons(layer)
+
+    def __call__(self, layer, x):
+        T = x.shape[0]
+        if not self.enabled:
+            return self.inner(layer, x)
+        h = np.empty((T, self.inner.n_neurons(layer)), np.float32)   # (T, n)
+        y = self.inner(layer, x, h_out=h)
+        if layer == 0 or self._rows is None or self._rows_T != T:
+            self._draw_rows(T)
+        rows = self._rows
+        if self.max_tokens is not None:
+            rows = rows[: max(0, self.max_tokens - self.n_recorded(layer))]
+        if rows.size:
+            self._x.setdefault(layer, []).append(np.asarray(x[rows], dtype=self.dtype))
+            self._h.setdefault(layer, []).append(h[rows].astype(self.dtype))
+            self._counts[layer] = self.n_recorded(layer) + rows.size
+        return y
+
+    def _draw_rows(self, T):
+        if self.token_fraction >= 1.0:
+            rows = np.arange(T)
+        else:
+            rows = np.flatnonzero(self._rng.random(T) < self.token_fraction)
+        self._rows, self._rows_T = rows, T
+
+    def arrays(self, layer, dtype=np.float32):
+        """(X (T, d), H (T, n)) recorded for `layer`, concatenated, as `dtype`."""
+        if layer not in self._x:
+            raise ValueError(f"RecordingFFN: nothing recorded for layer {layer}")
+        X = np.concatenate(self._x[layer]).astype(dtype, copy=False)
+        H = np.concatenate(self._h[layer]).astype(dtype, copy=False)
+        return X, H
+
+    def layers(self):
+        return sorted(self._x)
+
+    def clear(self):
+        self._x.clear()
+        self._h.clear()
+        self._counts.clear()
+        self._rows = None
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for v in self._x.values() for a in v) + sum(a.nbytes for v in self._h.values() for a in v)
+
+
+def check_writable(model_dir) -> None:
+    """Fail now, not after minutes of recording and fitting, when predictors.npz (and the
+    manifest that records it) cannot be written into model_dir."""
+    probe = Path(model_dir) / f".predictors.npz.probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise FlashrtError(f"{model_dir}: cannot write the predictors there ({e.strerror}); calibrate a "
+                           f"copy in a writable directory (flashrt convert ... OUT) or fix its permissions") from None
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+
+
+def _sample_token(logits, rng, temperature=1.0):
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, progress=True, ctx=512,
+              epochs=8, target_recall=0.95, allocate=False, dtype="float16", seed=0, save=True,
+              n_threads=None, prior_weight=0.0):
+    """Record activations with the dense forward pass, fit, allocate, save predictors.npz.
+
+    model_dir: a flashrt model directory. texts: list of strings (or one string) to run
+    through the model; None samples n_tokens of text from the model itself (temperature 1,
+    sequences of `ctx` tokens started from BOS), which records the decode distribution.
+    sparsity: model-wide fraction of neurons skipped per token (gated models).
+    rank: int, per-layer list, or None (default_ranks: under 5% of the dense FFN MACs in total).
+    dtype: storage dtype of the factors ("float16" halves the file; scoring is float32).
+    prior_weight: temporal prior weight stored with the predictors (0: off; see lowrank.py).
+    Returns the CalibrationReport (report.summary() prints the per-layer table).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise FlashrtError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)) or n_tokens < MIN_CALIBRATION_TOKENS:
+        raise FlashrtError(f"calibration needs at least {MIN_CALIBRATION_TOKENS} tokens, got {n_tokens!r}")
+    t0 = time.perf_counter()
+    files = ModelFiles.open(model_dir)
+    if save:
+        check_writable(files.path)
+    config = files.config
+    L, d = files.n_layers, files.dim
+    model = load_model(files, lambda spec, w: RecordingFFN(DenseFFN.from_files(files, spec, n_threads),
+                                                           max_tokens=n_tokens), n_threads)
+    rec = model.ffn
+    dense = rec.inner
+    bundles = dense.bundles                                   # per layer (n, n_parts * d)
+    resolve_ranks(rank, dense.gated, L, d, files.n_neurons)   # bad ranks fail before the slow recording
+    ctx = int(min(ctx, config.get("max_position_embeddings", ctx)))
+    rng = np.random.default_rng(seed)
+    if texts is not None:
+        if files.tokenizer_dir is None:
+            raise ModelFormatError(f"{model_dir}: calibration texts were given but the model has no "
+                                   f"tokenizer; pass texts=None to sample calibration text from the model")
+        tok = Tokenizer.from_dir(files.tokenizer_dir)
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = np.array([i for t in texts for i in tok.encode(t)], dtype=np.int64)
+        if ids.size < MIN_CALIBRATION_TOKENS:
+            raise FlashrtError(f"the calibration text holds {ids.size} tokens; calibration needs at least "
+                               f"{MIN_CALIBRATION_TOKENS} (more than 1000 are best)")
+        chunks = [ids[i: i + ctx] for i in range(0, min(ids.size, n_tokens), ctx)]
+        bar = tqdm(total=len(chunks), desc="record", unit="chunk", disable=not progress)
+        for c in chunks:
+            model.forward(c, model.make_cache(len(c)))
+            bar.update(1)
+        bar.close()
+        source = {"kind": "text", "n_texts": len(texts)}
+    else:
+        bos = config.get("bos_token_id")
+        bos = int(bos[0] if isinstance(bos, list) else bos) if bos is not None else 0
+        bar = tqdm(total=n_tokens, desc="sample + record", unit="tok", disable=not progress)
+        while rec.n_recorded(0) < n_tokens:
+            kv = model.make_cache(ctx)
+            tok_id = bos
+            for _ in range(min(ctx, n_tokens - rec.n_recorded(0))):
+                logits = model.forward(np.array([tok_id]), kv)
+                tok_id = _sample_token(logits[-1], rng)
+                bar.update(1)
+        bar.close()
+        source = {"kind": "sampled", "temperature": 1.0}
+    t_record = time.perf_counter() - t0
+    X_layers, H_layers, fit_weights = [], [], []
+    for l in range(L):
+        X, H = rec.arrays(l, dtype=rec.dtype)                  # float16: fitted layer by layer in float32
+        X_layers.append(X)
+        H_layers.append(H)
+        B = bundles[l]
+        if dense.gated:
+            fit_weights.append((B[:, :d], B[:, d:2 * d], B[:, 2 * d:].T))
+        else:
+            fit_weights.append((B[:, :d], dense.up_bias[l], B[:, d:].T))
+    rec.clear()
+    pset, report = fit_predictors(X_layers, H_layers, fit_weights, dense.gated, sparsity=sparsity, rank=rank,
+                                  target_recall=target_recall, epochs=epochs, allocate=allocate,
+                                  dtype=np.dtype(dtype), progress=progress, seed=seed, prior_weight=prior_weight,
+                                  meta={"source": source, "ctx": ctx, "record_seconds": t_record})
+    report.seconds = time.perf_counter() - t0
+    if save:
+        report.path = str(pset.save(model_dir))
+    return report
+
