@@ -55,6 +55,17 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+def config_int(config, key, where="config", default=None):
+    """config[key] (or `default` when absent or null) as a positive integer; ModelFormatError
+    for anything else (a string, a bool, a float, zero)."""
+    value = config.get(key)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelFormatError(f"{where}: config key {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
 def weight_getter(weights, checkpoint):
     """get(name, float32=False, optional=False) over a {HF name: array} dict: the array (as
     float32 for norms and biases), None for an absent optional one, else ModelFormatError

@@ -14,8 +14,8 @@ RMSNorm; head. Weights use Hugging Face state-dict names and layouts.
 """
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import GATED_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import Rope, attention, embed, rms_norm, rope_config, weight_getter
+from flashrt.models.base import Rope, attention, config_int, embed, rms_norm, rope_config, weight_getter
 
 ARCHITECTURE = "llama"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -51,40 +51,43 @@ class ModelArgs:
     attention_bias: bool = False
     sliding_window: Optional[int] = None
     hidden_act: str = "silu"
-    extra: dict = field(default_factory=dict, repr=False)
+    MODEL_TYPES: ClassVar[tuple] = MODEL_TYPES  # a variant family subclasses ModelArgs and sets these two
+    ACTIVATIONS: ClassVar[tuple] = ACTIVATIONS
 
     @classmethod
     def from_dict(cls, config, where="config", warn=False):
         """Keep the HF config.json keys this family uses (transformers 4 or 5 spellings);
         UnsupportedModelError for what flashrt does not implement, ModelFormatError for a
         config that cannot work. warn: say what the options mean at run time (converters)."""
-        model_type = config.get("model_type", "llama")
-        if model_type not in MODEL_TYPES:
+        model_type = config.get("model_type", cls.MODEL_TYPES[0])
+        if model_type not in cls.MODEL_TYPES:
             raise UnsupportedModelError(
-                f"{where}: model_type {model_type!r} is not a Llama-family model ({', '.join(MODEL_TYPES)})")
+                f"{where}: model_type {model_type!r} is not a {cls.MODEL_TYPES[0]}-family model "
+                f"({', '.join(cls.MODEL_TYPES)})")
         missing = [k for k in REQUIRED if config.get(k) is None]
         if missing:
             raise ModelFormatError(f"{where}: missing required key(s) {missing} (a {model_type} config needs them)")
-        hidden_act = config.get("hidden_act", "silu")
-        if hidden_act not in ACTIVATIONS:
+        hidden_act = config.get("hidden_act", cls.ACTIVATIONS[0])
+        if hidden_act not in cls.ACTIVATIONS:
             raise UnsupportedModelError(
-                f"{where}: hidden_act {hidden_act!r} is not supported for {model_type} (flashrt implements silu)")
+                f"{where}: hidden_act {hidden_act!r} is not supported for {model_type} (flashrt implements "
+                f"{', '.join(cls.ACTIVATIONS)})")
         if config.get("mlp_bias"):
             raise UnsupportedModelError(f"{where}: mlp_bias=True is not supported")
         if config.get("attention_bias") and model_type != "qwen2":
             raise UnsupportedModelError(f"{where}: attention_bias=True is not supported for {model_type}")
-        hidden = int(config["hidden_size"])
-        n_heads = int(config["num_attention_heads"])
-        n_kv_heads = int(config.get("num_key_value_heads") or n_heads)
+        hidden = config_int(config, "hidden_size", where)
+        n_heads = config_int(config, "num_attention_heads", where)
+        n_kv_heads = config_int(config, "num_key_value_heads", where, n_heads)
         if n_heads % n_kv_heads:
             raise ModelFormatError(
                 f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
         rope_theta, scaling = rope_config(config, where)
-        max_pos = int(config.get("max_position_embeddings", 2048))
+        max_pos = config_int(config, "max_position_embeddings", where, 2048)
         window = config.get("sliding_window")
         if model_type == "qwen2" and not config.get("use_sliding_window", False):
             window = None
-        if window is not None and window >= max_pos:
+        if window is not None and config_int(config, "sliding_window", where) >= max_pos:
             window = None
         if warn and window is not None:
             warnings.warn(f"{where}: sliding_window={window}: each token attends to the last {window} "
@@ -92,12 +95,12 @@ class ModelArgs:
         return cls(
             model_type=model_type,
             hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_hidden_layers=int(config["num_hidden_layers"]),
+            intermediate_size=config_int(config, "intermediate_size", where),
+            num_hidden_layers=config_int(config, "num_hidden_layers", where),
             num_attention_heads=n_heads,
             num_key_value_heads=n_kv_heads,
-            vocab_size=int(config["vocab_size"]),
-            head_dim=int(config.get("head_dim") or hidden // n_heads),
+            vocab_size=config_int(config, "vocab_size", where),
+            head_dim=config_int(config, "head_dim", where, hidden // n_heads),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,

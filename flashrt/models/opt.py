@@ -19,7 +19,7 @@ from flashrt.errors import GenerationError, ModelFormatError, UnsupportedModelEr
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import RELU_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import attention, embed, layer_norm, weight_getter
+from flashrt.models.base import attention, config_int, embed, layer_norm, weight_getter
 
 ARCHITECTURE = "opt"
 MODEL_TYPES = ("opt",)
@@ -53,11 +53,11 @@ class ModelArgs:
         missing = [k for k in REQUIRED if config.get(k) is None]
         if missing:
             raise ModelFormatError(f"{where}: missing required key(s) {missing} (an OPT config needs them)")
-        hidden = int(config["hidden_size"])
+        hidden = config_int(config, "hidden_size", where)
         if not config.get("do_layer_norm_before", True):
             raise UnsupportedModelError(
                 f"{where}: OPT with do_layer_norm_before=False (post-LN, e.g. opt-350m) is not supported")
-        wdim = int(config.get("word_embed_proj_dim") or hidden)
+        wdim = config_int(config, "word_embed_proj_dim", where, hidden)
         if wdim != hidden:
             raise UnsupportedModelError(
                 f"{where}: OPT with project_in/project_out (word_embed_proj_dim={wdim} != "
@@ -74,11 +74,11 @@ class ModelArgs:
                 f"{', '.join(ACTIVATIONS)})")
         return cls(
             hidden_size=hidden,
-            ffn_dim=int(config["ffn_dim"]),
-            num_hidden_layers=int(config["num_hidden_layers"]),
-            num_attention_heads=int(config["num_attention_heads"]),
-            vocab_size=int(config["vocab_size"]),
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            ffn_dim=config_int(config, "ffn_dim", where),
+            num_hidden_layers=config_int(config, "num_hidden_layers", where),
+            num_attention_heads=config_int(config, "num_attention_heads", where),
+            vocab_size=config_int(config, "vocab_size", where),
+            max_position_embeddings=config_int(config, "max_position_embeddings", where, 2048),
             activation_function=act,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
         )
