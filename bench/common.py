@@ -294,28 +294,18 @@ class UnbundledLoader:
 class Variant:
     """Switches one flash Generator between the paper's ablation rows without reloading it:
     set("+ predictor") = no reuse + unbundled, "+ windowing" = unbundled, "+ bundling" = as
-    shipped. Restores the original loader and _sparse on "+ bundling"."""
+    shipped, through FlashFFN's public `loader` and `reuse`. "+ bundling" restores both."""
 
     def __init__(self, g):
         self.g = g
         ffn = g.ffn
         self.loader = ffn.loader
-        self.sparse = ffn._sparse
         self.unbundled = UnbundledLoader(ffn.loader.path, ffn.row_elems // ffn.dim, ffn.loader)
-
-        def sparse_no_reuse(layer, x):
-            ffn.caches[layer].reset()
-            return self.sparse(layer, x)
-
-        self.no_reuse = sparse_no_reuse
 
     def set(self, row: str) -> None:
         ffn = self.g.ffn
         ffn.loader = self.unbundled if row in ("+ predictor", "+ windowing") else self.loader
-        if row == "+ predictor":
-            ffn._sparse = self.no_reuse  # 'predictor only': every token re-reads all it predicts
-        else:
-            ffn._sparse = self.sparse
+        ffn.reuse = row != "+ predictor"  # 'predictor only': every token re-reads all it predicts
 
     def close(self) -> None:
         self.set("+ bundling")
@@ -331,11 +321,18 @@ class RecordingSelector:
         self.records = [[] for _ in range(n_layers)]
         self.on = False
 
-    def select(self, layer, x):
-        ids = self.inner.select(layer, x)
+    @property
+    def uses_prior(self):
+        return self.inner.uses_prior
+
+    def select(self, layer, x, prior=None):
+        ids = self.inner.select(layer, x, prior)
         if self.on:
             self.records[layer].append(np.asarray(ids, np.int64).copy())
         return ids
+
+    def close(self):
+        self.inner.close()
 
 
 def window_curve(records, n_neurons, ks=range(1, 11), capacity=None):

@@ -9,7 +9,7 @@ q4_1: each part of a row is d weights in blocks of 32, see flashrt/quant.py).
 import numpy as np
 
 from flashrt._core import kernels
-from flashrt.linear import _scratch
+from flashrt.linear import scratch
 from flashrt.quant import BLOCK_BYTES, BLOCK_ELEMS
 from flashrt.threads import default_threads
 
@@ -114,6 +114,19 @@ class DenseFFN:
     def n_neurons(self, layer):
         return self.bundles[layer].shape[0]
 
+    # the FFN protocol (flashrt/ffn/base.py): a dense FFN keeps no state between tokens
+    def reset(self) -> None:
+        pass
+
+    def start_decode(self) -> None:
+        pass
+
+    def decode_stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
     def __call__(self, layer, x, h_out=None):
         """FFN of `layer` for x (T, d) float32 -> (T, d) float32.
 
@@ -164,7 +177,7 @@ def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None, qt
     d = x.shape[1]
     n = B.shape[0]
     rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, SCRATCH_ELEMS // (P * d)))
-    buf = _scratch(rows * P * d) if B.dtype != np.float32 else None
+    buf = scratch(rows * P * d) if B.dtype != np.float32 else None
     y[...] = 0.0
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)

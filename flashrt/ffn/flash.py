@@ -18,25 +18,37 @@ import time
 
 import numpy as np
 
-from .._core import kernels
-from .._core.cache import NeuronCache
-from .._core.loader import Loader
+from .._core import cache as _cache, kernels, loader as _loader
 from .dense import ffn_blocks
-from .stats import FlashStats
+from .stats import FlashStats, LayerCost
 
 STREAM_CHUNK_BYTES = 2 << 20  # prefill / naive stream each layer through a buffer this size
+NeuronCache = _cache.NeuronCache  # module names, so a test can put a faulty Loader in their place
+Loader = _loader.Loader
 
 
 class FlashFFN:
-    def __init__(self, files, spec, plan, mode: str, selector, window: int, n_threads: int, io_threads: int | None = None):
+    """The FFN interface `ffn(layer, x (T, d)) -> (T, d)` over a model directory's ffn.bin.
+
+    files: the opened ModelFiles; spec: the family's FFNSpec; plan: the BudgetPlan (its
+    cache_rows per layer); mode: "flash" | "naive"; selector: an object with
+    `select(layer, x (d,), prior=None) -> int64 ids` (flashrt/ffn/selection.py); window:
+    tokens a neuron stays cached; reuse: False makes every token forget the cache (the
+    paper's "predictor only" row, for benchmarks); loader: swap in another Loader-like
+    object (benchmarks) through the attribute.
+    """
+
+    def __init__(self, files, spec, plan, mode: str, selector, window: int, n_threads: int,
+                 io_threads: int | None = None):
         assert mode in ("flash", "naive")
         self.mode = mode
         self.spec = spec
         self.plan = plan
         self.selector = selector
         self.window = window
+        self.reuse = True
         self.n_threads = n_threads
-        self.n_layers = int(files.config["num_hidden_layers"])
+        self.n_layers = files.n_layers
         self.n_neurons = files.n_neurons
         self.dim = files.dim
         self.dtype = files.dtype             # float16/float32, or uint8 quantized blocks
@@ -47,7 +59,6 @@ class FlashFFN:
         self.loader = Loader(str(files.ffn_path), n_threads=io_threads or 0)
         self.chunk_rows = max(1, min(self.n_neurons, STREAM_CHUNK_BYTES // self.row_bytes))
         self._chunk = np.empty((self.chunk_rows, self.row_elems), self.dtype)  # stream buffer
-        self._y = np.empty(self.dim, np.float32)
         self._part = np.empty(self.dim, np.float32)
         self.caches = []
         if mode == "flash":
@@ -56,13 +67,14 @@ class FlashFFN:
         # temporal prior: per layer, the |h| the kernel computed at the last token for each cached
         # neuron, -1 for neurons not cached (only when the selector uses it)
         self.prior = None
-        if mode == "flash" and getattr(selector, "uses_prior", False):
+        if mode == "flash" and selector.uses_prior:
             self.prior = np.full((self.n_layers, self.n_neurons), -1.0, np.float32)  # (n_layers, n_neurons)
         self._h = np.empty(self.n_neurons, np.float32)  # (n_neurons,) h of the cached rows, slot order
+        self._bias = np.empty(self.n_neurons, np.float32)  # (n_neurons,) up biases of the cached rows
         self.step = 0  # decode tokens seen since reset (the cache's clock)
         self.stats = FlashStats(self.n_neurons, self.n_layers)
 
-    # ----------------------------------------------------------------- lifetime
+    # ----------------------------------------------------------------- the FFN protocol
     def reset(self) -> None:
         for c in self.caches:
             c.reset()
@@ -75,8 +87,7 @@ class FlashFFN:
             self.loader.close()
             self.loader = None
         self.caches = []
-        if hasattr(self.selector, "close"):  # the oracle's memory maps hold file descriptors
-            self.selector.close()
+        self.selector.close()  # the oracle's memory maps hold file descriptors
 
     def start_decode(self) -> None:
         """Called after the prompt: from now on per-token figures count."""
@@ -104,7 +115,7 @@ class FlashFFN:
                 self.stats.begin_token()
             self.stats.add_naive(time.perf_counter_ns() - t0, self.n_neurons)
             return y
-        return self._sparse(layer, x[0])[None, :]
+        return self._sparse(layer, x[0])
 
     def _stream(self, layer: int, x: np.ndarray, seed_cache: bool) -> np.ndarray:
         """The whole layer through the chunk buffer with large sequential reads."""
@@ -137,16 +148,14 @@ class FlashFFN:
         if self.prior is not None:  # the prompt's h were not kept: no prior for the first decode token
             self.prior[layer].fill(-1.0)
         for j, xj in enumerate(last):
-            self._admit(layer, xj, step=j - len(last) + 1)
+            self._admit(layer, xj, j - len(last) + 1, LayerCost())
 
-    def _admit(self, layer: int, x: np.ndarray, step: int):
+    def _admit(self, layer: int, x: np.ndarray, step: int, cost: LayerCost) -> np.ndarray:
+        """Select for x, admit the selection into the layer's cache, read what is missing.
+        Returns the selected ids; counts and times go into `cost`."""
         cache = self.caches[layer]
         t0 = time.perf_counter_ns()
-        if self.prior is None:
-            ids = self.selector.select(layer, x)
-        else:
-            ids = self.selector.select(layer, x, prior=self.prior[layer])
-        self._last_selected = ids
+        ids = self.selector.select(layer, x, None if self.prior is None else self.prior[layer])
         t1 = time.perf_counter_ns()
         missing, first = cache.admit(ids, step)
         t2 = time.perf_counter_ns()
@@ -154,47 +163,48 @@ class FlashFFN:
             self.loader.read_rows(self.layer_offsets[layer], self.row_bytes, missing,
                                   cache.rows[first:first + missing.size])
         t3 = time.perf_counter_ns()
-        return ids.size, missing.size, t1 - t0, t2 - t1, t3 - t2
+        cost.n_selected, cost.n_read = ids.size, missing.size
+        cost.ns_predict, cost.ns_cache, cost.ns_io = t1 - t0, t2 - t1, t3 - t2
+        return ids
 
     def _sparse(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """One decode token through the layer's cache: x (d,) -> (1, d)."""
         if layer == 0:
             self.step += 1
             self.stats.begin_token()
-        n_selected, n_read, ns_predict, ns_cache, ns_io = self._admit(layer, x, self.step)
-        t0 = time.perf_counter_ns()
         cache = self.caches[layer]
+        if not self.reuse:
+            cache.reset()
+        cost = LayerCost()
+        ids = self._admit(layer, x, self.step, cost)
+        t0 = time.perf_counter_ns()
         rows = cache.used_rows()  # (n_used, row_elems): contiguous, no gather
+        n_used = rows.shape[0]
         bias = None
         if self.spec.up_bias is not None:
-            bias = self.spec.up_bias[layer][cache.used_ids()]
-        h = None if self.prior is None else self._h[:rows.shape[0]]
-        kernels.ffn_rows(rows, x, self._y, self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype)
+            bias = np.take(self.spec.up_bias[layer], cache.used_ids(), out=self._bias[:n_used])
+        h = None if self.prior is None else self._h[:n_used]
+        y = np.empty((1, self.dim), np.float32)
+        kernels.ffn_rows(rows, x, y[0], self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype)
         if h is not None:  # the next token's prior: the true |h| of every neuron now cached
             prior = self.prior[layer]
             prior.fill(-1.0)
-            prior[cache.used_ids()] = np.abs(h)
-        y = self._y.copy()
+            prior[cache.used_ids()] = np.abs(h, out=h)
         if self.spec.down_bias is not None:
             y += self.spec.down_bias[layer]
-        ns_compute = time.perf_counter_ns() - t0
-        n_computed = rows.shape[0]
-        if n_selected > cache.capacity:  # the selection overflows the cache: stream the rest through
-            ns_io_rest, ns_rest, n_rest = self._overflow(layer, x, y)
-            ns_io += ns_io_rest
-            ns_compute += ns_rest
-            n_read += n_rest
-            n_computed += n_rest
-        self.stats.add_layer(n_selected, n_computed, n_read, ns_predict, ns_cache, ns_io, ns_compute)
+        cost.ns_compute = time.perf_counter_ns() - t0
+        cost.n_computed = n_used
+        if ids.size > cache.capacity:  # the selection overflows the cache: stream the rest through
+            self._overflow(layer, x, ids, y[0], cost)
+        self.stats.add_layer(cost)
         return y
 
-    def _overflow(self, layer: int, x: np.ndarray, y: np.ndarray):
+    def _overflow(self, layer: int, x: np.ndarray, ids: np.ndarray, y: np.ndarray, cost: LayerCost) -> None:
         """Selected neurons the cache had no room for: read them into the chunk buffer each token
         and add their share to y, so a selection larger than the cache is still computed exactly."""
         cache = self.caches[layer]
-        ids = self._last_selected
         rest = np.sort(ids[cache.id_to_slot[ids] < 0])  # (n_rest,) int64
         up_bias = self.spec.up_bias[layer] if self.spec.up_bias is not None else None
-        ns_io = ns_compute = 0
         for start in range(0, rest.size, self.chunk_rows):
             part_ids = rest[start:start + self.chunk_rows]
             chunk = self._chunk[:part_ids.size]
@@ -205,6 +215,7 @@ class FlashFFN:
             kernels.ffn_rows(chunk, x, self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads,
                                  self.qtype)
             y += self._part
-            ns_io += t1 - t0
-            ns_compute += time.perf_counter_ns() - t1
-        return ns_io, ns_compute, int(rest.size)
+            cost.ns_io += t1 - t0
+            cost.ns_compute += time.perf_counter_ns() - t1
+        cost.n_read += int(rest.size)
+        cost.n_computed += int(rest.size)

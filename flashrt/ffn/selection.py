@@ -1,8 +1,9 @@
 """Which FFN neurons a token needs: the selection policies of flash mode.
 
-Every selector answers `select(layer, x (d,) float32) -> int64 ids`, most important
-first (the cache keeps the head of the list when the selection does not fit). A selector
-with `uses_prior` True also takes `prior=` (the last |h| of the cached neurons).
+Every selector answers `select(layer, x (d,) float32, prior=None) -> int64 ids`, most
+important first (the cache keeps the head of the list when the selection does not fit),
+and has `close()`. `prior` is the last |h| of the cached neurons (-1 for the others); the
+flash FFN passes it only to a selector whose `uses_prior` is True.
   all        every neuron: exact, the slowest flash run
   oracle     the true active set from the real weights (a test/benchmark tool: it reads
              each layer's whole FFN through the loader and the page cache every token, so
@@ -13,18 +14,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core import kernels
-from .._core.loader import Loader
+from .._core import kernels, loader
 
 
 class AllSelector:
     name = "all"
+    uses_prior = False
 
     def __init__(self, n_neurons: int):
         self._ids = np.arange(n_neurons, dtype=np.int64)  # (n_neurons,)
 
-    def select(self, layer: int, x: np.ndarray) -> np.ndarray:
+    def select(self, layer: int, x: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
         return self._ids
+
+    def close(self) -> None:
+        pass
 
 
 class OracleSelector:
@@ -34,6 +38,7 @@ class OracleSelector:
     """
 
     name = "oracle"
+    uses_prior = False
 
     def __init__(self, files, gated: bool, act: int, up_bias, keep_fraction: float | None, n_threads: int):
         self.gated, self.act, self.up_bias = gated, act, up_bias
@@ -42,8 +47,8 @@ class OracleSelector:
         self.qtype = files.qtype
         n, row_elems = files.n_neurons, files.ffn_row_bytes // files.dtype.itemsize
         # read, not memory-mapped: a truncated ffn.bin is a FlashIOError, not a SIGBUS
-        self._loader = Loader(str(files.ffn_path), n_threads=4, direct=False)
-        self._offsets = [files.ffn_layer_offset(l) for l in range(int(files.config["num_hidden_layers"]))]
+        self._loader = loader.Loader(str(files.ffn_path), n_threads=4, direct=False)
+        self._offsets = [files.ffn_layer_offset(l) for l in range(files.n_layers)]
         self._rows = np.empty((n, row_elems), files.dtype)  # (n_neurons, row_elems) one layer
         self._h = np.empty(n, np.float32)
         self._y = np.empty(files.dim, np.float32)
@@ -60,7 +65,7 @@ class OracleSelector:
         """Close ffn.bin and stop the reader threads now, not at garbage collection."""
         self._loader.close()
 
-    def select(self, layer: int, x: np.ndarray) -> np.ndarray:
+    def select(self, layer: int, x: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
         mag = np.abs(self.true_outputs(layer, x))
         if self.keep_fraction is None or not self.gated:
             ids = np.flatnonzero(mag > 0)
@@ -88,3 +93,6 @@ class PredictorSelector:
     def select(self, layer: int, x: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
         ids = self.predictors[layer].select(x, keep_fraction=self.keep_fraction, prior=prior)
         return np.asarray(ids, dtype=np.int64)
+
+    def close(self) -> None:
+        pass

@@ -5,6 +5,19 @@ from dataclasses import dataclass
 
 
 @dataclass
+class LayerCost:
+    """What one layer cost one decode token (FlashFFN fills one and adds it to FlashStats)."""
+
+    n_selected: int = 0  # neurons the selector asked for
+    n_computed: int = 0  # neurons the kernel ran over (the window's rows in the cache, and any overflow)
+    n_read: int = 0  # neurons read from flash
+    ns_predict: int = 0
+    ns_cache: int = 0
+    ns_io: int = 0
+    ns_compute: int = 0
+
+
+@dataclass
 class FlashStats:
     n_neurons: int
     n_layers: int
@@ -24,14 +37,14 @@ class FlashStats:
     def begin_token(self) -> None:
         self.tokens += 1
 
-    def add_layer(self, n_selected, n_computed, n_read, ns_predict, ns_cache, ns_io, ns_compute) -> None:
-        self.selected += n_selected
-        self.computed += n_computed
-        self.read += n_read
-        self.ns_predict += ns_predict
-        self.ns_cache += ns_cache
-        self.ns_io += ns_io
-        self.ns_compute += ns_compute
+    def add_layer(self, cost: LayerCost) -> None:
+        self.selected += cost.n_selected
+        self.computed += cost.n_computed
+        self.read += cost.n_read
+        self.ns_predict += cost.ns_predict
+        self.ns_cache += cost.ns_cache
+        self.ns_io += cost.ns_io
+        self.ns_compute += cost.ns_compute
 
     def add_naive(self, ns_total: int, n_neurons: int) -> None:
         self.selected += n_neurons
