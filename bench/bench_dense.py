@@ -38,11 +38,7 @@ def flashrt_runner(threads: int, path=None):
         return len(ids) / (time.perf_counter() - t0)
 
     def decode(ids, n):
-        eos, g.tokenizer.eos_token_ids = g.tokenizer.eos_token_ids, set()
-        try:
-            list(g._stream_ids(ids, max_new_tokens=n))
-        finally:
-            g.tokenizer.eos_token_ids = eos
+        list(g.stream_tokens(ids, max_new_tokens=n, stop_at_eos=False))
         return g.stats.decode_tokens_per_second
 
     return g, prefill, decode, touched

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -238,11 +239,11 @@ class Generator:
             self._lock.release()
 
     def _free(self) -> None:
-        ffn = getattr(self, "ffn", None)
-        if ffn is not None and hasattr(ffn, "close"):
+        ffn = getattr(self, "ffn", None)  # absent when the constructor failed before it
+        if ffn is not None:
             ffn.close()
         files = getattr(self, "files", None)
-        if files is not None and hasattr(files, "close"):
+        if files is not None:
             files.close()
         self.model = self.ffn = self.kv = self.tokenizer = None
         _return_freed_memory()
@@ -306,8 +307,7 @@ class Generator:
 
     def _reset(self) -> None:
         self.kv.reset()
-        if hasattr(self.ffn, "reset"):
-            self.ffn.reset()
+        self.ffn.reset()
 
     def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
         try:
@@ -328,13 +328,40 @@ class Generator:
             )
         return arr.astype(np.int64)
 
+    # the named steps of a generation (the gpt-fast habit); the caller holds the lock
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        """A fresh sequence: the prompt ids (T,) through the model; logits (vocab,) of the last
+        position only (the head runs over one row, not T)."""
+        self._reset()
+        return self._check_finite(self.model.forward(ids, self.kv, last_only=True)[0], "prompt")
+
+    def _decode_one(self, token: int, where: str = "decode") -> np.ndarray:
+        """One more token through the decode path; logits (vocab,) of its position."""
+        logits = self.model.forward(np.array([token], dtype=np.int64), self.kv)[0]
+        return self._check_finite(logits, where)
+
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """A fresh forward pass over the ids: logits (n_tokens, vocab) float32."""
+        """A fresh forward pass over the ids as one batch: logits (n_tokens, vocab) float32."""
         self._acquire()
         try:
             ids = self._check_ids(token_ids)
             self._reset()
             return self._check_finite(self.model.forward(ids, self.kv), "forward pass")
+        finally:
+            self._release()
+
+    def decode_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """A fresh sequence fed one token at a time through the decode path (in flash mode:
+        predictor, window and cache at work): logits (n_tokens, vocab) float32, row i after
+        token i. `stats.ffn` then holds the FFN's per-token figures over these tokens."""
+        self._acquire()
+        try:
+            ids = self._check_ids(token_ids)
+            self._reset()
+            self.ffn.start_decode()
+            rows = np.stack([self._decode_one(int(t), "decode_logits") for t in ids])
+            self.stats = GenerationStats(n_prompt_tokens=0, ffn=self.ffn.decode_stats())
+            return rows
         finally:
             self._release()
 
@@ -356,7 +383,7 @@ class Generator:
         if prompt == "":
             raise GenerationError("the prompt is empty; give at least one character")
         ids = self._encode(prompt)
-        yield from self._stream_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        yield from self._stream_text(ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, **kwargs) -> str:
         """The continuation of `prompt` as one string (greedy unless temperature > 0)."""
@@ -370,58 +397,85 @@ class Generator:
         tok = self._require_tokenizer()
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
         ids = self._encode(text, add_bos=False)  # the template places any BOS itself
-        yield from self._stream_ids(ids, max_new_tokens, **kwargs)
+        yield from self._stream_text(ids, max_new_tokens, **kwargs)
 
-    def _stream_ids(self, ids, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None, seed=None, stop=None):
+    def stream_tokens(self, token_ids: Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                      stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield the token ids that continue `token_ids` (the prompt), one per decode step.
+        stop_at_eos=False decodes all max_new_tokens (benchmarks). `stats` describes the run."""
+        ids, max_new_tokens, params, rng = self._generation_args(token_ids, max_new_tokens, temperature, top_k,
+                                                                 top_p, seed)
+        eos = self.tokenizer.eos_token_ids if stop_at_eos and self.tokenizer is not None else ()
+        self._acquire()
+        try:
+            yield from self._tokens(ids, max_new_tokens, params, rng, eos)
+        finally:
+            self._release()
+
+    def _generation_args(self, ids, max_new_tokens, temperature, top_k, top_p, seed):
+        """The checked arguments of a generation: (ids, max_new_tokens clamped to the context,
+        SamplingParams, rng)."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or s == "" for s in stops):
-            raise GenerationError("stop must be a non-empty string or a list of them")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}")
         ids = self._check_ids(ids)
         # Tokens past the context cannot be computed: clamp, documented in the README.
         max_new_tokens = min(int(max_new_tokens), self.max_context - ids.size)
-        rng = np.random.default_rng(seed)
-        tok = self.tokenizer
+        return ids, max_new_tokens, params, np.random.default_rng(seed)
 
-        self._acquire()
+    def _tokens(self, ids, max_new_tokens, params, rng, eos):
+        """The decode loop: prefill, then sample -> yield -> decode one, until max_new_tokens
+        or a token in `eos` (not yielded). Fills self.stats, also when the caller stops early."""
+        stats = self.stats = GenerationStats(n_prompt_tokens=int(ids.size))
+        if max_new_tokens == 0:
+            return
+        t0 = time.perf_counter()
+        logits = self._prefill(ids)
+        stats.prefill_seconds = time.perf_counter() - t0
+        self.ffn.start_decode()
+        t_decode = time.perf_counter()
         try:
-            self._reset()
-            stats = self.stats = GenerationStats(n_prompt_tokens=int(ids.size))
-            if max_new_tokens == 0:
-                return
-            t0 = time.perf_counter()
-            logits = self._check_finite(self.model.forward(ids, self.kv)[-1], "prompt")
-            stats.prefill_seconds = time.perf_counter() - t0
-            if hasattr(self.ffn, "start_decode"):
-                self.ffn.start_decode()
-            t_decode = time.perf_counter()
-            detok = _IncrementalText(tok, stops)
             for i in range(max_new_tokens):
                 if self._closed:
                     raise FlashrtError("the Generator was closed during the generation")
                 token = sample(logits, params, rng)
                 stats.n_generated_tokens += 1
-                if token in tok.eos_token_ids:
+                if token in eos:
                     break
-                piece = detok.push(token)
-                if piece:
-                    yield piece
-                if detok.stopped:
-                    break
+                yield token
                 if i + 1 < max_new_tokens:
-                    logits = self.model.forward(np.array([token], dtype=np.int64), self.kv)[-1]
-                    self._check_finite(logits, f"token {i + 1}")
+                    logits = self._decode_one(token, f"token {i + 1}")
                     stats.decode_seconds = time.perf_counter() - t_decode
+        finally:
+            stats.decode_seconds = time.perf_counter() - t_decode
+            stats.ffn = self.ffn.decode_stats()
+
+    def _stream_text(self, ids, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None, seed=None, stop=None):
+        """Text pieces of the continuation of ids, held back at stop strings and split UTF-8."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or s == "" for s in stops):
+            raise GenerationError("stop must be a non-empty string or a list of them")
+        ids, max_new_tokens, params, rng = self._generation_args(ids, max_new_tokens, temperature, top_k, top_p,
+                                                                 seed)
+        self._acquire()
+        try:
+            detok = _IncrementalText(self.tokenizer, stops)
+            tokens = self._tokens(ids, max_new_tokens, params, rng, self.tokenizer.eos_token_ids)
+            try:
+                for token in tokens:
+                    piece = detok.push(token)
+                    if piece:
+                        yield piece
+                    if detok.stopped:
+                        break
+            finally:
+                tokens.close()
             tail = detok.flush()
             if tail:
                 yield tail
-            stats.decode_seconds = time.perf_counter() - t_decode
-            if hasattr(self.ffn, "decode_stats"):
-                stats.ffn = self.ffn.decode_stats()
         finally:
             self._release()
 
@@ -463,8 +517,6 @@ def _return_freed_memory() -> None:
     mmap threshold has adapted upwards, so without this a closed SmolLM2 Generator left
     ~150-300 MB in RSS (measured; ~6 MB with it). A no-op where malloc_trim does not exist."""
     try:
-        import ctypes
-
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return

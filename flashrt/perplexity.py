@@ -12,7 +12,10 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from .errors import GenerationError
+from .errors import FlashrtError, GenerationError
+
+# the FFN's per-token figures perplexity reports (flash and naive modes)
+FRACTIONS = ("neurons_selected_per_token", "neurons_computed_per_token", "neurons_read_per_token")
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -24,12 +27,17 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def perplexity(g, text: str, context: int = 512, max_tokens: int | None = None, progress: bool = True) -> dict:
-    """Split the text's tokens into windows of `context`; score every token after each window's first."""
+    """Split the text's tokens into windows of `context`; score every token after each window's first.
+
+    Uses the Generator's public methods only: `logits` (dense: one batch per window) and
+    `decode_logits` (flash, naive: one token at a time, whose FFN figures it averages)."""
     if context < 2:
         raise GenerationError(f"context must be at least 2 tokens, got {context}")
     if context > g.max_context:
         raise GenerationError(f"context {context} exceeds the model's KV cache ({g.max_context}); lower --context or raise --max-context")
-    ids = np.asarray(g._require_tokenizer().encode(text), dtype=np.int64)
+    if g.tokenizer is None:
+        raise FlashrtError(f"the model at {g.path} has no tokenizer; perplexity needs one to split the text")
+    ids = np.asarray(g.tokenizer.encode(text), dtype=np.int64)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.size < 2:
@@ -38,30 +46,22 @@ def perplexity(g, text: str, context: int = 512, max_tokens: int | None = None, 
     windows = [w for w in windows if w.size >= 2]
     total_nll, n_scored = 0.0, 0
     by_token = g.mode != "dense"
-    g._acquire()
-    try:
-        if hasattr(g.ffn, "reset_run_stats"):
-            g.ffn.reset_run_stats()
-        bar = tqdm(total=sum(w.size for w in windows), desc="perplexity", unit="tok", disable=not progress)
-        for w in windows:
-            g._reset()
-            if by_token:
-                rows = []
-                for t in w[:-1]:
-                    rows.append(g.model.forward(np.array([t], dtype=np.int64), g.kv)[-1])
-                    bar.update(1)
-                logits = np.stack(rows)
-                bar.update(1)
-            else:
-                logits = g.model.forward(w, g.kv)[:-1]
-                bar.update(w.size)
-            total_nll += _nll(g._check_finite(logits, "perplexity"), w[1:])
-            n_scored += w.size - 1
-        bar.close()
-    finally:
-        g._release()
+    fractions = {}  # FFN neuron fractions summed over windows, weighted by decoded tokens
+    bar = tqdm(total=sum(w.size for w in windows), desc="perplexity", unit="tok", disable=not progress)
+    for w in windows:
+        if by_token:
+            logits = g.decode_logits(w[:-1])
+            n_decoded = g.stats.ffn.get("decode_tokens", 0)
+            for key in FRACTIONS:
+                fractions[key] = fractions.get(key, 0.0) + g.stats.ffn[key] * n_decoded
+        else:
+            logits = g.logits(w)[:-1]
+        bar.update(w.size)
+        total_nll += _nll(logits, w[1:])
+        n_scored += w.size - 1
+    bar.close()
     result = {"tokens_scored": n_scored, "context": context, "mode": g.mode}
-    if by_token and hasattr(g.ffn, "run_stats"):
-        result.update(g.ffn.run_stats())
+    if by_token:
+        result.update({key: value / n_scored for key, value in fractions.items()})
     result["perplexity"] = math.exp(total_nll / n_scored)
     return result
