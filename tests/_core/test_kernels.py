@@ -350,7 +350,7 @@ def test_cpu_features_reports_path():
 def test_env_var_forces_scalar(env, want):
     code = "from flashrt._core import kernels; print(kernels.cpu_features()['path'])"
     environ = dict(os.environ, FLASHRT_KERNELS=env)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     environ["PYTHONPATH"] = root + os.pathsep + environ.get("PYTHONPATH", "")
     got = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
                          text=True, check=True).stdout.strip()

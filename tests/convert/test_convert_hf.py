@@ -14,7 +14,7 @@ from flashrt.format import ModelFiles
 from flashrt.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
-FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 HF_FIXTURES = sorted(p.name for p in FIXTURES.glob("*") if (p / "config.json").is_file())
 
 

@@ -28,7 +28,7 @@ from flashrt.format import (
 )
 from flashrt.models import parts_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(n_layers=2, d=8, n_ff=20, arch="llama"):

@@ -15,7 +15,7 @@ from flashrt.kv_cache import KVCache
 from flashrt.models import architecture_for, build_model, llama, opt
 from flashrt.models.base import Rope, attention, numpy_linear, silu
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 HF_FIXTURES = ("opt", "llama", "qwen2", "mistral", "llama3")
 SMOLLM2_REF = os.path.join(FIXTURES, "smollm2_reference.npz")
 TOL = 1e-4

@@ -18,6 +18,8 @@ from flashrt.predictor.calibrate import (gated_layer_report, output_error_curve,
                                          relu_threshold_for_recall)
 from flashrt.predictor.fit import product_loss
 
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
+
 
 def silu(z):
     return z / (1.0 + np.exp(-z))
@@ -341,7 +343,7 @@ def test_recording_ffn_records_inputs_and_outputs():
 def test_calibrate_tiny_model(tmp_path, name):
     from flashrt.convert.hf import convert_hf
     from flashrt.calibration import calibrate
-    src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", name)
+    src = os.path.join(TESTS, "fixtures", "hf", name)
     out = tmp_path / name
     convert_hf(src, out, dtype="float32", progress=False)
     report = calibrate(out, texts=None, n_tokens=600, sparsity=0.5, rank=16, progress=False, ctx=64, epochs=3)
@@ -399,7 +401,7 @@ def test_flash_feeds_back_the_true_h_of_cached_neurons(tmp_path):
     import flashrt
     from flashrt.convert.hf import convert_hf
     from flashrt.format.reader import ModelFiles
-    src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+    src = os.path.join(TESTS, "fixtures", "hf", "llama")
     out = tmp_path / "llama"
     convert_hf(src, out, dtype="float32", progress=False)
     files = ModelFiles.open(out)
@@ -459,7 +461,7 @@ def test_calibrate_tiny_opt_reaches_target_recall_on_held_out_tokens(tmp_path):
     from flashrt.convert.hf import convert_hf
     from flashrt.calibration import calibrate
     out = tmp_path / "opt"
-    convert_hf(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "opt"), out, dtype="float32",
+    convert_hf(os.path.join(TESTS, "fixtures", "hf", "opt"), out, dtype="float32",
                progress=False)
     report = calibrate(out, texts=None, n_tokens=8000, rank=16, progress=False, ctx=64, epochs=3,
                        target_recall=0.95)
