@@ -27,7 +27,7 @@ __all__ = ["Generator", "convert", "calibrate", "FlashrtError", "ModelFormatErro
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
+        import importlib  # start-up cost: the runtime loads on first use (see _LAZY)
 
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value

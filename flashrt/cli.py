@@ -30,7 +30,7 @@ def _add_model_options(p: argparse.ArgumentParser, modes: bool = True) -> None:
 
 
 def _open_generator(args):
-    from .api import Generator
+    from .api import Generator  # start-up cost: a command loads only what it runs
 
     kwargs = {}
     if getattr(args, "mode", None):
@@ -40,7 +40,7 @@ def _open_generator(args):
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert
+    from .convert import convert  # start-up cost: a command loads only what it runs
 
     t0 = time.perf_counter()
     out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
@@ -88,8 +88,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .format.reader import ModelFiles
-    from .home import resolve_model_path
+    from .format.reader import ModelFiles  # start-up cost: a command loads only what it runs
+    from .home import resolve_model_path  # start-up cost: a command loads only what it runs
 
     with ModelFiles.open(resolve_model_path(args.model)) as files:
         if args.verify:
@@ -124,7 +124,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from .perplexity import perplexity
+    from .perplexity import perplexity  # start-up cost: a command loads only what it runs
 
     with open(args.text, "rb") as f:
         raw = f.read()
@@ -142,8 +142,8 @@ def cmd_perplexity(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .home import resolve_model_path
-    from .calibration import calibrate
+    from .home import resolve_model_path  # start-up cost: a command loads only what it runs
+    from .calibration import calibrate  # start-up cost: a command loads only what it runs
 
     text = None
     if args.text:

@@ -93,7 +93,7 @@ def _source_files(source: Path) -> list[Path]:
 def source_key(source: Path, dtype: str = DEFAULT_DTYPE) -> str:
     """A key of a source's content: per file its name (inside a directory), size, mtime and the
     blake2b of its first and last MiB; the source's own path is not part of it."""
-    from .format.manifest import head_hash
+    from .format.manifest import head_hash  # start-up cost: format pulls in NumPy; only keying needs it
 
     h = hashlib.blake2b(digest_size=8)
     h.update(f"flashrt-cache-1|{dtype}\n".encode())
@@ -133,7 +133,7 @@ def ensure_converted(source: Path, progress: bool = True) -> Path:
     clean_leftovers(target.parent)
     with _locked(target.parent / f".{target.name}.lock"):
         if not (target / "manifest.json").is_file():
-            from .convert import convert
+            from .convert import convert  # start-up cost: only a first run converts
 
             if progress:
                 print(f"flashrt: converting {source} into {target} (once)", flush=True)

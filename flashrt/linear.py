@@ -15,7 +15,7 @@ from flashrt._core import kernels
 from flashrt.quant import QMatrix
 from flashrt.threads import default_threads
 
-__all__ = ["linear"]
+__all__ = ["linear", "scratch"]
 
 SCRATCH_ELEMS = 1 << 19          # float32 elements per converted block of W (2 MiB)
 MIN_BLOCK_ROWS = 64
@@ -24,7 +24,8 @@ MAX_BLOCK_ROWS = 1024
 _local = threading.local()       # per-thread float32 scratch for converted blocks of W
 
 
-def _scratch(n_elems):
+def scratch(n_elems):
+    """This thread's reused float32 buffer of at least n_elems (for converted float16 blocks)."""
     buf = getattr(_local, "buf", None)
     if buf is None or buf.size < n_elems:
         buf = np.empty(n_elems, dtype=np.float32)
@@ -108,7 +109,7 @@ def _matmul_blocks(W, qtype, in_dim, x, y, n_threads):
     converting row blocks of W to float32."""
     n_out = W.shape[0]
     rows = block_rows(in_dim, n_out)
-    buf = _scratch(rows * in_dim)
+    buf = scratch(rows * in_dim)
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
         blk = buf[: (r1 - r0) * in_dim].reshape(r1 - r0, in_dim)   # (rows, in_dim) float32

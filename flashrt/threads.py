@@ -2,6 +2,8 @@
 import os
 import threading
 
+from threadpoolctl import ThreadpoolController
+
 __all__ = ["default_threads"]
 
 
@@ -66,8 +68,6 @@ class _SharedBlasLimit:
         global _blas_controller, _blas_users, _blas_limiter
         with _blas_lock:
             if _blas_users == 0:
-                from threadpoolctl import ThreadpoolController
-
                 if _blas_controller is None:
                     _blas_controller = ThreadpoolController()
                 _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")

@@ -9,6 +9,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers as pt
+
 from .errors import GenerationError, ModelFormatError, UnsupportedModelError
 
 # -- GGUF vocabularies -----------------------------------------------------------------
@@ -23,8 +25,6 @@ TOKEN_TYPE_USER_DEFINED = 4
 
 def _pre_tokenizer(pre: str):
     """(pre_tokenizer, ignore_merges) for a llama.cpp BPE pre-type name."""
-    from tokenizers import Regex, pre_tokenizers as pt
-
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre == "smollm":
         return pt.Sequence([pt.Digits(individual_digits=True),
@@ -47,8 +47,6 @@ def _drop_missing_bytes(pre_tokenizer, vocab, merges):
     keeps such a byte as a symbol that blocks merges across it, then drops it; `tokenizers`
     drops it first and merges its neighbours. Splitting there (and removing it) after the
     byte-level mapping gives llama.cpp's ids."""
-    from tokenizers import Regex, pre_tokenizers as pt
-
     in_merges = {c for a, b in merges for c in a + b}
     missing = sorted(c for c in pt.ByteLevel.alphabet() if c not in vocab and c not in in_merges)
     if not missing:
@@ -68,8 +66,6 @@ def tokenizer_from_gguf(reader):
     BPE vocabularies ("gpt2" model) only: BPE(vocab, merges), the pre-type's
     pre-tokenizer, a ByteLevel decoder, control tokens (type 3) as special tokens.
     """
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
-
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:
         raise ModelFormatError("the GGUF file has no tokenizer metadata (tokenizer.ggml.model)")
@@ -114,7 +110,7 @@ def tokenizer_from_gguf(reader):
 
 # -- chat templates -------------------------------------------------------------------
 def _raise_exception(message):
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import TemplateError  # start-up cost: jinja2 (~0.25 s) only for chat
 
     raise TemplateError(message)
 
@@ -125,8 +121,8 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 def _compile_template(source: str):
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.ext import loopcontrols  # start-up cost: jinja2 (~0.25 s) only for chat
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # start-up cost, as above
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[loopcontrols])
@@ -208,8 +204,6 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, tokenizer_json: str, config: dict | None = None) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
         return cls(HFTokenizer.from_str(tokenizer_json), config)
 
     @classmethod
@@ -229,12 +223,6 @@ class Tokenizer:
         except Exception as e:
             raise ModelFormatError(f"{path}: cannot load the tokenizer ({e}); re-run "
                                    f"`flashrt convert`") from e
-
-    @classmethod
-    def from_gguf(cls, gguf_path) -> "Tokenizer":
-        import gguf
-
-        return cls.from_json(*tokenizer_from_gguf(gguf.GGUFReader(str(gguf_path))))
 
     # -- ids -----------------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """Pure-Python twin of flashrt/_core/cache.pyx (same API, same slot layout
 after every call): the oracle for tests and a fallback without the compiled core.
 
-One layer's neuron cache (the paper's DRAM management, DESIGN.md point 5):
+One layer's neuron cache (the paper's DRAM management, "LLM in a flash" §3.3):
 a preallocated matrix with one row per cached neuron and two index maps.
 Deleting a neuron moves the last used row into its slot, new neurons are
 appended, so rows[:n_used] is always a dense matrix over the cached neurons.

@@ -16,7 +16,7 @@ ALIGNMENT = 4096
 
 def _flash_io_error():
     try:
-        from flashrt.errors import FlashIOError
+        from flashrt.errors import FlashIOError  # _core imports nothing of flashrt at import time
         return FlashIOError
     except ImportError:
         return OSError

@@ -1,6 +1,7 @@
 # cython: language_level=3
-"""The per-layer neuron cache (DESIGN.md point 5): a preallocated matrix with
-one row per cached neuron bundle, id<->slot maps and window bookkeeping.
+"""The per-layer neuron cache (the paper's DRAM management, "LLM in a flash" §3.3):
+a preallocated matrix with one row per cached neuron bundle, id<->slot maps and
+window bookkeeping.
 
 Deleting a neuron moves the last used row into its slot (memcpy), new neurons
 are appended, so rows[:n_used] stays one dense matrix for the FFN kernel.

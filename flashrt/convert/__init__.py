@@ -6,6 +6,8 @@ import types
 from pathlib import Path
 
 from ..errors import ModelFormatError
+from .gguf import convert_gguf
+from .hf import convert_hf
 
 __all__ = ["convert", "convert_hf", "convert_gguf"]
 
@@ -18,31 +20,15 @@ def convert(src, out, dtype=None, overwrite=False, progress=True) -> Path:
     """
     src = Path(src)
     if src.is_dir():
-        from .hf import convert_hf
-
         return convert_hf(src, out, dtype=dtype or "float16", overwrite=overwrite, progress=progress)
     if src.is_file():
         with open(src, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
-            from .gguf import convert_gguf
-
             return convert_gguf(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
         raise ModelFormatError(f"{src}: not a GGUF file (bad magic {magic!r}); pass a .gguf "
                                f"file or a Hugging Face model directory")
     raise ModelFormatError(f"{src}: no such file or directory")
-
-
-def convert_hf(*args, **kwargs):
-    from .hf import convert_hf as f
-
-    return f(*args, **kwargs)
-
-
-def convert_gguf(*args, **kwargs):
-    from .gguf import convert_gguf as f
-
-    return f(*args, **kwargs)
 
 
 class _CallableModule(types.ModuleType):

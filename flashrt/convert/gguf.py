@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..ffn.layout import bundle
@@ -144,7 +145,7 @@ def gguf_config(reader, tensor_names) -> dict:
 
 
 def _quantization(reader) -> str:
-    import gguf
+    import gguf  # start-up cost: the gguf package takes ~0.4 s to import
 
     ft = _get(reader, "general.file_type")
     try:
@@ -174,7 +175,7 @@ def _tensor_data(f, t) -> np.ndarray:
 def _dequantize(t, f=None) -> np.ndarray:
     """A GGUF tensor as float32 in NumPy (HF) shape order; its data read from the open
     source file f (None: from t.data, the reader's memory map)."""
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # start-up cost: ~0.4 s to import
 
     qname = t.tensor_type.name
     if qname not in SUPPORTED_QTYPES:
@@ -198,14 +199,6 @@ def _blocks(t, f):
     return np.asarray(_tensor_data(f, t), dtype=np.uint8).reshape(shape[0], -1)
 
 
-def _progress(iterable, enabled, **kw):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
-
-
 def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, *,
                  reader=None) -> Path:
     """Convert a llama-architecture GGUF file into a flashrt model directory.
@@ -214,7 +207,7 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     matching the file's FFN tensors (see the module docstring for what is copied exactly).
     `reader`: an already parsed `gguf.GGUFReader` of `src_file` (parsing takes seconds).
     """
-    import gguf
+    import gguf  # start-up cost: ~0.4 s to import
 
     src_file = Path(src_file)
     if not src_file.is_file():
@@ -309,7 +302,7 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
         for name in resident:
             if not name.startswith(layer_prefix):
                 w.add_resident(name, resident_tensor(name))
-        for l, parts in enumerate(_progress(ffn, progress, desc="convert", unit="layer")):
+        for l, parts in enumerate(tqdm(ffn, desc="convert", unit="layer", disable=not progress)):
             for name in resident:
                 if name.startswith(f"{layer_prefix}{l}."):
                     w.add_resident(name, resident_tensor(name))

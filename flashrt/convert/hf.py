@@ -15,6 +15,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import tokenizers
+from tqdm.auto import tqdm
 
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..ffn.layout import bundle
@@ -159,8 +161,6 @@ def _adds_bos(tokenizer_json: dict, bos: str | None) -> bool:
 
 def hf_tokenizer(src_dir: Path, config: dict):
     """(tokenizer_json_str, tokenizer_config) from an HF model dir, or None without tokenizer.json."""
-    import tokenizers
-
     path = src_dir / "tokenizer.json"
     if not path.is_file():
         warnings.warn(f"{src_dir}: no tokenizer.json; the converted model will have no "
@@ -204,14 +204,6 @@ def hf_tokenizer(src_dir: Path, config: dict):
 
 
 # -- conversion -----------------------------------------------------------------------
-def _progress(iterable, enabled, **kw):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
-
-
 def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True) -> Path:
     """Convert an HF safetensors checkpoint directory into a flashrt model directory."""
     src_dir = Path(src_dir)
@@ -250,9 +242,9 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
         source = {"kind": "hf", "path": str(src_dir.absolute()),
                   "model_type": config["model_type"]}
         with ModelWriter(out_dir, family.ARCHITECTURE, config, dtype, overwrite=overwrite, source=source) as w:
-            for name in _progress(list(resident), progress, desc="resident", unit="tensor"):
+            for name in tqdm(list(resident), desc="resident", unit="tensor", disable=not progress):
                 w.add_resident(name, src.get(name))
-            for l, parts in enumerate(_progress(ffn, progress, desc="ffn", unit="layer")):
+            for l, parts in enumerate(tqdm(ffn, desc="ffn", unit="layer", disable=not progress)):
                 # bundled in the source precision; the writer casts (and checks overflow)
                 w.add_ffn_layer(l, bundle({p: src.get(parts[p][0]) for p in w.parts}, w.parts))
             tok = hf_tokenizer(src_dir, config)

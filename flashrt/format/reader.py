@@ -18,7 +18,6 @@ from .manifest import (
     MANIFEST_NAME,
     REDO,
     RESIDENT_NAME,
-    TOKENIZER_CONFIG_NAME,
     TOKENIZER_NAME,
     QUANT_DTYPES,
     Manifest,
@@ -237,10 +236,6 @@ class ModelFiles:
         return len(self.ffn_parts) * self.dim
 
     @property
-    def ffn_alignment(self) -> int:
-        return self.manifest.ffn["alignment"]
-
-    @property
     def ffn_layer_bytes(self) -> int:
         return self.n_neurons * self.ffn_row_bytes
 
@@ -271,15 +266,6 @@ class ModelFiles:
     def tokenizer_dir(self):
         """The directory holding tokenizer.json (this one), or None when there is none."""
         return self.path if (self.path / TOKENIZER_NAME).is_file() else None
-
-    def tokenizer_config(self) -> dict:
-        p = self.path / TOKENIZER_CONFIG_NAME
-        if not p.is_file():
-            return {}
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ModelFormatError(f"{p}: not valid JSON ({e}); {REDO}") from e
 
     def __repr__(self):
         return (f"ModelFiles({os.fspath(self.path)!r}, {self.architecture}, "

@@ -25,9 +25,11 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from ..errors import DiskFullError, ModelFormatError
 from ..models import FAMILIES, parts_for
@@ -55,8 +57,6 @@ class OutputExistsError(ModelFormatError, FileExistsError):
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("flashrt")
     except Exception:  # not installed (running from a source tree)
         return "0.1.0"
@@ -281,8 +281,6 @@ class ModelWriter:
             self._ffn_file.flush()
             os.fsync(self._ffn_file.fileno())
             self._ffn_file.close()
-
-        from safetensors.numpy import save_file
 
         with _writing(self.out_dir / RESIDENT_NAME):
             save_file(self._resident, str(self.tmp_dir / RESIDENT_NAME),

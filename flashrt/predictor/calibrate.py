@@ -27,10 +27,11 @@ import dataclasses
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import FlashrtError
 from .fit import fit_layer
-from .lowrank import default_ranks, ffn_macs, n_keep, topk_mask
+from .lowrank import LowRankPredictor, default_ranks, ffn_macs, n_keep, topk_mask
 from .store import PredictorSet
 
 GRID = np.round(np.arange(0.1, 1.0001, 0.05), 4)   # keep fractions the allocator moves between
@@ -223,7 +224,7 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
     n_val = max(1, int(round(T * val_fraction))) if T > 1 else 0
     n_fit = T - n_val
     preds, val_scores = [], []
-    bar = _progress(L, "fit predictors", progress)
+    bar = tqdm(total=L, desc="fit predictors", unit="layer", disable=not progress)
     for l in range(L):
         X = np.asarray(X_layers[l], np.float32)
         H = np.asarray(H_layers[l], np.float32)
@@ -282,24 +283,7 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
 
 
 def _cast(p, dtype):
-    from .lowrank import LowRankPredictor
     return LowRankPredictor(p.kind, p.A.astype(dtype), p.B.astype(dtype), p.bias, p.bias_gate, p.r_gate,
                             p.keep_fraction, p.threshold)
 
 
-class _NoBar:
-    def update(self, k):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, desc, enabled):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="layer")

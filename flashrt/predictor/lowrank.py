@@ -11,7 +11,8 @@ One `LowRankPredictor` per layer, fed the FFN's input x (d,) (after the norm):
 Both cost r * (d + n) MACs per token: the product kind splits its rank between the
 gate and the up estimates, so a gated predictor costs what a single low-rank does.
 Gated FFNs are scored by the product because a neuron's contribution is
-|silu(gate.x) * (up.x)|: thresholding the gate alone loses far more (see DESIGN.md).
+|silu(gate.x) * (up.x)|: thresholding the gate alone loses far more (SmolLM2-135M, oracle
+sets at 50% kept: +42% perplexity by |silu(gate.x)|, +4.5% by the product).
 
 Selection is top-k by score with a per-layer `keep_fraction` (a fixed fraction of the
 layer's neurons, highest score first), or, with keep_fraction None, every neuron whose

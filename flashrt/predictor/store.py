@@ -98,14 +98,6 @@ class PredictorSet:
     def keep_fractions(self):
         return [p.keep_fraction for p in self.predictors]
 
-    def set_sparsity(self, sparsity):
-        """Scale every layer's keep fraction so the mean is 1 - sparsity (keeps the allocation's shape)."""
-        target = 1.0 - float(sparsity)
-        f = np.array([1.0 if p.keep_fraction is None else p.keep_fraction for p in self.predictors])
-        f = np.clip(f * (target / f.mean()), 0.01, 1.0)
-        for p, k in zip(self.predictors, f):
-            p.keep_fraction = float(k)
-
     def set_prior_weight(self, weight):
         """Weight of the temporal prior in every layer's select(): one float or one per layer (0: off)."""
         w = np.broadcast_to(np.asarray(weight, dtype=np.float64), (self.n_layers,))
