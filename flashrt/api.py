@@ -4,6 +4,11 @@
         print(g.generate("The capital of France is", max_new_tokens=20))
 
     g = flashrt.Generator(path, mode="flash", memory_budget="200MB")   # FFN read from flash
+
+Loading is load_model() (shared with calibration): the family validates the manifest's
+config, the resident tensors are checked against its table, the FFN is built from its spec.
+Decoding is in named steps: _prefill (the prompt, last-position logits only), _decode_one
+(one token), and the _tokens loop (sample -> yield -> decode one) under stream/generate/chat.
 """
 from __future__ import annotations
 
