@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError
+from ..format.writer import _writing
 from .lowrank import LowRankPredictor
 
 PREDICTORS_NAME = "predictors.npz"
@@ -132,8 +133,6 @@ class PredictorSet:
         }
         blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        from ..format.writer import _writing
-
         try:
             with _writing(path), open(tmp, "wb") as f:
                 np.savez(f, header=blob, **arrays)
