@@ -47,7 +47,7 @@ def fits(storage: str, k: int) -> bool:
 
 
 def _gguf_type(storage):
-    from gguf import GGMLQuantizationType as G
+    from gguf import GGMLQuantizationType as G  # start-up cost: gguf takes ~0.4 s to import
 
     return {"q8_0": G.Q8_0, "q4_0": G.Q4_0, "q4_1": G.Q4_1}[storage]
 
@@ -55,7 +55,7 @@ def _gguf_type(storage):
 def quantize(values, storage: str) -> np.ndarray:
     """float values (..., k) -> uint8 blocks (..., row_bytes(storage, k)), ggml's reference
     quantizer (gguf.quants.quantize)."""
-    from gguf.quants import quantize as gguf_quantize
+    from gguf.quants import quantize as gguf_quantize  # start-up cost, as above
 
     values = np.ascontiguousarray(values, dtype=np.float32)
     k = values.shape[-1]

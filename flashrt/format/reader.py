@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FlashIOError, ModelFormatError
+from ..quant import QMatrix
 from .manifest import (
     MANIFEST_NAME,
     REDO,
@@ -178,8 +179,6 @@ class ModelFiles:
             if isinstance(e, ModelFormatError):
                 raise
             raise ModelFormatError(f"{p}: cannot read the resident tensors ({e}); {REDO}") from e
-        from ..quant import QMatrix
-
         quantized = self.manifest.tensor_dtypes
         float_2d = np.dtype("<f2") if self.qtype else self.dtype
         for name, a in tensors.items():
