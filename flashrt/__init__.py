@@ -9,6 +9,8 @@ The whole public face:
 """
 __version__ = "0.1.0"
 
+import importlib
+
 from .errors import (  # noqa: E402  (no imports: cheap)
     BudgetError,
     FlashIOError,
@@ -19,7 +21,7 @@ from .errors import (  # noqa: E402  (no imports: cheap)
 )
 
 # Imported on first use, so `import flashrt` stays cheap (NumPy and the compiled core load then).
-_LAZY = {"Generator": ".api", "convert": ".convert", "calibrate": ".predictor.calibrate"}
+_LAZY = {"Generator": ".api", "convert": ".convert", "calibrate": ".calibration"}
 
 __all__ = ["Generator", "convert", "calibrate", "FlashrtError", "ModelFormatError", "UnsupportedModelError",
            "BudgetError", "FlashIOError", "GenerationError", "__version__"]
@@ -27,8 +29,6 @@ __all__ = ["Generator", "convert", "calibrate", "FlashrtError", "ModelFormatErro
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib  # start-up cost: the runtime loads on first use (see _LAZY)
-
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value

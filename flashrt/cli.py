@@ -157,7 +157,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from . import home
+    from . import home  # start-up cost: a command loads only what it runs
 
     if args.models_command == "rm":
         if bool(args.names) == bool(args.all):

@@ -229,7 +229,7 @@ def test_top_level_api():
     for name in ("FlashrtError", "ModelFormatError", "BudgetError", "FlashIOError", "GenerationError"):
         assert getattr(flashrt, name) is getattr(errors, name)
     from flashrt.api import Generator
-    from flashrt.predictor.calibrate import calibrate
+    from flashrt.calibration import calibrate
 
     assert flashrt.Generator is Generator and flashrt.calibrate is calibrate
     assert isinstance(flashrt.__version__, str)
