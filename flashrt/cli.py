@@ -100,6 +100,7 @@ def cmd_info(args) -> int:
             "architecture": files.architecture,
             "model_type": files.config.get("model_type"),
             "dtype": files.storage,
+            "ffn_down_dtype": files.manifest.ffn.get("down_dtype", files.storage),
             "resident_quantized": dict(sorted(Counter(m.tensor_dtypes.values()).items())),
             "layers": files.config.get("num_hidden_layers"),
             "hidden_size": files.dim,

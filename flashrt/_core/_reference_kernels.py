@@ -144,9 +144,11 @@ def gemv(W, x, out, n_threads=0, qtype=None):
     return out
 
 
-def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qtype=None):
+def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qtype=None,
+             down_qtype=None):
     """out (d,) = sum_i h_i * down_i over bundle rows (n, n_parts * d), in float64 (quantized
-    rows: gate/up dot products against the per-block quantized x, as the kernel)."""
+    rows: gate/up dot products against the per-block quantized x, as the kernel; the down
+    parts may be another quantized type, down_qtype)."""
     gated = bool(gated)
     code = _act_code("ffn_rows", act)
     _need("ffn_rows", "x", x, (np.float32,), 1)
@@ -154,11 +156,19 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qt
     n, d = rows.shape[0] if isinstance(rows, np.ndarray) else -1, x.shape[0]
     n_parts = 3 if gated else 2
     quant = qtype not in (None, "float16", "float32")
+    if down_qtype is not None and (not quant or down_qtype not in BLOCK_BYTES):
+        raise ValueError(f"ffn_rows: down_qtype {down_qtype!r} needs quantized rows")
     if quant:
+        dq = down_qtype or qtype
         _need("ffn_rows", "rows", rows, (np.uint8,), 2)
-        if qtype not in BLOCK_BYTES or d % BLOCK_ELEMS or rows.shape[1] != n_parts * row_bytes(qtype, d):
+        if (qtype not in BLOCK_BYTES or d % BLOCK_ELEMS
+                or rows.shape[1] != (n_parts - 1) * row_bytes(qtype, d) + row_bytes(dq, d)):
             raise ValueError(f"ffn_rows: rows {rows.shape} do not hold {n_parts} {qtype} parts of {d}")
-        R = dequantize(rows.reshape(n, n_parts, row_bytes(qtype, d)), qtype).reshape(n, n_parts * d).astype(np.float64)
+        cut = (n_parts - 1) * row_bytes(qtype, d)
+        R = np.concatenate([
+            dequantize(rows[:, :cut].reshape(n, n_parts - 1, row_bytes(qtype, d)), qtype).reshape(
+                n, (n_parts - 1) * d),
+            dequantize(rows[:, cut:], dq)], axis=1).astype(np.float64)
     else:
         R = _weights(rows, qtype, "ffn_rows", "rows")
     if R.shape[1] != n_parts * d or out.shape[0] != d:

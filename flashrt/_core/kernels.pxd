@@ -14,10 +14,11 @@ cdef void gemv_f32_ptr(const float* W, const float* x, float* out,
 cdef void gemv_f16_ptr(const uint16_t* W, const float* x, float* out,
                        int64_t n, int64_t k, int n_threads) noexcept nogil
 
-# out (d,) = sum_i h_i * down_i over n bundle rows (n, n_parts parts of d weights); h_out (n,)
-# or NULL; up_bias (n,) or NULL. Returns 0, or -1 when scratch memory could not be allocated.
-cdef int ffn_rows_ptr(const void* rows, int type, int64_t n, int64_t d, int gated, int act,
-                      const float* x, const float* up_bias, float* h_out, float* out,
+# out (d,) = sum_i h_i * down_i over n bundle rows (n, n_parts parts of d weights; the down part
+# stored as type_down, == type for float types); h_out (n,) or NULL; up_bias (n,) or NULL.
+# Returns 0, or -1 when scratch memory could not be allocated.
+cdef int ffn_rows_ptr(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated,
+                      int act, const float* x, const float* up_bias, float* h_out, float* out,
                       int n_threads) noexcept nogil
 cdef int ffn_rows_f32_ptr(const float* rows, int64_t n, int64_t d, int gated, int act,
                           const float* x, const float* up_bias, float* h_out, float* out,

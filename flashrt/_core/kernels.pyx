@@ -47,7 +47,7 @@ cdef extern from "simd.h" nogil:
     int64_t frt_set_chunk_elems(int64_t elems)
     int frt_gemv_par(const void* W, int type, const float* x, float* out,
                      int64_t n, int64_t k, int n_threads)
-    int frt_ffn_rows_par(const void* rows, int type, int64_t n, int64_t d, int gated, int act,
+    int frt_ffn_rows_par(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated, int act,
                          const float* x, const float* up_bias, float* h_out, float* out,
                          int n_threads)
     void frt_to_f32_par(const void* src, int type, float* out, int64_t n, int n_threads)
@@ -101,22 +101,22 @@ cdef void gemv_f16_ptr(const uint16_t* W, const float* x, float* out,
     frt_gemv_par(W, FRT_T_F16, x, out, n, k, n_threads)
 
 
-cdef int ffn_rows_ptr(const void* rows, int type, int64_t n, int64_t d, int gated, int act,
-                      const float* x, const float* up_bias, float* h_out, float* out,
+cdef int ffn_rows_ptr(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated,
+                      int act, const float* x, const float* up_bias, float* h_out, float* out,
                       int n_threads) noexcept nogil:
-    return frt_ffn_rows_par(rows, type, n, d, gated, act, x, up_bias, h_out, out, n_threads)
+    return frt_ffn_rows_par(rows, type, type_down, n, d, gated, act, x, up_bias, h_out, out, n_threads)
 
 
 cdef int ffn_rows_f32_ptr(const float* rows, int64_t n, int64_t d, int gated, int act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads) noexcept nogil:
-    return frt_ffn_rows_par(rows, FRT_T_F32, n, d, gated, act, x, up_bias, h_out, out, n_threads)
+    return frt_ffn_rows_par(rows, FRT_T_F32, FRT_T_F32, n, d, gated, act, x, up_bias, h_out, out, n_threads)
 
 
 cdef int ffn_rows_f16_ptr(const uint16_t* rows, int64_t n, int64_t d, int gated, int act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads) noexcept nogil:
-    return frt_ffn_rows_par(rows, FRT_T_F16, n, d, gated, act, x, up_bias, h_out, out, n_threads)
+    return frt_ffn_rows_par(rows, FRT_T_F16, FRT_T_F16, n, d, gated, act, x, up_bias, h_out, out, n_threads)
 
 
 cdef void to_f32_ptr(const void* src, int type, float* out, int64_t n, int n_threads) noexcept nogil:
@@ -216,6 +216,14 @@ cdef inline int64_t _row_len(int t, int64_t k) noexcept:
     return k // FRT_QK * frt_type_unit_bytes(t)
 
 
+cdef inline int _down_type(int t, object down_qtype) noexcept:
+    """The down parts' storage code: a quantized type with quantized rows, else -1."""
+    cdef int td = STORAGE_CODES.get(down_qtype, -1) if isinstance(down_qtype, str) else -1
+    if t == FRT_T_F16 or t == FRT_T_F32 or td == FRT_T_F16 or td == FRT_T_F32:
+        return t if td == t else -1
+    return td
+
+
 cdef int _explain_type(str fn, str name, W, qtype) except -1:
     """Raise the ValueError saying why W and qtype do not go together."""
     if qtype is not None and (not isinstance(qtype, str) or qtype not in STORAGE_CODES):
@@ -286,11 +294,12 @@ def gemv(W, x, out, int n_threads=0, qtype=None):
     return out
 
 
-def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0, qtype=None):
+def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0, qtype=None,
+             down_qtype=None):
     """The FFN over n bundle rows: out (d,) = sum_i h_i * down_i.
 
-    rows: (n, n_parts * d) float16|float32, or (n, n_parts * row_bytes(qtype, d)) uint8;
-          parts gate, up, down (gated) or up, down, each d weights                      # IN
+    rows: (n, n_parts * d) float16|float32, or uint8 (n, (n_parts - 1) * row_bytes(qtype, d)
+          + row_bytes(down_qtype, d)); parts gate, up, down (gated) or up, down, each d weights  # IN
     x: (d,) float32 (d % 32 == 0 for quantized rows)                                    # IN
     out: (d,) float32, overwritten                                                     # OUT
     gated: bool; act: 0/"silu", 1/"relu", 2/"gelu" (exact erf gelu)
@@ -299,23 +308,28 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0
     up_bias: (n,) float32 or None (not gated only)                                      # IN
     h_out: (n,) float32 or None, receives h                                             # OUT
     qtype: None (float rows) or "q8_0" | "q4_0" | "q4_1"
+    down_qtype: the down parts' quantized type when it differs from qtype (None: qtype)
     Returns out.
     """
     cdef bint g = bool(gated)
     cdef int a = _act_code("ffn_rows", act)
     cdef int n_parts = 3 if g else 2
     cdef int t = _wtype(rows, qtype)
+    cdef int td = t if down_qtype is None else _down_type(t, down_qtype)
     cdef int rc = 0
-    cdef int64_t n, d
+    cdef int64_t n, d, rl, rld
     cdef const void* wp
     cdef const float* xp
     cdef float* op
     cdef const float* bptr = NULL
     cdef float* hptr = NULL
-    if t >= 0 and _ok(rows, 2, False) and _f32(x, 1, False) and _f32(out, 1, True):
+    if t >= 0 and td >= 0 and _ok(rows, 2, False) and _f32(x, 1, False) and _f32(out, 1, True):
         n = _dim(rows, 0)
         d = _dim(x, 0)
-        if (n > 0 and d > 0 and _dim(out, 0) == d and _dim(rows, 1) == n_parts * _row_len(t, d)
+        rl = _row_len(t, d)
+        rld = _row_len(td, d)
+        if (n > 0 and d > 0 and _dim(out, 0) == d and rl >= 0 and rld >= 0
+                and _dim(rows, 1) == (n_parts - 1) * rl + rld
                 and (up_bias is None or (not g and _f32(up_bias, 1, False) and _dim(up_bias, 0) == n))
                 and (h_out is None or (_f32(h_out, 1, True) and _dim(h_out, 0) == n))):  # hot path
             if up_bias is not None:
@@ -324,13 +338,16 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0
                 hptr = <float*>_data(h_out)
             wp, xp, op = _data(rows), <const float*>_data(x), <float*>_data(out)
             with nogil:
-                rc = frt_ffn_rows_par(wp, t, n, d, g, a, xp, bptr, hptr, op, n_threads)
+                rc = frt_ffn_rows_par(wp, t, td, n, d, g, a, xp, bptr, hptr, op, n_threads)
             if rc != 0:
                 raise MemoryError("ffn_rows: could not allocate the kernel's scratch memory")
             return out
     # slow path: say what is wrong, or handle empty shapes
     if t < 0:
         _explain_type("ffn_rows", "rows", rows, qtype)
+    if td < 0:
+        raise ValueError(f"ffn_rows: down_qtype {down_qtype!r} needs quantized rows and one of "
+                         f"{list(QUANT_TYPES)} (qtype is {qtype!r})")
     _need("ffn_rows", "rows", rows, (rows.dtype,), 2)
     _need("ffn_rows", "x", x, (_F32,), 1)
     _need("ffn_rows", "out", out, (_F32,), 1, writeable=True)
@@ -340,7 +357,12 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0
         raise ValueError(f"ffn_rows: rows has {rows.shape[1]} columns but a "
                          f"{'gated' if g else 'non-gated'} bundle of dim {d} (= len(x)) "
                          f"needs n_parts * d = {n_parts} * {d} = {n_parts * d}")
-    _check_row_len("ffn_rows", "rows", rows, qtype or str(rows.dtype), t, d, n_parts)
+    if td == t:
+        _check_row_len("ffn_rows", "rows", rows, qtype or str(rows.dtype), t, d, n_parts)
+    elif d % BLOCK_ELEMS or rows.shape[1] != (n_parts - 1) * _row_len(t, d) + _row_len(td, d):
+        raise ValueError(f"ffn_rows: rows has {rows.shape[1]} bytes per row but {n_parts - 1} {qtype} "
+                         f"part(s) and a {down_qtype} down part of len(x) = {d} weights need "
+                         f"{(n_parts - 1) * _row_len(t, d) + _row_len(td, d) if d % BLOCK_ELEMS == 0 else '?'}")
     _need_len("ffn_rows", "out", out, d, "len(x)")
     if up_bias is not None:
         if g:

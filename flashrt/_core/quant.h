@@ -499,15 +499,17 @@ static void frt_gemv_q(int t, const uint8_t *W, const int8_t *xq, const float *x
     }
 }
 
-/* The FFN over n quantized bundle rows (row = [gate,] up, down, each nb blocks):
-   acc (32 nb) += sum_i h_i down_i; see frt_ffn_rows_f16 for h. Rows with h == 0 skip down. */
-static void frt_ffn_rows_q(int t, const uint8_t *rows, int64_t n, int64_t nb, int gated, int act,
-                           const int8_t *xq, const float *xd, const float *xs,
+/* The FFN over n quantized bundle rows (row = [gate,] up as type t, then down as type td, each
+   nb blocks): acc (32 nb) += sum_i h_i down_i; see frt_ffn_rows_f16 for h. Rows with h == 0
+   skip down. (td may differ from t: a 4-bit bundle with a q8_0 down column.) */
+static void frt_ffn_rows_q(int t, int td, const uint8_t *rows, int64_t n, int64_t nb, int gated,
+                           int act, const int8_t *xq, const float *xd, const float *xs,
                            const float *up_bias, float *h_out, float *acc) {
-    const int64_t pb = nb * frt_type_unit_bytes(t), n_parts = gated ? 3 : 2, rb = n_parts * pb;
+    const int64_t n_parts = gated ? 3 : 2, pb = nb * frt_type_unit_bytes(t);
+    const int64_t rb = (n_parts - 1) * pb + nb * frt_type_unit_bytes(td);
     const int64_t group = gated ? 2 : 4;
     frt_qdot4_fn dot4 = frt_qdot4_for(t);
-    frt_qaxpy2_fn axpy2 = frt_qaxpy2_for(t);
+    frt_qaxpy2_fn axpy2 = frt_qaxpy2_for(td);
     const uint8_t *down_pend = NULL;
     float h_pend = 0.f, d4[4], h[4];
     for (int64_t i = 0; i < n; i += group) {

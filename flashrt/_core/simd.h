@@ -753,12 +753,12 @@ typedef struct {
     const void *rows; const float *x; const float *up_bias; float *h_out; float *acc;
     frt_xq_t xq;
     int64_t n, d, rows_per_chunk;
-    int gated, act, type;
+    int gated, act, type, type_down;
 } frt_ffn_job;
 
 /* acc += the FFN over rows [r0, r1), one thread. */
 static void frt_ffn_block(const frt_ffn_job *j, int64_t r0, int64_t r1, float *acc) {
-    const int64_t rb = (j->gated ? 3 : 2) * frt_row_bytes(j->type, j->d);
+    const int64_t rb = (j->gated ? 2 : 1) * frt_row_bytes(j->type, j->d) + frt_row_bytes(j->type_down, j->d);
     const float *b = j->up_bias ? j->up_bias + r0 : NULL;
     float *h = j->h_out ? j->h_out + r0 : NULL;
     const void *rows = (const uint8_t *)j->rows + r0 * rb;
@@ -770,7 +770,7 @@ static void frt_ffn_block(const frt_ffn_job *j, int64_t r0, int64_t r1, float *a
         frt_ffn_rows_f16((const uint16_t *)rows, r1 - r0, j->d, j->gated, j->act, j->x, b, h, acc);
         break;
     default:
-        frt_ffn_rows_q(j->type, (const uint8_t *)rows, r1 - r0, j->d / FRT_QK, j->gated, j->act,
+        frt_ffn_rows_q(j->type, j->type_down, (const uint8_t *)rows, r1 - r0, j->d / FRT_QK, j->gated, j->act,
                        j->xq.q, j->xq.d, j->xq.s, b, h, acc);
     }
 }
@@ -785,15 +785,18 @@ static void frt_ffn_chunk(void *p, int64_t c) {
 }
 
 /* out (d,) = sum_i h_i down_i over n bundle rows of storage type `type` (d % 32 == 0 for
-   quantized types). Returns 0, or -1 if scratch memory could not be allocated. */
-static int frt_ffn_rows_par(const void *rows, int type, int64_t n, int64_t d, int gated, int act,
+   quantized types) whose down parts are `type_down` (== type for float types; any quantized
+   type for quantized ones). Returns 0, or -1 if scratch memory could not be allocated. */
+static int frt_ffn_rows_par(const void *rows, int type, int type_down, int64_t n, int64_t d,
+                            int gated, int act,
                             const float *x, const float *up_bias, float *h_out, float *out,
                             int n_threads) {
     int64_t row_elems = (gated ? 3 : 2) * d;
     int64_t n_chunks = n * row_elems / FRT_FFN_CHUNK_ELEMS;
     if (n_chunks > FRT_FFN_MAX_CHUNKS) n_chunks = FRT_FFN_MAX_CHUNKS;
     if (n_chunks > n) n_chunks = n;
-    frt_ffn_job j = {rows, x, up_bias, h_out, NULL, {NULL, NULL, NULL}, n, d, n, gated, act, type};
+    frt_ffn_job j = {rows, x, up_bias, h_out, NULL, {NULL, NULL, NULL}, n, d, n, gated, act, type,
+                     type_down};
     int64_t rows_per_chunk = n_chunks > 1 ? (n + n_chunks - 1) / n_chunks : n;
     if (n_chunks > 1) n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
     size_t xq_bytes = frt_type_is_quant(type) ? frt_xq_bytes(d) : 0;

@@ -11,8 +11,10 @@ flashrt.quant.GGUF_DEFAULT). Tensors whose GGUF blocks flashrt stores as they ar
 Q4_0, Q4_1 matrices kept row-major: embeddings, attention, the head, and the FFN's gate and
 up rows -- are copied bit for bit (the Q/K permutation moves whole rows). The down
 projection is stored transposed in GGUF (a neuron's column is strided), so it is
-dequantized and requantized along d_model with ggml's reference quantizer; so is anything
-whose GGUF type differs from the storage type.
+dequantized and requantized along d_model with ggml's reference quantizer: as q8_0 when the
+storage is 4-bit (a second 4-bit rounding of 4-bit values cost SmolLM2 +8.1% perplexity; see
+bench/results/quant_quality.md), else in the storage type. Anything whose GGUF type differs
+from the storage type is requantized too.
 """
 from __future__ import annotations
 
@@ -258,6 +260,9 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     ffn_types = [tensors[layer[p][0]].tensor_type.name for layer in ffn for p in layer if p != "down"]
     chosen = dtype is not None
     storage = dtype if chosen else default_storage(ffn_types)
+    # the re-blocked down columns: 8-bit under 4-bit storage (requantizing 4-bit values to 4 bits
+    # again doubles their error)
+    down_storage = "q8_0" if storage in ("q4_0", "q4_1") else storage
     n_exact = 0
 
     def exact(name, want):
@@ -286,7 +291,8 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
             name = parts[p][0]
             q = exact(name, storage) if p != "down" else None
             blocks.append(q.data if q is not None else
-                          quantize(load(name).T if p == "down" else load(name), storage))
+                          quantize(load(name).T, down_storage) if p == "down" else
+                          quantize(load(name), storage))
         return np.concatenate(blocks, axis=1)          # (n_neurons, n_parts * row_bytes)
 
     tok = None
@@ -296,8 +302,10 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
         warnings.warn(f"{src_file}: no tokenizer metadata; the converted model will have no "
                       f"tokenizer (token ids only)", stacklevel=2)
     source = {"kind": "gguf", "path": str(src_file.absolute()),
-              "quantization": _quantization(reader), "storage": storage}
-    with f, ModelWriter(out_dir, llama.ARCHITECTURE, config, storage, overwrite=overwrite, source=source) as w:
+              "quantization": _quantization(reader), "storage": storage,
+              "down_storage": down_storage}
+    with f, ModelWriter(out_dir, llama.ARCHITECTURE, config, storage, overwrite=overwrite, source=source,
+                        down_dtype=down_storage if is_quantized(storage) else None) as w:
         layer_prefix = "model.layers."
         for name in resident:
             if not name.startswith(layer_prefix):

@@ -51,12 +51,13 @@ class DenseFFN:
     down_bias: list over layers of (d,) float32 (or None entries), or None; added once
     n_threads: kernel threads (None: flashrt.threads.default_threads() at each call)
     qtype: None (float bundles) or "q8_0" | "q4_0" | "q4_1"
+    down_qtype: the down parts' quantized type when it differs from qtype (None: qtype)
 
     `ffn(layer, x (T, d) float32) -> (T, d) float32`: the FFN without residual or norm.
     """
 
     def __init__(self, bundles, gated, act, up_bias=None, down_bias=None, n_threads=None,
-                 qtype=None):
+                 qtype=None, down_qtype=None):
         self.gated = _is_gated(gated)
         if act not in ACTIVATIONS:
             raise ValueError(f"DenseFFN: act must be one of {ACTIVATIONS}, got {act!r}")
@@ -69,14 +70,19 @@ class DenseFFN:
         if qtype is not None and qtype not in BLOCK_BYTES:
             raise ValueError(f"DenseFFN: qtype must be None or one of {sorted(BLOCK_BYTES)}, got {qtype!r}")
         dtypes = (np.float16, np.float32) if qtype is None else (np.uint8,)
-        unit = 1 if qtype is None else BLOCK_BYTES[qtype]
+        if down_qtype is not None and (qtype is None or down_qtype not in BLOCK_BYTES):
+            raise ValueError(f"DenseFFN: down_qtype needs quantized bundles, got {down_qtype!r} with qtype {qtype!r}")
+        self.down_qtype = down_qtype or qtype
+        # bytes (or elements) per 32 weights of a row's parts
+        unit = (self.n_parts if qtype is None
+                else (self.n_parts - 1) * BLOCK_BYTES[qtype] + BLOCK_BYTES[self.down_qtype])
         for l, B in enumerate(bundles):
             if (not isinstance(B, np.ndarray) or B.ndim != 2 or B.dtype not in dtypes
                     or not B.flags.c_contiguous):
                 raise ValueError(f"DenseFFN: bundles[{l}] must be a C-contiguous 2-D "
                                  f"{' or '.join(np.dtype(t).name for t in dtypes)} array"
                                  f"{'' if qtype is None else f' of {qtype} blocks'}, got {_describe(B)}")
-            if B.shape[1] % (self.n_parts * unit) != 0 or B.shape[1] == 0:
+            if B.shape[1] % unit != 0 or B.shape[1] == 0:
                 raise ValueError(f"DenseFFN: bundles[{l}] has {B.shape[1]} columns, not a multiple "
                                  f"of n_parts = {self.n_parts}"
                                  f"{'' if qtype is None else f' x {qtype} blocks'}")
@@ -87,7 +93,7 @@ class DenseFFN:
         self.n_layers = len(bundles)
         self.qtype = qtype
         self.dim = (first.shape[1] // self.n_parts if qtype is None
-                    else first.shape[1] // (self.n_parts * BLOCK_BYTES[qtype]) * BLOCK_ELEMS)
+                    else first.shape[1] // unit * BLOCK_ELEMS)
         self.dtype = first.dtype
         self.up_bias = self._check_biases("up_bias", up_bias, lambda l: bundles[l].shape[0])
         self.down_bias = self._check_biases("down_bias", down_bias, lambda l: self.dim)
@@ -147,7 +153,8 @@ class DenseFFN:
         y = np.empty((T, self.dim), dtype=np.float32)
         if T == 1:
             kernels.ffn_rows(B, x[0], y[0], self.gated, self.act, self.up_bias[layer],
-                             None if h_out is None else h_out[0], n_threads, self.qtype)
+                             None if h_out is None else h_out[0], n_threads, self.qtype,
+                             self.down_qtype if self.down_qtype != self.qtype else None)
         elif T > 1:
             self._blocks(layer, x, y, h_out, n_threads)
         if self.down_bias[layer] is not None:
@@ -156,7 +163,7 @@ class DenseFFN:
 
     def _blocks(self, layer, x, y, h_out, n_threads):
         ffn_blocks(self.bundles[layer], x, y, self.gated, self.act, self.up_bias[layer], h_out,
-                   n_threads, self.qtype)
+                   n_threads, self.qtype, self.down_qtype)
 
     @classmethod
     def from_files(cls, files, spec, n_threads=None):
@@ -164,10 +171,11 @@ class DenseFFN:
         spec: the family's FFNSpec (models/<family>.py: ffn_spec)."""
         bundles = [files.read_ffn_layer(l) for l in range(files.n_layers)]
         return cls(bundles, spec.gated, spec.act, spec.up_bias, spec.down_bias, n_threads=n_threads,
-                   qtype=files.qtype)
+                   qtype=files.qtype, down_qtype=files.down_qtype)
 
 
-def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None, qtype=None):
+def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None, qtype=None,
+               down_qtype=None):
     """y (T, d) = FFN of the rows of B (n, n_parts * d) for x (T, d), with float32 BLAS over
     row blocks (float16 or quantized (qtype) blocks converted into a reused scratch).
     Overwrites y; h_out (T, n) optionally receives each neuron's h. Shared by dense prefill
@@ -178,6 +186,9 @@ def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None, qt
     n = B.shape[0]
     rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, SCRATCH_ELEMS // (P * d)))
     buf = scratch(rows * P * d) if B.dtype != np.float32 else None
+    if down_qtype is not None and down_qtype != qtype:           # per-part conversions
+        buf2 = np.empty(rows * (P - 1) * d, np.float32)
+        buf3 = np.empty(rows * d, np.float32)
     y[...] = 0.0
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -185,7 +196,14 @@ def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None, qt
             blk = B[r0:r1]                                           # (b, P * d) float32
         else:
             blk = buf[: (r1 - r0) * P * d].reshape(r1 - r0, P * d)   # (b, P * d) float32
-            kernels.to_f32(B[r0:r1], blk, qtype, n_threads)
+            if down_qtype is None or down_qtype == qtype:
+                kernels.to_f32(B[r0:r1], blk, qtype, n_threads)
+            else:                                                    # the down parts differ
+                cut = (P - 1) * (d // 32) * BLOCK_BYTES[qtype]
+                kernels.to_f32(np.ascontiguousarray(B[r0:r1, :cut]), buf2[: (r1 - r0) * (P - 1) * d], qtype, n_threads)
+                kernels.to_f32(np.ascontiguousarray(B[r0:r1, cut:]), buf3[: (r1 - r0) * d], down_qtype, n_threads)
+                blk[:, :(P - 1) * d] = buf2[: (r1 - r0) * (P - 1) * d].reshape(r1 - r0, -1)
+                blk[:, (P - 1) * d:] = buf3[: (r1 - r0) * d].reshape(r1 - r0, d)
         if gated:
             h = np.matmul(x, blk[:, :d].T)                           # (T, b) gate . x
             kernels.activation_inplace(h, act, n_threads)

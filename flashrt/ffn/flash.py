@@ -53,6 +53,7 @@ class FlashFFN:
         self.dim = files.dim
         self.dtype = files.dtype             # float16/float32, or uint8 quantized blocks
         self.qtype = files.qtype             # None, or q8_0 | q4_0 | q4_1 (the kernels' qtype=)
+        self.down_qtype = files.down_qtype if files.down_qtype != files.qtype else None
         self.row_bytes = files.ffn_row_bytes
         self.row_elems = self.row_bytes // self.dtype.itemsize
         self.layer_offsets = [files.ffn_layer_offset(l) for l in range(self.n_layers)]
@@ -131,10 +132,11 @@ class FlashFFN:
             bias = None if up_bias is None else up_bias[start:start + m]
             if T == 1:
                 kernels.ffn_rows(chunk, x[0], self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads,
-                                 self.qtype)
+                                 self.qtype, self.down_qtype)
                 out[0] += self._part
             else:
-                ffn_blocks(chunk, x, part, self.spec.gated, self.spec.act, bias, None, self.n_threads, self.qtype)
+                ffn_blocks(chunk, x, part, self.spec.gated, self.spec.act, bias, None, self.n_threads,
+                           self.qtype, self.down_qtype)
                 out += part
         if self.spec.down_bias is not None:
             out += self.spec.down_bias[layer]
@@ -185,7 +187,8 @@ class FlashFFN:
             bias = np.take(self.spec.up_bias[layer], cache.used_ids(), out=self._bias[:n_used])
         h = None if self.prior is None else self._h[:n_used]
         y = np.empty((1, self.dim), np.float32)
-        kernels.ffn_rows(rows, x, y[0], self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype)
+        kernels.ffn_rows(rows, x, y[0], self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype,
+                         self.down_qtype)
         if h is not None:  # the next token's prior: the true |h| of every neuron now cached
             prior = self.prior[layer]
             prior.fill(-1.0)
@@ -213,7 +216,7 @@ class FlashFFN:
             t1 = time.perf_counter_ns()
             bias = None if up_bias is None else up_bias[part_ids]
             kernels.ffn_rows(chunk, x, self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads,
-                                 self.qtype)
+                                 self.qtype, self.down_qtype)
             y += self._part
             cost.ns_io += t1 - t0
             cost.ns_compute += time.perf_counter_ns() - t1

@@ -45,6 +45,7 @@ class OracleSelector:
         self.keep_fraction = keep_fraction
         self.n_threads = n_threads
         self.qtype = files.qtype
+        self.down_qtype = files.down_qtype if files.down_qtype != files.qtype else None
         n, row_elems = files.n_neurons, files.ffn_row_bytes // files.dtype.itemsize
         # read, not memory-mapped: a truncated ffn.bin is a FlashIOError, not a SIGBUS
         self._loader = loader.Loader(str(files.ffn_path), n_threads=4, direct=False)
@@ -58,7 +59,7 @@ class OracleSelector:
         bias = None if self.up_bias is None else self.up_bias[layer]
         self._loader.read_range(self._offsets[layer], self._rows)
         kernels.ffn_rows(self._rows, x, self._y, self.gated, self.act, bias, self._h, self.n_threads,
-                         qtype=self.qtype)
+                         qtype=self.qtype, down_qtype=self.down_qtype)
         return self._h
 
     def close(self) -> None:

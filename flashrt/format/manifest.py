@@ -198,10 +198,15 @@ class Manifest:
                   f"{self.format_version}", path)
         if self.dtype in QUANT_DTYPES and f["dim"] % 32:
             _fail(f"ffn dim {f['dim']} is not a whole number of {self.dtype} blocks of 32", path)
+        down = f.get("down_dtype", self.dtype)
+        if down != self.dtype and not (self.dtype in QUANT_DTYPES and down in QUANT_DTYPES):
+            _fail(f"ffn down_dtype {down!r} must be one of {list(QUANT_DTYPES)} in a quantized "
+                  f"model (dtype {self.dtype!r})", path)
         part_bytes = storage_row_bytes(self.dtype, f["dim"])
-        if f["row_bytes"] != len(parts) * part_bytes:
-            _fail(f"ffn row_bytes {f['row_bytes']} != {len(parts)} parts x {part_bytes} bytes "
-                  f"({f['dim']} weights as {self.dtype})", path)
+        want = (len(parts) - 1) * part_bytes + storage_row_bytes(down, f["dim"])
+        if f["row_bytes"] != want:
+            _fail(f"ffn row_bytes {f['row_bytes']} != {want}: {len(parts)} parts of {f['dim']} "
+                  f"weights as {self.dtype}" + (f" (down as {down})" if down != self.dtype else ""), path)
         if f["file"] not in self.files:
             _fail(f"manifest does not list the FFN file {f['file']!r}", path)
         if self.files[f["file"]]["bytes"] != f["file_bytes"]:

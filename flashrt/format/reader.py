@@ -118,6 +118,12 @@ class ModelFiles:
         return self.manifest.dtype if self.manifest.dtype in QUANT_DTYPES else None
 
     @property
+    def down_qtype(self):
+        """The quantized type of the bundles' down parts (may differ from qtype: a GGUF's 4-bit
+        gate/up blocks with a q8_0 down column), or None for float bundles."""
+        return self.manifest.ffn.get("down_dtype", self.qtype) if self.qtype else None
+
+    @property
     def dtype(self) -> np.dtype:
         """The NumPy dtype of bundle rows: the float type, or uint8 for quantized blocks."""
         return np.dtype(np.uint8 if self.qtype else self.manifest.dtype).newbyteorder("<")

@@ -135,7 +135,7 @@ class ModelWriter:
 
     def __init__(self, out_dir, architecture: str, config: dict, dtype="float16",
                  overwrite: bool = False, source: dict | None = None,
-                 alignment: int = ALIGNMENT):
+                 alignment: int = ALIGNMENT, down_dtype: str | None = None):
         if architecture not in FAMILIES:
             raise ValueError(f"architecture must be one of {sorted(FAMILIES)}, got {architecture!r}")
         dtype = dtype if isinstance(dtype, str) and is_quantized(dtype) else np.dtype(dtype).name
@@ -151,6 +151,11 @@ class ModelWriter:
         # array dtype of bundle rows (uint8 blocks when quantized) and of float resident tensors
         self.dtype = np.dtype(np.uint8 if self.quantized else dtype).newbyteorder("<")
         self.float_dtype = np.dtype("<f2") if self.quantized else self.dtype
+        # the bundles' down parts: the storage type, or another quantized type
+        self.down_storage = down_dtype or dtype
+        if self.down_storage != dtype and not (self.quantized and is_quantized(self.down_storage)):
+            raise ValueError(f"down_dtype must be a quantized type in a quantized model, got "
+                             f"{down_dtype!r} for dtype {dtype!r}")
         self._tensor_dtypes: dict[str, str] = {}
         self.overwrite = overwrite
         self.source = dict(source or {})
@@ -230,13 +235,15 @@ class ModelWriter:
                              f"{len(self._offsets)}, got {layer}")
         bundles = np.asarray(bundles)
         n_parts = len(self.parts)
-        if bundles.ndim != 2 or bundles.shape[1] % n_parts:
+        blocks = self.quantized and bundles.dtype == np.uint8
+        if bundles.ndim != 2 or (bundles.shape[1] % n_parts and not blocks):
             raise ValueError(f"layer {layer}: bundles must be (n_neurons, {n_parts} * dim), "
                              f"got {bundles.shape}")
         n, dim = bundles.shape[0], bundles.shape[1] // n_parts
-        if self.quantized and bundles.dtype == np.uint8:       # blocks already
-            dim = dim // storage_row_bytes(self.storage, 32) * 32
-            if bundles.shape[1] != n_parts * storage_row_bytes(self.storage, dim):
+        if blocks:                                              # quantized rows already
+            per_32 = (n_parts - 1) * storage_row_bytes(self.storage, 32) + storage_row_bytes(self.down_storage, 32)
+            dim = bundles.shape[1] // per_32 * 32
+            if bundles.shape[1] != self._row_bytes_for(dim):
                 raise ValueError(f"layer {layer}: {bundles.shape[1]} bytes per row is not "
                                  f"{n_parts} parts of {self.storage} blocks")
         elif self.quantized:
@@ -245,7 +252,10 @@ class ModelWriter:
                     f"{self.storage} storage needs the FFN dim (hidden_size) to be a multiple "
                     f"of 32, this model's is {dim}; convert with --dtype float16")
             self._check_finite(bundles, bundles, f"FFN layer {layer}")
-            bundles = quantize(bundles.reshape(n, n_parts, dim), self.storage).reshape(n, -1)
+            head = (n_parts - 1) * dim
+            bundles = np.concatenate(
+                [quantize(bundles[:, :head].reshape(n, n_parts - 1, dim), self.storage).reshape(n, -1),
+                 quantize(bundles[:, head:], self.down_storage)], axis=1)
         if self._n_neurons is None:
             self._n_neurons, self._dim = n, dim
         elif (n, dim) != (self._n_neurons, self._dim):
@@ -315,7 +325,8 @@ class ModelWriter:
             ffn={"file": FFN_NAME, "parts": list(self.parts), "n_neurons": self._n_neurons,
                  "dim": self._dim, "row_bytes": self._n_row_bytes(),
                  "alignment": self.alignment, "layer_offsets": list(self._offsets),
-                 "file_bytes": self._ffn_pos},
+                 "file_bytes": self._ffn_pos,
+                 **({"down_dtype": self.down_storage} if self.down_storage != self.storage else {})},
             files=files,
             source=self.source,
             created_by=f"flashrt {_version()}",
@@ -380,7 +391,11 @@ class ModelWriter:
     def _n_row_bytes(self) -> int:
         if self._dim is None:
             raise ValueError("no FFN layers were added")
-        return len(self.parts) * storage_row_bytes(self.storage, self._dim)
+        return self._row_bytes_for(self._dim)
+
+    def _row_bytes_for(self, dim: int) -> int:
+        return ((len(self.parts) - 1) * storage_row_bytes(self.storage, dim)
+                + storage_row_bytes(self.down_storage, dim))
 
     def _write_ffn(self, data) -> None:
         self._ffn_file.write(data)

@@ -224,6 +224,33 @@ def test_ffn_rows_model_shapes(path, n, d, gated, act, with_bias, qtype):
     _check_ffn(n, d, qtype, gated, act, with_bias, 2, seed=n + d)
 
 
+@pytest.mark.parametrize("qtype,down_qtype", [("q4_1", "q8_0"), ("q4_0", "q8_0"), ("q8_0", "q4_1")])
+@pytest.mark.parametrize("gated,act,n", [(True, "silu", 301), (False, "relu", 77)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_ffn_rows_with_another_down_type(path, threaded, qtype, down_qtype, gated, act, n, n_threads):
+    # A bundle whose down column is stored in another type (GGUF import keeps 4-bit gate/up
+    # blocks and re-blocks the down projection as q8_0).
+    rng = np.random.default_rng(n)
+    d, n_parts = 96, 3 if gated else 2
+    gu = _quant(rng.standard_normal((n * (n_parts - 1), d)) * 0.3, qtype).reshape(n, -1)
+    down = _quant(rng.standard_normal((n, d)) * 0.3, down_qtype)
+    rows = np.ascontiguousarray(np.concatenate([gu, down], axis=1))
+    x = rng.standard_normal(d).astype(np.float32)
+    bias = None if gated else rng.standard_normal(n).astype(np.float32)
+    h, want_h = np.empty(n, np.float32), np.empty(n, np.float32)
+    got = kernels.ffn_rows(rows, x, np.empty(d, np.float32), gated, act, bias, h, n_threads,
+                           qtype, down_qtype)
+    want = ref.ffn_rows(rows, x, np.empty(d, np.float32), gated, act, bias, want_h, qtype=qtype,
+                        down_qtype=down_qtype)
+    D = ref.dequantize(down, down_qtype).astype(np.float64)
+    G = ref.dequantize(gu.reshape(n, n_parts - 1, -1), qtype).reshape(n, -1).astype(np.float64)
+    h_scale = 1.13 * (np.abs(G) @ np.abs(np.tile(_xq64(x), n_parts - 1))) * (1 + np.abs(want_h))
+    _close(h, want_h, h_scale)
+    _close(got, want, (np.abs(want_h.astype(np.float64)) + h_scale) @ np.abs(D))
+    with pytest.raises(ValueError, match="bytes per row"):
+        kernels.ffn_rows(rows, x, np.empty(d, np.float32), gated, act, bias, None, 1, qtype)
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_quantized_results_do_not_depend_on_thread_count(path, qtype):
     rng = np.random.default_rng(11)

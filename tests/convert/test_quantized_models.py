@@ -63,8 +63,10 @@ def dequantized_copy(files, out):
             w.add_resident(name, a.dequantize() if isinstance(a, QMatrix) else a.astype(np.float32))
         for l in range(files.n_layers):
             B = files.read_ffn_layer(l)
-            n, P = B.shape[0], len(files.ffn_parts)
-            w.add_ffn_layer(l, dequantize(B.reshape(n, P, -1), files.qtype).reshape(n, -1))
+            n, P, d = B.shape[0], len(files.ffn_parts), files.dim
+            cut = (P - 1) * (d // 32) * {"q8_0": 34, "q4_0": 18, "q4_1": 20}[files.qtype]
+            head = dequantize(B[:, :cut].reshape(n, P - 1, -1), files.qtype).reshape(n, -1)
+            w.add_ffn_layer(l, np.concatenate([head, dequantize(B[:, cut:], files.down_qtype)], 1))
     return out
 
 
@@ -185,18 +187,26 @@ def test_gguf_blocks_are_copied_bit_for_bit_and_down_requantized(tmp_path):
         assert np.array_equal(res[a + "k_proj.weight"].data, unpermute_qk(blocks(f"blk.{l}.attn_k.weight"), 2))
         assert np.array_equal(res[a + "o_proj.weight"].data, blocks(f"blk.{l}.attn_output.weight"))
         rows = q.read_ffn_layer(l)
-        rb = rows.shape[1] // 3
+        rb = 64 // 32 * 20                                      # a q4_1 part of 64 weights
+        assert rows.shape[1] == 2 * rb + 64 // 32 * 34           # gate, up q4_1; down q8_0
         assert np.array_equal(rows[:, :rb], blocks(f"blk.{l}.ffn_gate.weight"))
         assert np.array_equal(rows[:, rb:2 * rb], blocks(f"blk.{l}.ffn_up.weight"))
         down = gguf_dequantize(by[f"blk.{l}.ffn_down.weight"].data, G.Q4_1).reshape(64, 96)
-        assert np.array_equal(rows[:, 2 * rb:], quantize(down.T, "q4_1"))    # re-blocked along d
+        assert np.array_equal(rows[:, 2 * rb:], quantize(down.T, "q8_0"))    # re-blocked along d
+    assert q.down_qtype == "q8_0" and q.manifest.ffn["down_dtype"] == "q8_0"
     # copied exactly: the values are the float32 conversion's, bit for bit
     f32_res = f32.load_resident()
     for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"):
         np.testing.assert_array_equal(res[name].dequantize(), f32_res[name])
-    # and the model runs: flash with every neuron equals dense
+    # the model computes with what it holds (prefill against the float32 copy), and flash with
+    # every neuron equals dense, prefill and decode
     ids = np.arange(1, 12)
+    with flashrt.Generator(dequantized_copy(q, tmp_path / "copy")) as g:
+        ref = g.logits(ids)
     with flashrt.Generator(q.path) as g:
         dense = g.logits(ids)
+        dense_decode = decode_logits(g, ids)
+    np.testing.assert_allclose(dense, ref, atol=1e-4, rtol=0)
     with flashrt.Generator(q.path, mode="flash", select="all") as g:
         np.testing.assert_allclose(g.logits(ids), dense, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(decode_logits(g, ids), dense_decode, atol=1e-5, rtol=0)
