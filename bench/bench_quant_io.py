@@ -36,15 +36,17 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--types", default=",".join(TYPES), help="storage types, float16 first")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    types = args.types.split(",")
     if args.quick:
         args.tokens, args.repeats = 4, 2
     vocab = 1024 if args.shape != "tiny" else 256
-    paths = {t: ensure_synthetic(args.shape, dtype=t) for t in TYPES}
+    paths = {t: ensure_synthetic(args.shape, dtype=t) for t in types}
     mb = {t: model_bytes(p) for t, p in paths.items()}
     budget16, note = budget_for(paths["float16"], 0.5)
-    cache_note = drop_page_cache([mb[t]["ffn_path"] for t in TYPES])
+    cache_note = drop_page_cache([mb[t]["ffn_path"] for t in types])
     text = header(f"Flash reads per storage type, synthetic {args.shape}",
                   dict(shape=args.shape, budget=note, tokens=args.tokens, repeats=args.repeats,
                        window=args.window, threads=args.threads, page_cache=cache_note))
@@ -52,12 +54,13 @@ def main(argv=None):
     with flashrt.Generator(paths["float16"], mode="flash", memory_budget=budget16, window=args.window,
                            threads=args.threads, max_context=256, progress=False) as g:
         rows16 = g.plan.cache_rows
-    for t in TYPES:
+    for t in types:
         same_budget = flashrt.Generator(paths[t], mode="flash", memory_budget=budget16, window=args.window,
                                         threads=args.threads, max_context=256, progress=False)
-        # the budget that gives this type's caches float16's row count
-        extra = same_budget.plan.cache_bytes - rows16 * mb[t]["row_bytes"] * mb[t]["n_layers"]
-        same_cache = flashrt.Generator(paths[t], mode="flash", memory_budget=budget16 - extra,
+        # the budget that gives this type's caches float16's row count: its fixed part + those rows
+        fixed = same_budget.plan.total - same_budget.plan.cache_bytes
+        budget = fixed + rows16 * mb[t]["row_bytes"] * mb[t]["n_layers"] + 1
+        same_cache = flashrt.Generator(paths[t], mode="flash", memory_budget=budget,
                                        window=args.window, threads=args.threads, max_context=256, progress=False)
         gens[t, "same cache"] = same_cache
         gens[t, "same budget"] = same_budget
