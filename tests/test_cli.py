@@ -254,8 +254,11 @@ def test_closed_stdout_is_not_a_traceback(tiny):
 
 
 def test_ctrl_c_exits_130(tiny):
+    # A shell's background job inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler: give the child the default disposition, as an interactive terminal would.
     p = subprocess.Popen([sys.executable, "-m", "flashrt", "chat", "--model", str(tiny["llama"])], env=env(),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     banner = p.stderr.readline()  # printed just before it waits for input
     assert b"flashrt chat" in banner
     time.sleep(0.2)
