@@ -165,9 +165,10 @@ class ModelFiles:
                 base = 8 + n_header
                 size = os.fstat(f.fileno()).st_size
                 tensors = {}
-                for name, info in header.items():
-                    if name == "__metadata__":
-                        continue
+                # in file order, so that the readahead past each tensor is the next one's (dropped below)
+                items = [(k, v) for k, v in header.items() if k != "__metadata__"]
+                items.sort(key=lambda kv: kv[1].get("data_offsets", [0])[0] if isinstance(kv[1], dict) else 0)
+                for name, info in items:
                     dtype = dtypes.get(info.get("dtype"))
                     shape = tuple(info["shape"])
                     begin, end = info["data_offsets"]
@@ -180,7 +181,10 @@ class ModelFiles:
                     f.seek(base + begin)
                     if f.readinto(memoryview(a).cast("B")) != n_bytes:
                         raise ModelFormatError(f"{p}: tensor {name!r} is truncated; {REDO}")
+                    # the copy is ours now: drop the page cache's, which would count against the budget too
+                    os.posix_fadvise(f.fileno(), base + begin, n_bytes, os.POSIX_FADV_DONTNEED)
                     tensors[name] = a
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # partial pages at the seams
         except (OSError, ValueError, KeyError, TypeError) as e:
             if isinstance(e, ModelFormatError):
                 raise
