@@ -179,12 +179,39 @@ def _bounded_range(max_steps: int):
     return range_
 
 
+def _check_config(config, vocab_size: int) -> dict:
+    """The tokenizer config's fields, type- and range-checked: ModelFormatError naming the field."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"tokenizer config must be a JSON object, got {type(config).__name__}")
+
+    def bad(field, want):
+        raise ModelFormatError(f"tokenizer config: {field} must be {want}, got {config[field]!r}; "
+                               f"re-run `flashrt convert` (or fix tokenizer_config.json)")
+
+    def is_id(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size
+
+    for field in ("chat_template", "bos_token", "eos_token"):
+        if config.get(field) is not None and not isinstance(config[field], str):
+            bad(field, "a string")
+    if config.get("bos_token_id") is not None and not is_id(config["bos_token_id"]):
+        bad("bos_token_id", f"a token id below the vocabulary size {vocab_size}")
+    ids = config.get("eos_token_ids")
+    if ids is not None and not (isinstance(ids, list) and all(is_id(i) for i in ids)):
+        bad("eos_token_ids", f"a list of token ids below the vocabulary size {vocab_size}")
+    if config.get("add_bos_token") is not None and not isinstance(config["add_bos_token"], bool):
+        bad("add_bos_token", "true or false")
+    return dict(config)
+
+
 # -- the tokenizer --------------------------------------------------------------------
 class Tokenizer:
     """encode/decode with the model's BOS rule; chat template rendering."""
 
     def __init__(self, tokenizer, config: dict | None = None):
-        cfg = dict(config or {})
+        cfg = _check_config(config, tokenizer.get_vocab_size())
         self._tk = tokenizer  # tokenizers.Tokenizer
         self.chat_template = cfg.get("chat_template")
         self.bos_token = cfg.get("bos_token")

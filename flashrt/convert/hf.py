@@ -212,6 +212,9 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
         raise ModelFormatError(f"{src_dir}: no config.json; is this a Hugging Face model "
                                f"directory?")
     hf_config = _load_json(cfg_path)
+    if not isinstance(hf_config, dict):
+        raise ModelFormatError(f"{cfg_path}: must hold a JSON object, got a "
+                               f"{type(hf_config).__name__}")
     family = family_for(hf_config, str(cfg_path))
     args = family.ModelArgs.from_dict(hf_config, str(cfg_path), warn=True)
     config = args.to_config(hf_config)
