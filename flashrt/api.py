@@ -187,12 +187,12 @@ class Generator:
         self.files = ModelFiles.open(self.path)
         try:
             self.config = self.files.config
+            _, args = model_args(self.files)  # the config validated before anything is built
             rss_before = _rss_bytes()
             self.tokenizer = Tokenizer.from_dir(self.files.tokenizer_dir) if self.files.tokenizer_dir else None
             _return_freed_memory()  # the parse's scratch (~31 MB for SmolLM2) is freed: hand it back
             tokenizer_bytes = _tokenizer_bytes(self.files.tokenizer_dir, _rss_bytes() - rss_before)
             n_ctx_model = int(self.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
-            _, args = model_args(self.files)
             self.plan = None
             self.select = None
             if mode == "dense":

@@ -520,3 +520,80 @@ def test_generator_dropped_without_close_is_freed_at_once(llama_dir, mode):
         assert len(os.listdir("/proc/self/fd")) == fds
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("field, value", [
+    ("num_hidden_layers", 0), ("num_hidden_layers", -1), ("num_hidden_layers", 3.0),
+    ("num_hidden_layers", 10 ** 9),                      # used to hang building 10**9 tensor names
+    ("num_key_value_heads", 0),                          # ZeroDivisionError
+    ("sliding_window", "4096"), ("eos_token_id", ["a"]), ("num_attention_heads", ["a"]),
+    ("rms_norm_eps", -1e-5), ("rope_theta", 0),
+])
+def test_hostile_hf_config_values_are_refused_naming_the_field(hf_src, tmp_path, field, value):
+    import json
+    import time
+
+    from flashrt.errors import ModelFormatError
+
+    cfg = json.loads((hf_src / "config.json").read_text())
+    cfg[field] = value
+    if field == "sliding_window":
+        cfg["model_type"] = "mistral"
+    (hf_src / "config.json").write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    with pytest.raises(ModelFormatError, match=field):
+        convert_quiet(hf_src, tmp_path / "out")
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "out").exists()
+
+
+def test_config_that_is_a_json_list_is_refused(hf_src, tmp_path):
+    import json
+
+    from flashrt.errors import ModelFormatError
+
+    (hf_src / "config.json").write_text(json.dumps([json.loads((hf_src / "config.json").read_text())]))
+    with pytest.raises(ModelFormatError, match="JSON object"):
+        convert_quiet(hf_src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("key, value", [("llama.attention.head_count", 0), ("llama.block_count", 0),
+                                        ("llama.block_count", 10 ** 9), ("llama.attention.head_count_kv", 0)])
+def test_hostile_gguf_metadata_is_refused_naming_the_key(tmp_path, key, value):
+    import gguf
+
+    from flashrt.errors import ModelFormatError
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+
+    p = tmp_path / "m.gguf"
+    write_llama_gguf(p, *tiny_hf_llama())
+    r = gguf.GGUFReader(str(p), "r+")
+    f = r.fields[key]
+    f.parts[f.data[0]][0] = value
+    del r, f
+    short = key.split(".")[-1]
+    with pytest.raises(ModelFormatError, match=f"{short}|num_hidden_layers|num_key_value_heads|num_attention_heads"):
+        convert_quiet(p, tmp_path / "out")
+
+
+@pytest.mark.parametrize("field, value", [("rms_norm_eps", -1e-5), ("rope_theta", 0.0), ("num_key_value_heads", 0)])
+def test_bad_config_in_a_model_directory_is_a_config_error_at_open(llama_dir, tmp_path, field, value):
+    """A manifest whose config is wrong but whose checksum matches (a buggy writer): rms_norm_eps < 0
+    or rope_theta = 0 gave non-finite logits reported as corrupt weights."""
+    import json
+
+    from flashrt.errors import ModelFormatError
+    from flashrt.format import manifest as manifest_mod
+
+    d = copy_model(llama_dir, tmp_path / "m")
+    man = json.loads((d / "manifest.json").read_text())
+    man["config"][field] = value
+    man["checksum"] = manifest_mod.manifest_checksum(man)
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ModelFormatError, match=field) as e:
+        with flashrt.Generator(d, progress=False) as g:
+            g.generate("hi", max_new_tokens=2)
+    assert "corrupt" not in str(e.value)

@@ -79,6 +79,30 @@ def test_fuzz_model_directory_in_a_child_process():
     assert "1 passed" in r.stdout, out
 
 
+def test_mutation_fuzz_each_case_in_a_child_process(tmp_path, capsys):
+    """tests/fuzz_driver.py: FLASHRT_FUZZ_CASES (default 150) mutations of HF and GGUF sources
+    and of model directories (config fields, tensor shapes, metadata values, truncation),
+    each in a fork()ed child with a 3 GiB address-space limit and a 30 s timeout: 0 crashes,
+    0 hangs, and every failure a FlashrtError with a one-line message."""
+    n = int(os.environ.get("FLASHRT_FUZZ_CASES", "150"))
+    seed = int(os.environ.get("FLASHRT_FUZZ_SEED", "0"))
+    cmd = [sys.executable, str(REPO / "tests" / "fuzz_driver.py"), str(tmp_path / "work"), "--cases", str(n),
+           "--seed", str(seed), "--timeout", "30", "--mem-mb", "3072"]
+    try:
+        r = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=60 + 10 * n)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the fuzz driver itself hung ({n} cases)")
+    assert r.returncode == 0, f"fuzz driver exited {r.returncode}:\n{r.stderr[-3000:]}"
+    summary = json.loads(r.stdout.split("FUZZ ", 1)[1])
+    with capsys.disabled():
+        print(f"\nmutation fuzz: {summary['cases']} cases (seed {seed}): {summary['ok']} ran, {summary['refused']} "
+              f"refused {summary['refused_by']}, {summary['skip']} not applicable, {len(summary['bugs'])} "
+              f"non-FlashrtError, {len(summary['crashes'])} crashes, {len(summary['hangs'])} hangs")
+    assert summary["cases"] == n
+    problems = summary["bugs"] + summary["crashes"] + summary["hangs"] + summary["multiline"]
+    assert not problems, json.dumps(problems, indent=1)[:6000]
+
+
 @pytest.fixture(scope="module")
 def fuzz_bases(tmp_path_factory):
     """Intact tiny models (llama: gated; opt: ReLU with biases) and their outputs, written

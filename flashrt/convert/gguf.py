@@ -31,8 +31,10 @@ from ..errors import ModelFormatError, UnsupportedModelError
 from ..ffn.layout import bundle
 from ..format.writer import ModelWriter
 from ..models import family
+from ..models.base import check_config_values
 from ..quant import GGUF_DEFAULT, GGUF_EXACT, QMatrix, fits, is_quantized, quantize
 from ..tokenizer import tokenizer_from_gguf
+from .hf import count_layers
 
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                     "Q4_K", "Q5_K", "Q6_K")
@@ -111,6 +113,11 @@ def gguf_config(reader, tensor_names) -> dict:
             f"GGUF rope scaling ({kind if kind != 'none' else 'rope_freqs tensor'}) is not "
             f"supported; flashrt converts plain and linear RoPE from GGUF (convert Llama 3.1+ "
             f"from the Hugging Face checkpoint)")
+    for key in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length",
+                "attention.head_count_kv", "attention.key_length", "attention.value_length", "context_length"):
+        v = _get(reader, p + key)
+        if v is not None and (isinstance(v, (str, bytes)) or not float(v).is_integer() or v < 1):
+            raise ModelFormatError(f"GGUF metadata {p + key} must be a positive integer, got {v!r}")
     d = int(_get(reader, p + "embedding_length", required=True))
     heads = int(_get(reader, p + "attention.head_count", required=True))
     head_dim = int(_get(reader, p + "attention.key_length", d // heads))
@@ -224,6 +231,7 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     config["vocab_size"] = int(by_gguf["token_embd.weight"].shape[1])
     llama = family("llama")
     args = llama.ModelArgs.from_dict(config, str(src_file), warn=True)
+    check_config_values(config, f"{src_file} (GGUF metadata)", count_layers(by_gguf, r"blk\.(\d+)\."))
 
     tensors = {}  # HF name -> GGUF tensor
     for name, t in by_gguf.items():

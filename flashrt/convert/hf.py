@@ -20,12 +20,20 @@ from tqdm.auto import tqdm
 
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..ffn.layout import bundle
+from ..models.base import check_config_values
 from ..format.writer import ModelWriter
 from ..models import family_for
 
 _NP_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 # Tensors some checkpoints carry that are recomputed at run time.
 HF_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+
+
+def count_layers(names, pattern: str) -> int:
+    """Layers present in tensor names ("model.layers.7." or "blk.7."): 1 + the largest index."""
+    rx = re.compile(pattern)
+    idx = [int(m.group(1)) for n in names if (m := rx.match(n))]
+    return max(idx) + 1 if idx else 0
 
 
 # -- tensors --------------------------------------------------------------------------
@@ -220,6 +228,8 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
     config = args.to_config(hf_config)
     with ExitStack() as stack:
         src = SafetensorsSource(src_dir, family, stack)
+        check_config_values(config, str(cfg_path),
+                            count_layers(src.entries, r"(?:model\.(?:decoder\.)?)?layers\.(\d+)\."))
         embed = family.EMBED_NAME
         if not config["tie_word_embeddings"] and "lm_head.weight" in src.entries and \
                 embed in src.entries and src.shape(embed) == src.shape("lm_head.weight") and \

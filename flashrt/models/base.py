@@ -220,3 +220,41 @@ def embed(table, ids):
             f"token id out of range [0, {table.shape[0]}): min {ids.min()}, max {ids.max()}"
         )
     return table[ids].astype(np.float32)
+
+
+# bounds on config sizes: far above any real model, low enough that nothing is built for a typo
+MAX_LAYERS = 4096
+MAX_SIZE = 1 << 24          # hidden, intermediate, vocab, heads, head_dim
+MAX_POSITIONS = 1 << 24
+
+
+def check_config_values(cfg: dict, where: str, n_layers_found: int | None = None) -> None:
+    """Every size the converter and the forward pass use: a positive integer within bounds (a
+    float, a string, 0 or 10**9 layers is refused before anything is built), the token ids
+    integers; ModelFormatError naming the field."""
+    def pos_int(key, hi, optional=False):
+        v = cfg.get(key)
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise ModelFormatError(f"{where}: {key} must be an integer from 1 to {hi}, got {v!r}")
+
+    pos_int("num_hidden_layers", MAX_LAYERS)
+    for key in ("hidden_size", "num_attention_heads", "vocab_size"):
+        pos_int(key, MAX_SIZE)
+    for key in ("intermediate_size", "ffn_dim", "num_key_value_heads", "head_dim", "word_embed_proj_dim"):
+        pos_int(key, MAX_SIZE, optional=True)
+    for key in ("max_position_embeddings", "sliding_window"):
+        pos_int(key, MAX_POSITIONS, optional=True)
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        v = cfg.get(key)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ModelFormatError(f"{where}: {key} must be a token id (or a list of them), got {v!r}")
+    for key in ("rms_norm_eps", "layer_norm_eps", "rope_theta"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+            raise ModelFormatError(f"{where}: {key} must be a positive finite number, got {v!r}")
+    if n_layers_found is not None and cfg["num_hidden_layers"] != n_layers_found:
+        raise ModelFormatError(f"{where}: num_hidden_layers is {cfg['num_hidden_layers']} but the checkpoint "
+                               f"holds tensors for {n_layers_found} layers")

@@ -23,7 +23,7 @@ from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import GATED_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import Rope, attention, config_int, embed, rms_norm, rope_config, weight_getter
+from flashrt.models.base import Rope, attention, check_config_values, config_int, embed, rms_norm, rope_config, weight_getter
 
 ARCHITECTURE = "llama"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -67,6 +67,7 @@ class ModelArgs:
         missing = [k for k in REQUIRED if config.get(k) is None]
         if missing:
             raise ModelFormatError(f"{where}: missing required key(s) {missing} (a {model_type} config needs them)")
+        check_config_values(config, where)  # bounds, token ids, finite positive eps/theta
         hidden_act = config.get("hidden_act", cls.ACTIVATIONS[0])
         if hidden_act not in cls.ACTIVATIONS:
             raise UnsupportedModelError(

@@ -19,7 +19,7 @@ from flashrt.errors import GenerationError, ModelFormatError, UnsupportedModelEr
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import RELU_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import attention, config_int, embed, layer_norm, weight_getter
+from flashrt.models.base import attention, check_config_values, config_int, embed, layer_norm, weight_getter
 
 ARCHITECTURE = "opt"
 MODEL_TYPES = ("opt",)
@@ -53,6 +53,7 @@ class ModelArgs:
         missing = [k for k in REQUIRED if config.get(k) is None]
         if missing:
             raise ModelFormatError(f"{where}: missing required key(s) {missing} (an OPT config needs them)")
+        check_config_values(config, where)  # bounds, token ids, finite positive eps
         hidden = config_int(config, "hidden_size", where)
         if not config.get("do_layer_norm_before", True):
             raise UnsupportedModelError(
