@@ -35,6 +35,7 @@ from .kv_cache import KVCache
 from .linear import linear
 from .models import family
 from .predictor import PREDICTORS_NAME, PredictorSet
+from .predictor.store import predictor_ram_bytes
 from .sampling import SamplingParams, sample
 from .threads import blas_single_threaded, default_threads
 from .tokenizer import Tokenizer
@@ -202,7 +203,9 @@ class Generator:
             else:
                 self.select = choose_select(self.files, select) if mode == "flash" else "all"
                 pred = predictors_path(self.files)
-                pred_bytes = pred.stat().st_size if self.select == "predictor" else 0
+                pred_bytes = 0
+                if self.select == "predictor":  # counted as held in RAM (float32 scoring copies), not as the file
+                    pred_bytes = predictor_ram_bytes(pred, self.files.dim, self.files.n_neurons)
                 self.plan = plan_budget(self.files, args, mode, memory_budget, max_context, n_ctx_model, pred_bytes,
                                         tokenizer_bytes)
                 self.max_context = self.plan.max_context

@@ -58,7 +58,7 @@ def working_bytes(args, row_bytes: int, max_context: int) -> int:
     d = args.hidden_size
     n_heads = args.num_attention_heads
     stream = STREAM_CHUNK_BYTES * 3  # raw chunk + float32 copy (f16 models) + h/partial sums
-    scores = n_heads * max_context * max_context * 4
+    scores = n_heads * max_context * max_context * 4 + max_context * max_context  # + the causal mask (bool)
     return 2 * vocab * 4 + scores + stream + 8 * max_context * d * 4
 
 

@@ -597,3 +597,80 @@ def test_bad_config_in_a_model_directory_is_a_config_error_at_open(llama_dir, tm
         with flashrt.Generator(d, progress=False) as g:
             g.generate("hi", max_new_tokens=2)
     assert "corrupt" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- budget accounting
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_predictors_are_counted_at_their_in_ram_size_not_the_file_size(llama_dir, tmp_path, dtype):
+    """SmolLM2's float16 predictors.npz is 8 MB on disk and 23 MB in RAM (float32 scoring copies)."""
+    import resource
+
+    from flashrt.format.writer import register_file
+    from flashrt.predictor import PredictorSet
+    from flashrt.predictor.store import predictor_ram_bytes
+
+    d = copy_model(llama_dir, tmp_path / "m")
+    pset = random_pset(64, 144, 3)
+    for p in pset.predictors:
+        p.__init__("product", p.A.astype(dtype), p.B.astype(dtype), r_gate=4, keep_fraction=0.5)
+    pset.save(d)
+    register_file(d, "predictors.npz")
+    loaded = PredictorSet.load(d, 64, 144, 3)
+    held = sum(a.nbytes for p in loaded.predictors
+               for a in {id(x): x for x in (p.A, p.B, p.bias, p.bias_gate, p._A32, p._B32, p._Bg, p._Bu)
+                         if x is not None}.values())
+    assert loaded.nbytes == held
+    assert predictor_ram_bytes(d / "predictors.npz", 64, 144) == held
+    with flashrt.Generator(d, mode="flash", select="predictor", memory_budget="1GB", progress=False) as g:
+        assert g.plan.predictor_bytes == held
+    if dtype == np.float16:
+        assert held > 2 * (d / "predictors.npz").stat().st_size
+
+
+LONG_PROMPT_RSS = """
+    import re, sys, json, warnings
+    warnings.simplefilter("ignore")
+    import numpy as np
+    import flashrt, flashrt.api, flashrt.tokenizer, flashrt.format.reader, flashrt.models, jinja2
+    from flashrt.errors import BudgetError
+    from flashrt.format import ModelFiles
+
+    def status(k):
+        return int(re.search(k + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+    path, which, mode, ctx = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    if which == "min":
+        try:
+            flashrt.Generator(path, mode=mode, memory_budget="1MB", max_context=ctx, progress=False)
+        except BudgetError as e:
+            budget = int(float(re.search(r"needs at least ([\\d.]+) MB", str(e)).group(1)) * 1e6) + 200_000
+    else:
+        with ModelFiles.open(path) as f:
+            budget = int(float(which) * (f.resident_bytes + f.ffn_bytes))
+    base = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS: the peak from here on
+    g = flashrt.Generator(path, mode=mode, memory_budget=budget, max_context=ctx, progress=False)
+    ids = g.tokenizer.encode(" ".join(["word"] * (2 * g.max_context)))[: g.max_context - 2]  # fills the context
+    g.generate(g.tokenizer.decode(ids), max_new_tokens=2)
+    print(json.dumps(dict(budget=budget, peak=status("VmHWM") - base, n_prompt=len(ids), ctx=g.max_context)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which, mode, ctx", [("min", "flash", 256), ("0.75", "flash", 256), ("min", "naive", 256),
+                                             ("min", "flash", 2048)])
+def test_peak_rss_stays_under_the_budget_for_a_context_filling_prompt(smollm2_dir, which, mode, ctx):
+    """Prefill computed logits for every prompt token: at the minimum flash budget a 250-token
+    prompt peaked 25 MB over, a 2000-token one (max_context=2048) 217 MB over. Fresh process;
+    peak = VmHWM - VmRSS before opening."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(LONG_PROMPT_RSS), str(smollm2_dir), which, mode, str(ctx)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"\n{which} budget, {mode}, context {ctx}: {out}")
+    assert out["n_prompt"] >= out["ctx"] - 2 > 0
+    assert out["peak"] <= out["budget"], out

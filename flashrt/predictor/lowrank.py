@@ -145,6 +145,18 @@ class LowRankPredictor:
             self._Bu = np.ascontiguousarray(self._B32[:, self.r_gate:])    # (n, r - r_gate)
 
     @property
+    def nbytes(self):
+        """DRAM this predictor holds: the stored factors, float32 scoring copies, split gate/up factors."""
+        arrays = [self.A, self.B, self.bias, self.bias_gate]
+        if self._A32 is not self.A:
+            arrays += [self._A32]
+        if self._B32 is not self.B:
+            arrays += [self._B32]
+        if self.kind == "product":
+            arrays += [self._Bg, self._Bu]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    @property
     def rank(self):
         return self.A.shape[0]
 

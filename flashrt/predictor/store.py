@@ -81,15 +81,8 @@ class PredictorSet:
 
     @property
     def nbytes(self):
-        """DRAM the predictors' arrays hold (as stored, plus float32 working copies when float16)."""
-        total = 0
-        for p in self.predictors:
-            total += p.A.nbytes + p.B.nbytes + p.bias.nbytes
-            if p.bias_gate is not None:
-                total += p.bias_gate.nbytes
-            if p.A.dtype != np.float32:
-                total += p._A32.nbytes + p._B32.nbytes
-        return total
+        """DRAM the predictors' arrays hold (as stored, float32 working copies, split factors)."""
+        return sum(p.nbytes for p in self.predictors)
 
     @property
     def macs(self):
@@ -200,6 +193,32 @@ class PredictorSet:
     def __repr__(self):
         ranks = sorted({p.rank for p in self.predictors})
         return f"PredictorSet(kind={self.kind!r}, n_layers={self.n_layers}, ranks={ranks})"
+
+
+def predictor_ram_bytes(path, dim: int, n_neurons: int) -> int:
+    """What PredictorSet.load(path).nbytes will be, from the header alone (for the budget
+    planner, before the arrays are read): per layer A (r, d) and B (n, r) as stored, float32
+    copies of both when stored in float16, product predictors' split B, the biases."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            with zf.open("header.npy") as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(f))
+                if int(np.prod(shape)) > HEADER_MAX_BYTES:
+                    raise ValueError("header too large")
+                header = json.loads(f.read(int(np.prod(shape))).decode("utf-8"))
+        total = 0
+        for meta in header["layers"]:
+            r, item = int(meta["rank"]), np.dtype(meta["dtype"]).itemsize
+            total += (r * dim + n_neurons * r) * item + n_neurons * 4
+            if item != 4:
+                total += (r * dim + n_neurons * r) * 4
+            if header["kind"] == "product":
+                total += n_neurons * r * 4 + n_neurons * 4
+        return total
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+        raise ModelFormatError(f"{path}: cannot read the predictors header ({type(e).__name__}: {e}); {REDO}") from e
 
 
 HEADER_MAX_BYTES = 16 << 20   # the JSON header (calibration info included)
