@@ -26,7 +26,7 @@ import memcg  # noqa: E402
 
 
 def main(argv=None):
-    from flashrt.flash.budget import fmt_bytes, parse_size
+    from flashrt.budget import fmt_bytes, parse_size
     from flashrt.format import ModelFiles
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -128,7 +128,7 @@ CHILD = textwrap.dedent("""
     warnings.simplefilter("ignore")
     import numpy as np
     import flashrt, flashrt.api, flashrt.tokenizer, flashrt.format.reader, flashrt.models
-    import flashrt.flash.ffn, flashrt._core.kernels, flashrt._core.loader, flashrt._core.cache
+    import flashrt.ffn.flash, flashrt._core.kernels, flashrt._core.loader, flashrt._core.cache
     import jinja2, tokenizers, safetensors.numpy  # everything the run will import, charged now
     model, budget, n_tokens, cgdir, version, prompt, select = sys.argv[1:8]
     budget, n_tokens, version = int(budget), int(n_tokens), int(version)
@@ -218,7 +218,7 @@ def run_generation(model_dir, budget: int, n_tokens: int = 16, prompt: str = "Th
 
 def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from flashrt.flash.budget import parse_size
+    from flashrt.budget import parse_size
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")

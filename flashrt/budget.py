@@ -64,8 +64,7 @@ def working_bytes(args, row_bytes: int, max_context: int) -> int:
     # the loader's bounce buffer (rows are not block-aligned, so a stream chunk passes through it),
     # and per neuron the caches' id/slot maps, selection stamps and the temporal prior
     loader = STREAM_CHUNK_BYTES + 4 * 4096
-    n_neurons = int(config.get("intermediate_size") or config.get("ffn_dim") or 0)
-    bookkeeping = int(config["num_hidden_layers"]) * n_neurons * 24
+    bookkeeping = args.num_hidden_layers * args.n_neurons * 24
     return 2 * vocab * 4 + scores + stream + 8 * max_context * d * 4 + loader + bookkeeping
 
 

@@ -193,7 +193,7 @@ def test_source_shrinking_during_conversion_is_an_error_not_sigbus(tmp_path, kin
         shutil.copytree(ROOT / "tests" / "fixtures" / "hf" / "llama", src)
         victim = src / "model.safetensors"
     else:
-        sys.path.insert(0, str(ROOT / "tests"))
+        sys.path.insert(0, str(ROOT / "tests" / "convert"))
         from test_convert_gguf import tiny_hf_llama, write_llama_gguf
 
         src = victim = tmp_path / "m.gguf"
@@ -256,7 +256,7 @@ def test_output_that_contains_the_source_or_lies_inside_it_is_refused(hf_src, tm
     """`convert m.gguf <dir of m.gguf> --overwrite` deleted the GGUF."""
     from flashrt.format.writer import OutputExistsError
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "convert"))
     from test_convert_gguf import tiny_hf_llama, write_llama_gguf
 
     gdir = tmp_path / "g"
@@ -565,7 +565,7 @@ def test_hostile_gguf_metadata_is_refused_naming_the_key(tmp_path, key, value):
 
     from flashrt.errors import ModelFormatError
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "convert"))
     from test_convert_gguf import tiny_hf_llama, write_llama_gguf
 
     p = tmp_path / "m.gguf"
