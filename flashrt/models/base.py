@@ -109,7 +109,7 @@ def rope_config(cfg: dict, where: str = "config"):
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return theta, None
-    if kind not in ROPE_SCALING:
+    if not isinstance(kind, str) or kind not in ROPE_SCALING:  # a list or dict is not a kind
         raise UnsupportedModelError(
             f"{where}: rope scaling {kind!r} is not supported (flashrt implements plain RoPE "
             f"and {', '.join(ROPE_SCALING)} scaling)")
