@@ -237,7 +237,7 @@ def check_config_values(cfg: dict, where: str, n_layers_found: int | None = None
         if v is None and optional:
             return
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
-            raise ModelFormatError(f"{where}: {key} must be an integer from 1 to {hi}, got {v!r}")
+            raise ModelFormatError(f"{where}: config key {key!r} must be an integer from 1 to {hi}, got {v!r}")
 
     pos_int("num_hidden_layers", MAX_LAYERS)
     for key in ("hidden_size", "num_attention_heads", "vocab_size"):
