@@ -144,11 +144,18 @@ def gemv(W, x, out, n_threads=0, qtype=None):
     return out
 
 
+def ffn_ready_rows(n, d, gated, n_ready):
+    """The twin does not split its rows: it waits first, then computes them all."""
+    return n if n_ready >= n else 0
+
+
 def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qtype=None,
-             down_qtype=None):
+             down_qtype=None, n_ready=-1, wait=None):
     """out (d,) = sum_i h_i * down_i over bundle rows (n, n_parts * d), in float64 (quantized
     rows: gate/up dot products against the per-block quantized x, as the kernel; the down
-    parts may be another quantized type, down_qtype)."""
+    parts may be another quantized type, down_qtype). wait (a callable here): called first."""
+    if wait is not None:
+        wait()
     gated = bool(gated)
     code = _act_code("ffn_rows", act)
     _need("ffn_rows", "x", x, (np.float32,), 1)

@@ -34,6 +34,10 @@ def aligned_empty(shape, dtype, alignment=ALIGNMENT):
     return raw[start:start + n].view(dt).reshape(shape)
 
 
+def _no_wait():
+    """The twin's waiter: its submitted reads are done before submit returns."""
+
+
 class Loader:
     """Same constructor as the compiled Loader; n_threads, backend, direct and
     queue_depth are accepted and ignored (always buffered, one reader)."""
@@ -55,6 +59,8 @@ class Loader:
         self.coalesce = coalesce
         self.max_gap = max_gap
         self._fault = None    # [countdown, remaining, errno]
+        self._pending_error = None  # a submitted read's error, raised by wait()
+        self._pending_ns = 0
         self.reset_stats()
 
     # -- the one primitive -------------------------------------------------
@@ -121,7 +127,9 @@ class Loader:
             b = self._pread(layer_offset + int(ids[j]) * row_bytes, (k - j) * row_bytes)
             out[j:k] = np.frombuffer(b, np.uint8).reshape(k - j, row_bytes)
             j = k
-        self.st["ns_io"] += time.perf_counter_ns() - t0
+        dt = time.perf_counter_ns() - t0
+        self.st["ns_io"] += dt
+        self.st["ns_wait"] += dt
         self.st["bytes_useful"] += m * row_bytes
         self.st["n_calls"] += 1
 
@@ -138,15 +146,50 @@ class Loader:
         for c0 in range(0, n, self.chunk_bytes):
             ln = min(self.chunk_bytes, n - c0)
             flat[c0:c0 + ln] = np.frombuffer(self._pread(offset + c0, ln), np.uint8)
-        self.st["ns_io"] += time.perf_counter_ns() - t0
+        dt = time.perf_counter_ns() - t0
+        self.st["ns_io"] += dt
+        self.st["ns_wait"] += dt
         self.st["bytes_useful"] += n
         self.st["n_calls"] += 1
+
+    # -- "background" reads: done at once here, their read errors kept for wait() ----------
+    def submit_rows(self, layer_offset, row_bytes, ids, dest):
+        self._submitted(self.read_rows, layer_offset, row_bytes, ids, dest)
+
+    def submit_range(self, offset, dest):
+        self._submitted(self.read_range, offset, dest)
+
+    def _submitted(self, read, *args):
+        self.wait()
+        self.st["n_async"] += 1
+        t0 = time.perf_counter_ns()
+        try:
+            read(*args)
+        except OSError as e:
+            self._pending_error = e
+        self._pending_ns = time.perf_counter_ns() - t0
+
+    def wait(self):
+        """(ns in flight, ns waited) of the last submitted read: both its whole time here."""
+        e, self._pending_error = self._pending_error, None
+        ns, self._pending_ns = self._pending_ns, 0
+        if e is not None:
+            raise e
+        return (ns, ns)
+
+    @property
+    def in_flight(self):
+        return False
+
+    def waiter(self):
+        return _no_wait
 
     def stats(self):
         return dict(self.st)
 
     def reset_stats(self):
-        self.st = dict(bytes_read=0, bytes_useful=0, n_reads=0, ns_io=0, n_calls=0, n_retries=0)
+        self.st = dict(bytes_read=0, bytes_useful=0, n_reads=0, ns_io=0, ns_wait=0, n_calls=0, n_async=0,
+                       n_retries=0)
 
     def _inject_fault(self, after_n_reads, err, count=1):
         self._fault = [after_n_reads, count, err]

@@ -379,6 +379,147 @@ static int frt_ring_run(frt_ring *r, int fd, frt_req *reqs, int64_t n, unsigned 
 #endif
 }
 
+/* ------------------------------------------------------------------ */
+/* Reads in the background: one driver thread per loader               */
+/* ------------------------------------------------------------------ */
+
+/* The driver thread runs one batch at a time (through the ring or the pread pool, exactly as
+ * a blocking read would), then copies the bounce-buffered rows into place, then says done.
+ * The caller computes meanwhile and blocks in frt_async_wait only when it needs the rows.
+ * Everything a batch touches (reqs, bounce, src_off, dest) stays untouched by the caller
+ * until frt_async_wait has returned. */
+typedef struct frt_copy {      /* one memcpy the driver does after the reads */
+    char *dst;
+    const char *src;
+    int64_t n;
+} frt_copy;
+
+typedef struct frt_async {
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started;        /* the thread exists */
+    int stop;
+    int pending;        /* a batch was submitted and not yet waited for */
+    int busy;           /* the driver holds a batch */
+    /* the batch */
+    int fd;
+    frt_ring *ring;
+    frt_pool *pool;
+    frt_req *reqs;
+    int64_t n;
+    unsigned qd;
+    frt_fault *fault;
+    char *dest;                 /* rows: dest[j] <- bounce[src_off[j]] when src_off[j] >= 0 */
+    const char *bounce;
+    const int64_t *src_off;
+    int64_t m, row_bytes;
+    frt_copy copies[3];         /* ranges: head / tail (or whole) bounce copies */
+    int n_copies;
+    /* results */
+    int rc;
+    int64_t t_submit, t_done;   /* submit -> reads and copies finished: time in flight */
+    int64_t ns_waited;          /* caller time blocked in frt_async_wait for this batch */
+} frt_async;
+
+static void frt_async_exec(frt_async *a) {
+    if (a->ring != NULL) a->rc = frt_ring_run(a->ring, a->fd, a->reqs, a->n, a->qd, a->fault);
+    else frt_pool_run(a->pool, a->fd, a->reqs, a->n, a->fault);
+    if (a->rc == 0) {
+        if (a->src_off != NULL)
+            for (int64_t j = 0; j < a->m; j++)
+                if (a->src_off[j] >= 0)
+                    memcpy(a->dest + j * a->row_bytes, a->bounce + a->src_off[j], (size_t)a->row_bytes);
+        for (int c = 0; c < a->n_copies; c++)
+            memcpy(a->copies[c].dst, a->copies[c].src, (size_t)a->copies[c].n);
+    }
+}
+
+static void *frt_async_main(void *arg) {
+    frt_async *a = (frt_async *)arg;
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        while (!a->busy && !a->stop) pthread_cond_wait(&a->cv, &a->mu);
+        if (a->stop && !a->busy) break;
+        pthread_mutex_unlock(&a->mu);
+        frt_async_exec(a);
+        int64_t t = frt_now_ns();
+        pthread_mutex_lock(&a->mu);
+        a->t_done = t;
+        a->busy = 0;
+        pthread_cond_broadcast(&a->cv);
+    }
+    pthread_mutex_unlock(&a->mu);
+    return NULL;
+}
+
+/* Start the driver thread (signals blocked in it). Returns 0 or an errno. */
+static int frt_async_start(frt_async *a) {
+    memset(a, 0, sizeof *a);
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_cond_init(&a->cv, NULL);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&a->th, &attr, frt_async_main, a);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        pthread_mutex_destroy(&a->mu);
+        pthread_cond_destroy(&a->cv);
+        return rc;
+    }
+    a->started = 1;
+    return 0;
+}
+
+/* Hand the batch already filled in (fd, ring/pool, reqs, n, qd, fault, copies) to the driver. */
+static void frt_async_submit(frt_async *a) {
+    pthread_mutex_lock(&a->mu);
+    a->rc = 0;
+    a->ns_waited = 0;
+    a->t_submit = frt_now_ns();
+    a->t_done = a->t_submit;
+    a->pending = 1;
+    a->busy = 1;
+    pthread_cond_broadcast(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* Block until the batch's reads and copies are done (a no-op when nothing is in flight);
+ * adds the time blocked to ns_waited. Safe to call more than once per batch. */
+static void frt_async_wait(frt_async *a) {
+    int64_t t0 = frt_now_ns();
+    pthread_mutex_lock(&a->mu);
+    while (a->busy) pthread_cond_wait(&a->cv, &a->mu);
+    pthread_mutex_unlock(&a->mu);
+    a->ns_waited += frt_now_ns() - t0;
+}
+
+/* The kernels' view of a wait: a plain function and its argument (see kernels.ffn_rows). */
+typedef struct frt_waiter {
+    void (*wait)(void *ctx);
+    void *ctx;
+} frt_waiter;
+
+static void frt_async_wait_cb(void *ctx) { frt_async_wait((frt_async *)ctx); }
+
+/* Join the thread (waits for a batch in flight first). */
+static void frt_async_stop(frt_async *a) {
+    if (!a->started) return;
+    pthread_mutex_lock(&a->mu);
+    a->stop = 1;
+    pthread_cond_broadcast(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+    pthread_join(a->th, NULL);
+    pthread_mutex_destroy(&a->mu);
+    pthread_cond_destroy(&a->cv);
+    a->started = 0;
+}
+
 /* Aligned allocation helpers. */
 static inline void *frt_aligned_alloc(size_t alignment, size_t size) {
     void *p = NULL;

@@ -22,6 +22,7 @@ splitting run on the caller alone. The Python layers pass flashrt.threads.defaul
 Results do not depend on n_threads (chunking depends only on the shape).
 """
 from libc.stdint cimport int8_t, int64_t, uint16_t
+from cpython.pycapsule cimport PyCapsule_GetPointer
 cimport numpy as cnp
 
 import numpy as np
@@ -50,6 +51,10 @@ cdef extern from "simd.h" nogil:
     int frt_ffn_rows_par(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated, int act,
                          const float* x, const float* up_bias, float* h_out, float* out,
                          int n_threads)
+    int frt_ffn_rows_wait(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated, int act,
+                          const float* x, const float* up_bias, float* h_out, float* out,
+                          int n_threads, int64_t n_ready, void (*wait)(void*) noexcept nogil, void* wait_ctx)
+    int64_t frt_ffn_ready_rows(int64_t n, int64_t d, int gated, int64_t n_ready)
     void frt_to_f32_par(const void* src, int type, float* out, int64_t n, int n_threads)
     void frt_f16_to_f32_par(const uint16_t* src, float* out, int64_t n, int n_threads)
     void frt_act_inplace_par(float* a, int64_t n, int act, int n_threads)
@@ -294,8 +299,20 @@ def gemv(W, x, out, int n_threads=0, qtype=None):
     return out
 
 
+ctypedef struct _waiter:            # the loader's frt_waiter (flash_io.h): a wait function and its argument
+    void (*wait)(void* ctx) noexcept nogil
+    void* ctx
+
+
+def ffn_ready_rows(int64_t n, int64_t d, gated, int64_t n_ready):
+    """How many of n rows ffn_rows(..., n_ready=, wait=) computes before it waits, when rows
+    [0, n_ready) are ready: the kernel's row chunks that lie wholly inside them (the chunking
+    depends on the shape only; small problems are not split, and then wait comes first)."""
+    return frt_ffn_ready_rows(n, d, bool(gated), n_ready)
+
+
 def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0, qtype=None,
-             down_qtype=None):
+             down_qtype=None, int64_t n_ready=-1, wait=None):
     """The FFN over n bundle rows: out (d,) = sum_i h_i * down_i.
 
     rows: (n, n_parts * d) float16|float32, or uint8 (n, (n_parts - 1) * row_bytes(qtype, d)
@@ -309,9 +326,16 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0
     h_out: (n,) float32 or None, receives h                                             # OUT
     qtype: None (float rows) or "q8_0" | "q4_0" | "q4_1"
     down_qtype: the down parts' quantized type when it differs from qtype (None: qtype)
+    n_ready, wait: rows [n_ready, n) are still being read (Loader.submit_rows): the kernel
+      computes what lies wholly in [0, n_ready) (ffn_ready_rows), calls wait (the capsule of
+      Loader.waiter(), without the GIL) and then the rest. The result is bit for bit the one
+      without them. wait=None: every row is ready.
     Returns out.
     """
     cdef bint g = bool(gated)
+    cdef _waiter* wt = NULL
+    if wait is not None:
+        wt = <_waiter*>PyCapsule_GetPointer(wait, b"flashrt.frt_waiter")
     cdef int a = _act_code("ffn_rows", act)
     cdef int n_parts = 3 if g else 2
     cdef int t = _wtype(rows, qtype)
@@ -338,7 +362,11 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0
                 hptr = <float*>_data(h_out)
             wp, xp, op = _data(rows), <const float*>_data(x), <float*>_data(out)
             with nogil:
-                rc = frt_ffn_rows_par(wp, t, td, n, d, g, a, xp, bptr, hptr, op, n_threads)
+                if wt == NULL:
+                    rc = frt_ffn_rows_par(wp, t, td, n, d, g, a, xp, bptr, hptr, op, n_threads)
+                else:
+                    rc = frt_ffn_rows_wait(wp, t, td, n, d, g, a, xp, bptr, hptr, op, n_threads,
+                                           n_ready if n_ready >= 0 else n, wt.wait, wt.ctx)
             if rc != 0:
                 raise MemoryError("ffn_rows: could not allocate the kernel's scratch memory")
             return out

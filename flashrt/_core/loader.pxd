@@ -36,6 +36,44 @@ cdef extern from "flash_io.h" nogil:
     int frt_ring_run(frt_ring* r, int fd, frt_req* reqs, int64_t n, unsigned qd, frt_fault* f)
     void* frt_aligned_alloc(size_t alignment, size_t size)
 
+    ctypedef struct frt_copy:
+        char* dst
+        const char* src
+        int64_t n
+
+    ctypedef struct frt_async:
+        int started
+        int pending
+        int busy
+        int fd
+        frt_ring* ring
+        frt_pool* pool
+        frt_req* reqs
+        int64_t n
+        unsigned qd
+        frt_fault* fault
+        char* dest
+        const char* bounce
+        const int64_t* src_off
+        int64_t m
+        int64_t row_bytes
+        frt_copy copies[3]
+        int n_copies
+        int rc
+        int64_t t_submit
+        int64_t t_done
+        int64_t ns_waited
+
+    ctypedef struct frt_waiter:
+        void (*wait)(void* ctx) noexcept nogil
+        void* ctx
+
+    int frt_async_start(frt_async* a)
+    void frt_async_submit(frt_async* a)
+    void frt_async_wait(frt_async* a)
+    void frt_async_wait_cb(void* ctx)
+    void frt_async_stop(frt_async* a)
+
 
 cdef class Loader:
     cdef int fd
@@ -58,12 +96,27 @@ cdef class Loader:
     cdef int64_t* src_off        # (src_cap,) per dest row: byte offset in bounce, -1 = read in place
     cdef int64_t src_cap
     cdef frt_fault fault
+    cdef frt_copy copies[3]      # the bounce copies a range read needs after its reads
+    cdef int n_copies
+    cdef frt_async aio           # the background batch (submit_rows / submit_range ... wait)
+    cdef frt_waiter aio_waiter   # {frt_async_wait_cb, &aio}, handed to kernels through waiter()
+    cdef readonly object _waiter_capsule
+    cdef bint aio_active         # a batch is in flight (the lock is held until wait())
+    cdef int64_t aio_n_reqs, aio_useful
+    cdef object aio_keep         # the arrays a batch in flight writes into / reads from
+    cdef int64_t st_ns_wait, st_ns_flight, st_n_async
     cdef int64_t st_bytes_read, st_bytes_useful, st_n_reads, st_ns_io, st_n_calls, st_n_retries
     cdef object _lock
     cdef int owner_pid           # the process that started pool/ring; another pid means fork()
 
     cdef int _ensure(self, int64_t n_reqs, int64_t bounce_bytes, int64_t n_rows) except -1
     cdef int _execute(self, int64_t n_reqs) except -1
+    cdef int _complete(self, int64_t n_reqs, int64_t ns, int rc) except -1
+    cdef int64_t _prepare_rows(self, int64_t layer_offset, int64_t row_bytes, object ids, object dest,
+                               int64_t* m_out) except -2
+    cdef int64_t _prepare_range(self, int64_t offset, object dest) except -2
+    cdef int _submit(self, int64_t n_reqs, char* dest, bint rows, int64_t m, int64_t row_bytes,
+                     int64_t useful, object keep) except -1
     cdef object _start_uring(self)
     cdef int _open_fd(self, bint direct, bint simulate_einval) except -1
     cdef int _after_fork(self) except -1

@@ -5,6 +5,7 @@ O_DIRECT with aligned bounce buffers, adjacent rows coalesced into one read.
     with Loader(path) as ld:                       # backend "auto", O_DIRECT
         ld.read_rows(layer_offset, row_bytes, ids, dest)   # dest[j] <- row ids[j]
         ld.read_range(offset, dest)                # one big sequential read
+        ld.submit_rows(...); compute(); ld.wait()  # the same reads in the background
         ld.stats()                                 # bytes_read, bytes_useful, n_reads, ns_io
 
 The I/O engine is plain C (flash_io.h); this file plans the reads (runs of
@@ -23,6 +24,7 @@ from libc.errno cimport EINVAL, EIO, ENOSYS, EPERM, errno
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, strerror
+from cpython.pycapsule cimport PyCapsule_New
 
 cnp.import_array()
 
@@ -289,6 +291,10 @@ cdef class Loader:
         cdef int err
         self.owner_pid = getpid()
         self._lock = threading.Lock()
+        self.aio.started = 0                  # the read thread is the parent's (its batch too)
+        self.aio_active = False
+        self.aio_keep = None
+        self._waiter_capsule = None
         self.pool = NULL                      # not frt_pool_free: it would join absent threads
         if self.ring != NULL:                 # unmapping and closing our copy leaves the parent's ring alone
             frt_ring_free(self.ring)
@@ -373,7 +379,7 @@ cdef class Loader:
 
     cdef int _execute(self, int64_t n_reqs) except -1:
         """Run reqs[:n_reqs] without the GIL; count stats; raise on the first failure."""
-        cdef int64_t t0, t1, i, got = 0, retries = 0
+        cdef int64_t t0, t1
         cdef int rc = 0
         with nogil:
             t0 = frt_now_ns()
@@ -383,10 +389,16 @@ cdef class Loader:
             else:
                 frt_pool_run(self.pool, self.fd, self.reqs, n_reqs, &self.fault)
             t1 = frt_now_ns()
-            for i in range(n_reqs):
-                got += self.reqs[i].done
-                retries += self.reqs[i].retries
-        self.st_ns_io += t1 - t0
+        self.st_ns_wait += t1 - t0       # a blocking read waits for all of its time in flight
+        return self._complete(n_reqs, t1 - t0, rc)
+
+    cdef int _complete(self, int64_t n_reqs, int64_t ns, int rc) except -1:
+        """After reqs[:n_reqs] ran for `ns` (rc from the ring): count stats, raise on failure."""
+        cdef int64_t i, got = 0, retries = 0
+        for i in range(n_reqs):
+            got += self.reqs[i].done
+            retries += self.reqs[i].retries
+        self.st_ns_io += ns
         self.st_n_reads += n_reqs
         self.st_bytes_read += got
         self.st_n_calls += 1
@@ -426,18 +438,16 @@ cdef class Loader:
         if self.fd < 0:
             raise ValueError(f"Loader for {self.path} is closed")
 
-    def read_rows(self, int64_t layer_offset, int64_t row_bytes, ids, dest):
-        """dest[j] <- bytes [layer_offset + ids[j]*row_bytes, +row_bytes) of the file.
-
-        ids   (m,) integers, sorted ascending, unique
-        dest  C-contiguous writable array (m, ...) whose rows are row_bytes bytes
-        """
-        self._check_open()
+    cdef int64_t _prepare_rows(self, int64_t layer_offset, int64_t row_bytes, object ids, object dest,
+                               int64_t* m_out) except -2:
+        """Check read_rows' arguments and plan its reads into self.reqs / src_off (the lock
+        held). Returns the request count (-1: nothing to read); *m_out = rows."""
         cdef cnp.ndarray idarr = np.ascontiguousarray(ids, dtype=np.int64)
         if idarr.ndim != 1:
             ids_shape = np.shape(ids)
             raise ValueError(f"ids must be 1-D, got shape {ids_shape}")
         cdef int64_t m = idarr.shape[0]
+        m_out[0] = m
         if not isinstance(dest, np.ndarray) or not dest.flags.c_contiguous or not dest.flags.writeable:
             raise ValueError("dest must be a C-contiguous writable numpy array")
         if dest.ndim == 0 or dest.shape[0] != m or dest.nbytes != m * row_bytes:
@@ -446,7 +456,7 @@ cdef class Loader:
         if row_bytes <= 0 or layer_offset < 0:
             raise ValueError("row_bytes must be > 0 and layer_offset >= 0")
         if m == 0:
-            return
+            return -1
         cdef const int64_t* pid = <const int64_t*>cnp.PyArray_DATA(idarr)
         cdef int64_t j
         cdef bint ok = pid[0] >= 0
@@ -468,13 +478,125 @@ cdef class Loader:
         cdef int64_t A = self.alignment
         cdef bint direct = self.direct, coalesce = self.coalesce
         cdef int64_t max_gap = self.max_gap, chunk = self.chunk_bytes
+        n_reqs = _plan_rows(pid, m, layer_offset, row_bytes, A, direct, coalesce,
+                            max_gap, chunk, pdest, NULL, NULL, NULL, &bbytes)
+        self._ensure(n_reqs, bbytes, m)
+        _plan_rows(pid, m, layer_offset, row_bytes, A, direct, coalesce, max_gap,
+                   chunk, pdest, self.bounce, self.reqs, self.src_off, &bbytes)
+        return n_reqs
+
+    cdef int64_t _prepare_range(self, int64_t offset, object dest) except -2:
+        """Check read_range's arguments and plan its reads into self.reqs and the bounce
+        copies into self.copies (the lock held). Returns the request count (-1: nothing)."""
+        if not isinstance(dest, np.ndarray) or not dest.flags.c_contiguous or not dest.flags.writeable:
+            raise ValueError("dest must be a C-contiguous writable numpy array")
+        cdef int64_t n = dest.nbytes
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        if offset + n > self.file_size:
+            raise _flash_io_error()(
+                EINVAL, f"cannot read {n} bytes at offset {offset} of {self.path}: the file has "
+                        f"only {self.file_size} bytes (truncated, or wrong offsets)")
+        self.n_copies = 0
+        if n == 0:
+            return -1
+        cdef char* pdest = <char*>cnp.PyArray_DATA(dest)
+        cdef int64_t A = self.alignment, chunk = self.chunk_bytes
+        cdef int64_t end = offset + n, mid0, mid1, nreq, head_n = 0, tail_n = 0, bpos
+        cdef bint direct = self.direct
+        if not direct:
+            nreq = _plan_span(offset, n, A, False, chunk, pdest, pdest, NULL, 0)
+            self._ensure(nreq, 0, 0)
+            _plan_span(offset, n, A, False, chunk, pdest, pdest, self.reqs, 0)
+        elif (<uint64_t>(<uintptr_t>pdest) - <uint64_t>offset) % <uint64_t>A == 0 and \
+                _ceil(offset, A) < _floor(end, A):
+            # the aligned middle straight into dest; the partial head/tail blocks bounce
+            mid0 = _ceil(offset, A)
+            mid1 = _floor(end, A)
+            nreq = _plan_span(mid0, mid1 - mid0, A, True, chunk, pdest,
+                              pdest + (mid0 - offset), NULL, 0)
+            head_n = mid0 - offset
+            tail_n = end - mid1
+            nreq += (head_n > 0) + (tail_n > 0)
+            self._ensure(nreq, 2 * A, 0)
+            nreq = _plan_span(mid0, mid1 - mid0, A, True, chunk, pdest,
+                              pdest + (mid0 - offset), self.reqs, 0)
+            if head_n > 0:
+                nreq = _plan_span(offset, head_n, A, True, chunk, pdest, self.bounce,
+                                  self.reqs, nreq)
+                self.copies[self.n_copies].dst = pdest
+                self.copies[self.n_copies].src = self.bounce + (offset - _floor(offset, A))
+                self.copies[self.n_copies].n = head_n
+                self.n_copies += 1
+            if tail_n > 0:
+                nreq = _plan_span(mid1, tail_n, A, True, chunk, pdest, self.bounce + A,
+                                  self.reqs, nreq)
+                self.copies[self.n_copies].dst = pdest + (mid1 - offset)
+                self.copies[self.n_copies].src = self.bounce + A
+                self.copies[self.n_copies].n = tail_n
+                self.n_copies += 1
+        else:
+            bpos = _ceil(end, A) - _floor(offset, A)
+            nreq = _plan_span(offset, n, A, True, chunk, pdest, self.bounce, NULL, 0)
+            self._ensure(nreq, bpos, 0)
+            _plan_span(offset, n, A, True, chunk, pdest, self.bounce, self.reqs, 0)
+            self.copies[0].dst = pdest
+            self.copies[0].src = self.bounce + (offset - _floor(offset, A))
+            self.copies[0].n = n
+            self.n_copies = 1
+        return nreq
+
+    cdef int _submit(self, int64_t n_reqs, char* dest, bint rows, int64_t m, int64_t row_bytes,
+                     int64_t useful, object keep) except -1:
+        """Hand reqs[:n_reqs] (+ the row or range copies) to the read thread (the lock held
+        and kept until wait())."""
+        cdef int err, c
+        if not self.aio.started:
+            err = frt_async_start(&self.aio)
+            if err != 0:
+                raise _flash_io_error()(err, f"cannot start the read thread for {self.path}: "
+                                             f"{os.strerror(err)}")
+            self.aio_waiter.wait = frt_async_wait_cb
+            self.aio_waiter.ctx = &self.aio
+        cdef frt_async* a = &self.aio
+        a.fd = self.fd
+        a.ring = self.ring
+        a.pool = self.pool
+        a.reqs = self.reqs
+        a.n = n_reqs
+        a.qd = <unsigned>self.queue_depth
+        a.fault = &self.fault
+        a.dest = dest
+        a.bounce = self.bounce
+        a.src_off = self.src_off if rows else NULL
+        a.m = m
+        a.row_bytes = row_bytes
+        a.n_copies = 0 if rows else self.n_copies
+        for c in range(a.n_copies):
+            a.copies[c] = self.copies[c]
+        self.aio_n_reqs = n_reqs
+        self.aio_useful = useful
+        self.aio_keep = keep
+        self.aio_active = True
+        frt_async_submit(a)
+        return 0
+
+    def read_rows(self, int64_t layer_offset, int64_t row_bytes, ids, dest):
+        """dest[j] <- bytes [layer_offset + ids[j]*row_bytes, +row_bytes) of the file.
+
+        ids   (m,) integers, sorted ascending, unique
+        dest  C-contiguous writable array (m, ...) whose rows are row_bytes bytes
+        """
+        self._check_open()
+        self.wait()
+        cdef int64_t n_reqs, m = 0, j
+        cdef char* pdest
         with self._lock:
-            n_reqs = _plan_rows(pid, m, layer_offset, row_bytes, A, direct, coalesce,
-                                max_gap, chunk, pdest, NULL, NULL, NULL, &bbytes)
-            self._ensure(n_reqs, bbytes, m)
-            _plan_rows(pid, m, layer_offset, row_bytes, A, direct, coalesce, max_gap,
-                       chunk, pdest, self.bounce, self.reqs, self.src_off, &bbytes)
+            n_reqs = self._prepare_rows(layer_offset, row_bytes, ids, dest, &m)
+            if n_reqs < 0:
+                return
             self._execute(n_reqs)
+            pdest = <char*>cnp.PyArray_DATA(dest)
             with nogil:
                 for j in range(m):
                     if self.src_off[j] >= 0:
@@ -487,76 +609,112 @@ cdef class Loader:
         O_DIRECT reads land straight in dest when dest's address and offset agree
         modulo the alignment (see aligned_empty); otherwise through the bounce buffer."""
         self._check_open()
-        if not isinstance(dest, np.ndarray) or not dest.flags.c_contiguous or not dest.flags.writeable:
-            raise ValueError("dest must be a C-contiguous writable numpy array")
-        cdef int64_t n = dest.nbytes
-        if offset < 0:
-            raise ValueError("offset must be >= 0")
-        if offset + n > self.file_size:
-            raise _flash_io_error()(
-                EINVAL, f"cannot read {n} bytes at offset {offset} of {self.path}: the file has "
-                        f"only {self.file_size} bytes (truncated, or wrong offsets)")
-        if n == 0:
-            return
-        cdef char* pdest = <char*>cnp.PyArray_DATA(dest)
-        cdef int64_t A = self.alignment, chunk = self.chunk_bytes
-        cdef int64_t end = offset + n, mid0, mid1, nreq, head_n = 0, tail_n = 0, bpos
-        cdef bint direct = self.direct
+        self.wait()
+        cdef int64_t nreq
+        cdef int c
         with self._lock:
-            if not direct:
-                nreq = _plan_span(offset, n, A, False, chunk, pdest, pdest, NULL, 0)
-                self._ensure(nreq, 0, 0)
-                _plan_span(offset, n, A, False, chunk, pdest, pdest, self.reqs, 0)
-                self._execute(nreq)
-            elif (<uint64_t>(<uintptr_t>pdest) - <uint64_t>offset) % <uint64_t>A == 0 and \
-                    _ceil(offset, A) < _floor(end, A):
-                # the aligned middle straight into dest; the partial head/tail blocks bounce
-                mid0 = _ceil(offset, A)
-                mid1 = _floor(end, A)
-                nreq = _plan_span(mid0, mid1 - mid0, A, True, chunk, pdest,
-                                  pdest + (mid0 - offset), NULL, 0)
-                head_n = mid0 - offset
-                tail_n = end - mid1
-                nreq += (head_n > 0) + (tail_n > 0)
-                self._ensure(nreq, 2 * A, 0)
-                nreq = _plan_span(mid0, mid1 - mid0, A, True, chunk, pdest,
-                                  pdest + (mid0 - offset), self.reqs, 0)
-                if head_n > 0:
-                    nreq = _plan_span(offset, head_n, A, True, chunk, pdest, self.bounce,
-                                      self.reqs, nreq)
-                if tail_n > 0:
-                    nreq = _plan_span(mid1, tail_n, A, True, chunk, pdest, self.bounce + A,
-                                      self.reqs, nreq)
-                self._execute(nreq)
-                if head_n > 0:
-                    memcpy(pdest, self.bounce + (offset - _floor(offset, A)), head_n)
-                if tail_n > 0:
-                    memcpy(pdest + (mid1 - offset), self.bounce + A, tail_n)
-            else:
-                bpos = _ceil(end, A) - _floor(offset, A)
-                nreq = _plan_span(offset, n, A, True, chunk, pdest, self.bounce, NULL, 0)
-                self._ensure(nreq, bpos, 0)
-                _plan_span(offset, n, A, True, chunk, pdest, self.bounce, self.reqs, 0)
-                self._execute(nreq)
-                with nogil:
-                    memcpy(pdest, self.bounce + (offset - _floor(offset, A)), n)
-            self.st_bytes_useful += n
+            nreq = self._prepare_range(offset, dest)
+            if nreq < 0:
+                return
+            self._execute(nreq)
+            with nogil:
+                for c in range(self.n_copies):
+                    memcpy(self.copies[c].dst, self.copies[c].src, self.copies[c].n)
+            self.st_bytes_useful += dest.nbytes
+
+    def submit_rows(self, int64_t layer_offset, int64_t row_bytes, ids, dest):
+        """read_rows in the background: returns once the reads are issued. dest must not be
+        read (nor ids' array changed) until wait() returns, or until a kernel given waiter()
+        has waited; errors surface in wait(). One batch at a time: a new read or submit
+        first waits for the one in flight."""
+        self._check_open()
+        self.wait()
+        cdef int64_t n_reqs, m = 0
+        self._lock.acquire()
+        try:
+            n_reqs = self._prepare_rows(layer_offset, row_bytes, ids, dest, &m)
+            if n_reqs < 0:
+                self._lock.release()
+                return
+            self._submit(n_reqs, <char*>cnp.PyArray_DATA(dest), True, m, row_bytes, m * row_bytes, (ids, dest))
+        except BaseException:
+            if not self.aio_active:
+                self._lock.release()
+            raise
+
+    def submit_range(self, int64_t offset, dest):
+        """read_range in the background (see submit_rows)."""
+        self._check_open()
+        self.wait()
+        cdef int64_t nreq
+        self._lock.acquire()
+        try:
+            nreq = self._prepare_range(offset, dest)
+            if nreq < 0:
+                self._lock.release()
+                return
+            self._submit(nreq, <char*>cnp.PyArray_DATA(dest), False, 0, 0, dest.nbytes, dest)
+        except BaseException:
+            if not self.aio_active:
+                self._lock.release()
+            raise
+
+    def wait(self):
+        """Block until the batch in flight (if any) has landed; raise its read error, if any.
+        Returns (ns the batch was in flight, ns callers were blocked waiting for it, here or
+        in a kernel through waiter()); (0, 0) when there was none."""
+        if not self.aio_active:
+            return (0, 0)
+        with nogil:
+            frt_async_wait(&self.aio)
+        self.aio_active = False
+        self.aio_keep = None
+        cdef int64_t flight = self.aio.t_done - self.aio.t_submit
+        try:
+            self.st_ns_wait += self.aio.ns_waited
+            self.st_ns_flight += flight
+            self.st_n_async += 1
+            self._complete(self.aio_n_reqs, flight, self.aio.rc)
+            self.st_bytes_useful += self.aio_useful
+        finally:
+            self._lock.release()
+        return (flight, self.aio.ns_waited)
+
+    @property
+    def in_flight(self):
+        """True while a submitted batch has not been waited for."""
+        return self.aio_active
+
+    def waiter(self):
+        """A PyCapsule ("flashrt.frt_waiter": {wait(ctx), ctx}) that blocks, without the GIL,
+        until the batch in flight has landed; kernels.ffn_rows(..., wait=) calls it between
+        the rows that are ready and those being read. wait() must still follow."""
+        if not self.aio.started:
+            return None
+        if self._waiter_capsule is None:
+            self._waiter_capsule = PyCapsule_New(&self.aio_waiter, b"flashrt.frt_waiter", NULL)
+        return self._waiter_capsule
 
     def stats(self):
         """dict(bytes_read: bytes that came from the device, alignment padding and
         gaps included; bytes_useful: bytes delivered to callers; n_reads: read
-        requests issued (after chunking; retries not counted); ns_io: wall time in
-        I/O; n_calls: read_rows/read_range calls; n_retries: reads resubmitted after
-        EINTR, EAGAIN or a short read)."""
+        requests issued (after chunking; retries not counted); ns_io: wall time with
+        reads in flight; ns_wait: time callers were blocked waiting for reads (== ns_io
+        for blocking reads, less when submit_* overlapped them with work); n_calls:
+        read and submit calls; n_async: submitted batches; n_retries: reads resubmitted
+        after EINTR, EAGAIN or a short read)."""
         return dict(bytes_read=self.st_bytes_read, bytes_useful=self.st_bytes_useful,
-                    n_reads=self.st_n_reads, ns_io=self.st_ns_io, n_calls=self.st_n_calls,
-                    n_retries=self.st_n_retries)
+                    n_reads=self.st_n_reads, ns_io=self.st_ns_io, ns_wait=self.st_ns_wait,
+                    n_calls=self.st_n_calls, n_async=self.st_n_async, n_retries=self.st_n_retries)
 
     def reset_stats(self):
         self.st_bytes_read = 0
         self.st_bytes_useful = 0
         self.st_n_reads = 0
         self.st_ns_io = 0
+        self.st_ns_wait = 0
+        self.st_ns_flight = 0
+        self.st_n_async = 0
         self.st_n_calls = 0
         self.st_n_retries = 0
 
@@ -576,6 +734,13 @@ cdef class Loader:
         """Join the reader threads, tear down the ring, close the file. Idempotent."""
         if self.owner_pid != getpid():
             self._lock = None                 # may have been held by a parent thread at fork()
+            self.aio.started = 0
+            self.aio_active = False
+        elif self.aio_active:                 # a batch in flight writes into its arrays: let it land
+            try:
+                self.wait()
+            except OSError:
+                pass
         if self._lock is not None:
             with self._lock:
                 self._release()
@@ -585,6 +750,9 @@ cdef class Loader:
     cdef void _release(self) noexcept:
         if self.owner_pid != getpid():        # a fork()ed child: the pool's threads are the parent's
             self.pool = NULL
+            self.aio.started = 0
+        frt_async_stop(&self.aio)             # joins the read thread (after its batch, if any)
+        self.aio_active = False
         if self.pool != NULL:
             frt_pool_free(self.pool)
             self.pool = NULL

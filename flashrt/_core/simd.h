@@ -754,6 +754,7 @@ typedef struct {
     frt_xq_t xq;
     int64_t n, d, rows_per_chunk;
     int gated, act, type, type_down;
+    int64_t c0;                    /* chunk index offset (chunks run after a wait) */
 } frt_ffn_job;
 
 /* acc += the FFN over rows [r0, r1), one thread. */
@@ -777,6 +778,7 @@ static void frt_ffn_block(const frt_ffn_job *j, int64_t r0, int64_t r1, float *a
 
 static void frt_ffn_chunk(void *p, int64_t c) {
     const frt_ffn_job *j = (const frt_ffn_job *)p;
+    c += j->c0;
     int64_t r0 = c * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
     if (r1 > j->n) r1 = j->n;
     float *acc = j->acc + c * j->d;
@@ -784,39 +786,83 @@ static void frt_ffn_chunk(void *p, int64_t c) {
     if (r1 > r0) frt_ffn_block(j, r0, r1, acc);
 }
 
-/* out (d,) = sum_i h_i down_i over n bundle rows of storage type `type` (d % 32 == 0 for
-   quantized types) whose down parts are `type_down` (== type for float types; any quantized
-   type for quantized ones). Returns 0, or -1 if scratch memory could not be allocated. */
-static int frt_ffn_rows_par(const void *rows, int type, int type_down, int64_t n, int64_t d,
-                            int gated, int act,
-                            const float *x, const float *up_bias, float *h_out, float *out,
-                            int n_threads) {
+/* How frt_ffn_rows_par splits n rows of dim d: the chunk count (1: no split) and the rows per
+   chunk. The split depends on the shape only, so results do not depend on n_threads. */
+static void frt_ffn_split(int64_t n, int64_t d, int gated, int64_t *n_chunks_out, int64_t *rpc_out) {
     int64_t row_elems = (gated ? 3 : 2) * d;
     int64_t n_chunks = n * row_elems / FRT_FFN_CHUNK_ELEMS;
     if (n_chunks > FRT_FFN_MAX_CHUNKS) n_chunks = FRT_FFN_MAX_CHUNKS;
     if (n_chunks > n) n_chunks = n;
-    frt_ffn_job j = {rows, x, up_bias, h_out, NULL, {NULL, NULL, NULL}, n, d, n, gated, act, type,
-                     type_down};
     int64_t rows_per_chunk = n_chunks > 1 ? (n + n_chunks - 1) / n_chunks : n;
     if (n_chunks > 1) n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+    if (n_chunks < 1) n_chunks = 1;
+    *n_chunks_out = n_chunks;
+    *rpc_out = rows_per_chunk;
+}
+
+/* Rows frt_ffn_rows_wait computes before it waits, when rows [0, n_ready) are ready: the
+   chunks that lie wholly inside them (0 when the rows are not split). */
+static int64_t frt_ffn_ready_rows(int64_t n, int64_t d, int gated, int64_t n_ready) {
+    int64_t n_chunks, rpc;
+    if (n_ready >= n) return n;
+    frt_ffn_split(n, d, gated, &n_chunks, &rpc);
+    if (n_chunks <= 1 || n_ready <= 0) return 0;
+    return n_ready / rpc * rpc;
+}
+
+/* out (d,) = sum_i h_i down_i over n bundle rows of storage type `type` (d % 32 == 0 for
+   quantized types) whose down parts are `type_down` (== type for float types; any quantized
+   type for quantized ones). Rows [n_ready, n) may still be arriving: the chunks wholly inside
+   [0, n_ready) run first, then wait(wait_ctx) blocks until the rest has landed, then the other
+   chunks run; the partial sums add up in the same fixed order, so the result is bit for bit
+   the one without a wait (wait NULL: every row is ready). Returns 0, or -1 if scratch memory
+   could not be allocated (then wait has been called, too). */
+static int frt_ffn_rows_wait(const void *rows, int type, int type_down, int64_t n, int64_t d,
+                             int gated, int act,
+                             const float *x, const float *up_bias, float *h_out, float *out,
+                             int n_threads, int64_t n_ready, void (*wait)(void *), void *wait_ctx) {
+    int64_t n_chunks, rows_per_chunk;
+    frt_ffn_split(n, d, gated, &n_chunks, &rows_per_chunk);
+    frt_ffn_job j = {rows, x, up_bias, h_out, NULL, {NULL, NULL, NULL}, n, d, n, gated, act, type,
+                     type_down, 0};
     size_t xq_bytes = frt_type_is_quant(type) ? frt_xq_bytes(d) : 0;
     size_t acc_bytes = n_chunks > 1 ? (size_t)(n_chunks * d) * sizeof(float) : 0;
     void *scratch = frt_get_scratch(xq_bytes + acc_bytes + 64);
-    if (scratch == NULL) return -1;
+    if (scratch == NULL) {
+        if (wait) wait(wait_ctx);
+        return -1;
+    }
     if (xq_bytes) j.xq = frt_xq_fill(scratch, x, d);
     memset(out, 0, (size_t)d * sizeof(float));
     if (n_chunks <= 1) {
+        if (wait) wait(wait_ctx);
         frt_ffn_block(&j, 0, n, out);
         return 0;
     }
     j.rows_per_chunk = rows_per_chunk;
     j.acc = (float *)((uint8_t *)scratch + xq_bytes);
-    frt_parallel_for(frt_ffn_chunk, &j, n_chunks, frt_resolve_threads(n_threads));
+    int64_t k = n_chunks;
+    if (wait) k = n_ready >= n ? n_chunks : (n_ready > 0 ? n_ready / rows_per_chunk : 0);
+    n_threads = frt_resolve_threads(n_threads);
+    frt_parallel_for(frt_ffn_chunk, &j, k, n_threads);
+    if (wait) wait(wait_ctx);
+    if (k < n_chunks) {
+        j.c0 = k;
+        frt_parallel_for(frt_ffn_chunk, &j, n_chunks - k, n_threads);
+    }
     for (int64_t c = 0; c < n_chunks; c++) {          /* fixed order: deterministic */
         const float *a = j.acc + c * d;
         for (int64_t i = 0; i < d; i++) out[i] += a[i];
     }
     return 0;
+}
+
+static int frt_ffn_rows_par(const void *rows, int type, int type_down, int64_t n, int64_t d,
+                            int gated, int act,
+                            const float *x, const float *up_bias, float *h_out, float *out,
+                            int n_threads) {
+    return frt_ffn_rows_wait(rows, type, type_down, n, d, gated, act, x, up_bias, h_out, out,
+                             n_threads, n, NULL, NULL);
 }
 
 typedef struct { const void *src; float *out; int64_t n; int act, type; } frt_conv_job;

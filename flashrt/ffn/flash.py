@@ -34,7 +34,8 @@ class FlashFFN:
     cache_rows per layer); mode: "flash" | "naive"; selector: an object with
     `select(layer, x (d,), prior=None) -> int64 ids` (flashrt/ffn/selection.py); window:
     tokens a neuron stays cached; reuse: False makes every token forget the cache (the
-    paper's "predictor only" row, for benchmarks); loader: swap in another Loader-like
+    paper's "predictor only" row, for benchmarks); overlap: False reads a token's missing
+    rows before computing instead of during (the serial baseline); loader: swap in another Loader-like
     object (benchmarks) through the attribute.
     """
 
@@ -47,6 +48,7 @@ class FlashFFN:
         self.selector = selector
         self.window = window
         self.reuse = True
+        self.overlap = True  # decode: read the missing rows while computing over the cached ones
         self.n_threads = n_threads
         self.n_layers = files.n_layers
         self.n_neurons = files.n_neurons
@@ -152,9 +154,11 @@ class FlashFFN:
         for j, xj in enumerate(last):
             self._admit(layer, xj, j - len(last) + 1, LayerCost())
 
-    def _admit(self, layer: int, x: np.ndarray, step: int, cost: LayerCost) -> np.ndarray:
-        """Select for x, admit the selection into the layer's cache, read what is missing.
-        Returns the selected ids; counts and times go into `cost`."""
+    def _admit(self, layer: int, x: np.ndarray, step: int, cost: LayerCost, background: bool = False):
+        """Select for x, admit the selection into the layer's cache, read what is missing
+        (background: only issue the reads; the caller computes meanwhile and waits).
+        Returns (selected ids, first slot being read, rows being read); counts and times go
+        into `cost`."""
         cache = self.caches[layer]
         t0 = time.perf_counter_ns()
         ids = self.selector.select(layer, x, None if self.prior is None else self.prior[layer])
@@ -162,15 +166,24 @@ class FlashFFN:
         missing, first = cache.admit(ids, step)
         t2 = time.perf_counter_ns()
         if missing.size:
-            self.loader.read_rows(self.layer_offsets[layer], self.row_bytes, missing,
-                                  cache.rows[first:first + missing.size])
+            dest = cache.rows[first:first + missing.size]
+            if background:
+                self.loader.submit_rows(self.layer_offsets[layer], self.row_bytes, missing, dest)
+            else:
+                self.loader.read_rows(self.layer_offsets[layer], self.row_bytes, missing, dest)
         t3 = time.perf_counter_ns()
         cost.n_selected, cost.n_read = ids.size, missing.size
-        cost.ns_predict, cost.ns_cache, cost.ns_io = t1 - t0, t2 - t1, t3 - t2
-        return ids
+        cost.ns_predict, cost.ns_cache = t1 - t0, t2 - t1
+        cost.ns_io = cost.ns_io_wait = t3 - t2  # background: the time to issue them, so far
+        return ids, first, int(missing.size)
 
     def _sparse(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """One decode token through the layer's cache: x (d,) -> (1, d)."""
+        """One decode token through the layer's cache: x (d,) -> (1, d).
+
+        With `overlap` (the default) the missing rows are read in the background while the
+        kernel computes over the rows already cached; the kernel waits for the reads only
+        before the row chunks that hold them, and sums its chunks in the same order either
+        way, so the result is bit for bit the serial one (read, then compute)."""
         if layer == 0:
             self.step += 1
             self.stats.begin_token()
@@ -178,7 +191,7 @@ class FlashFFN:
         if not self.reuse:
             cache.reset()
         cost = LayerCost()
-        ids = self._admit(layer, x, self.step, cost)
+        ids, first, n_new = self._admit(layer, x, self.step, cost, background=self.overlap)
         t0 = time.perf_counter_ns()
         rows = cache.used_rows()  # (n_used, row_elems): contiguous, no gather
         n_used = rows.shape[0]
@@ -187,8 +200,19 @@ class FlashFFN:
             bias = np.take(self.spec.up_bias[layer], cache.used_ids(), out=self._bias[:n_used])
         h = None if self.prior is None else self._h[:n_used]
         y = np.empty((1, self.dim), np.float32)
-        kernels.ffn_rows(rows, x, y[0], self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype,
-                         self.down_qtype)
+        pending = self.overlap and n_new > 0
+        try:
+            kernels.ffn_rows(rows, x, y[0], self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype,
+                             self.down_qtype, n_ready=first if pending else -1,
+                             wait=self.loader.waiter() if pending else None)
+        finally:
+            if pending:  # the reads have landed (the kernel waited); collect their errors and times
+                ns_flight, ns_waited = self.loader.wait()
+        if pending:
+            cost.ns_io = ns_flight
+            cost.ns_io_wait += ns_waited
+            cost.n_overlapped = kernels.ffn_ready_rows(n_used, self.dim, self.spec.gated, first)
+            t0 += ns_waited  # compute time excludes the time the kernel sat waiting
         if h is not None:  # the next token's prior: the true |h| of every neuron now cached
             prior = self.prior[layer]
             prior.fill(-1.0)
@@ -219,6 +243,7 @@ class FlashFFN:
                                  self.qtype, self.down_qtype)
             y += self._part
             cost.ns_io += t1 - t0
+            cost.ns_io_wait += t1 - t0
             cost.ns_compute += time.perf_counter_ns() - t1
         cost.n_read += int(rest.size)
         cost.n_computed += int(rest.size)

@@ -11,9 +11,11 @@ class LayerCost:
     n_selected: int = 0  # neurons the selector asked for
     n_computed: int = 0  # neurons the kernel ran over (the window's rows in the cache, and any overflow)
     n_read: int = 0  # neurons read from flash
+    n_overlapped: int = 0  # cached neurons computed while the reads were in flight
     ns_predict: int = 0
     ns_cache: int = 0
-    ns_io: int = 0
+    ns_io: int = 0  # reads in flight
+    ns_io_wait: int = 0  # of which the token waited (== ns_io when reads are not overlapped)
     ns_compute: int = 0
 
 
@@ -25,14 +27,16 @@ class FlashStats:
     selected: int = 0  # neuron-layers the selector asked for
     computed: int = 0  # neuron-layers the kernel ran over (the window's rows in the cache)
     read: int = 0  # neuron-layers read from flash
+    overlapped: int = 0  # neuron-layers computed while reads were in flight
     ns_predict: int = 0
     ns_cache: int = 0
-    ns_io: int = 0
+    ns_io: int = 0  # time reads were in flight
+    ns_io_wait: int = 0  # time the token waited for reads
     ns_compute: int = 0
 
     def start_decode(self) -> None:
-        self.tokens = self.selected = self.computed = self.read = 0
-        self.ns_predict = self.ns_cache = self.ns_io = self.ns_compute = 0
+        self.tokens = self.selected = self.computed = self.read = self.overlapped = 0
+        self.ns_predict = self.ns_cache = self.ns_io = self.ns_io_wait = self.ns_compute = 0
 
     def begin_token(self) -> None:
         self.tokens += 1
@@ -41,9 +45,11 @@ class FlashStats:
         self.selected += cost.n_selected
         self.computed += cost.n_computed
         self.read += cost.n_read
+        self.overlapped += cost.n_overlapped
         self.ns_predict += cost.ns_predict
         self.ns_cache += cost.ns_cache
         self.ns_io += cost.ns_io
+        self.ns_io_wait += cost.ns_io_wait
         self.ns_compute += cost.ns_compute
 
     def add_naive(self, ns_total: int, n_neurons: int) -> None:
@@ -51,6 +57,7 @@ class FlashStats:
         self.computed += n_neurons
         self.read += n_neurons
         self.ns_io += ns_total  # naive: read + compute of the streamed chunks, counted as I/O-bound time
+        self.ns_io_wait += ns_total
 
     def neuron_fractions(self) -> dict:
         denom = max(self.tokens, 1) * self.n_layers * self.n_neurons
@@ -73,7 +80,9 @@ class FlashStats:
         out.update({
             "ms_predict_per_token": self.ns_predict / n / 1e6,
             "ms_cache_per_token": self.ns_cache / n / 1e6,
-            "ms_io_per_token": self.ns_io / n / 1e6,
+            "ms_io_per_token": self.ns_io / n / 1e6,            # reads in flight
+            "ms_io_wait_per_token": self.ns_io_wait / n / 1e6,  # of which the token waited
+            "neurons_overlapped_per_token": self.overlapped / (n * self.n_layers * self.n_neurons),
             "ms_ffn_compute_per_token": self.ns_compute / n / 1e6,
         })
         return out

@@ -356,3 +356,90 @@ def test_shared_loader_across_python_threads(data_file, backend):
         for t in ts:
             t.join()
         assert not errors, errors
+
+
+# ---------------------------------------------------------------- reads in the background
+ASYNC_NAMES = [c[0] for c in CONFIGS] + ["reference"]
+
+
+@pytest.mark.parametrize("name", ASYNC_NAMES)
+def test_submitted_reads_land_as_blocking_ones_do(data_file, loaders, name):
+    ld = loaders(name)
+    ids = np.array([0, 1, 2, 7, 300, 301, 640])
+    dest = np.zeros((len(ids), 3456), np.uint8)
+    ld.submit_rows(4096, 3456, ids, dest)
+    flight, waited = ld.wait()
+    np.testing.assert_array_equal(dest, expected_rows(data_file, 4096, 3456, ids))
+    assert 0 <= waited and 0 <= flight
+    assert ld.wait() == (0, 0)                       # nothing in flight any more
+    for offset, n, aligned in [(100, 50_001, False), (8192, 1 << 20, True), (4096 + 77, 300_000, True)]:
+        buf = cloader.aligned_empty(n, np.uint8) if aligned else np.zeros(n, np.uint8)
+        ld.submit_range(offset, buf)
+        ld.wait()
+        np.testing.assert_array_equal(buf, np.fromfile(data_file, np.uint8, count=n, offset=offset))
+    # a blocking read (or another submit) issued while a batch is in flight waits for it first
+    a = np.zeros((3, 1000), np.uint8)
+    b = np.zeros(20_000, np.uint8)
+    ld.submit_rows(0, 1000, np.array([5, 6, 900]), a)
+    ld.read_range(12345, b)
+    assert not ld.in_flight
+    np.testing.assert_array_equal(a, expected_rows(data_file, 0, 1000, [5, 6, 900]))
+    np.testing.assert_array_equal(b, np.fromfile(data_file, np.uint8, count=20_000, offset=12345))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS + [pytest.param("reference", id="reference")])
+def test_a_submitted_read_error_surfaces_in_wait(data_file, backend):
+    mk = (_reference_loader.Loader if backend == "reference"
+          else lambda p, **kw: cloader.Loader(p, backend=backend, **kw))
+    ids = np.array([3, 4, 5, 100, 400])
+    with mk(data_file, chunk_bytes=4096) as ld:
+        dest = np.zeros((len(ids), 2304), np.uint8)
+        ld._inject_fault(1, errno.EIO)
+        ld.submit_rows(4096, 2304, ids, dest)        # issued: the failure comes with wait()
+        with pytest.raises(FlashIOError) as ei:
+            ld.wait()
+        assert ei.value.errno == errno.EIO and data_file in str(ei.value)
+        assert not ld.in_flight
+        ld.submit_rows(4096, 2304, ids, dest)        # usable again
+        ld.wait()
+        np.testing.assert_array_equal(dest, expected_rows(data_file, 4096, 2304, ids))
+        with pytest.raises(ValueError, match="sorted"):   # bad arguments fail at submit
+            ld.submit_rows(0, 100, np.array([5, 2]), np.zeros((2, 100), np.uint8))
+        ld.read_rows(0, 100, np.array([1]), np.zeros((1, 100), np.uint8))  # the lock was released
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_wait_time_is_measured_apart_from_flight_time(data_file, backend):
+    """Work done between submit and wait hides the read: the loader counts the time the
+    reads were in flight (ns_io) and, apart, the time the caller was blocked (ns_wait)."""
+    import time
+    ids = np.arange(0, 700, 2)
+    with cloader.Loader(data_file, backend=backend, n_threads=4) as ld:
+        dest = np.zeros((len(ids), 4096), np.uint8)
+        ld.read_rows(0, 4096, ids, dest)             # blocking: waits for all of it
+        s = ld.stats()
+        assert s["ns_wait"] == s["ns_io"] > 0
+        ld.reset_stats()
+        ld.submit_rows(0, 4096, ids, dest)
+        time.sleep(0.2)                              # far longer than 1.4 MB takes
+        flight, waited = ld.wait()
+        s = ld.stats()
+        assert s["ns_io"] == flight and s["ns_wait"] == waited and s["n_async"] == 1
+        assert flight < 0.2e9 and waited < flight
+        np.testing.assert_array_equal(dest, expected_rows(data_file, 0, 4096, ids))
+
+
+def test_close_with_a_read_in_flight_lets_it_land(data_file):
+    threads = _n_threads()
+    for backend in ["pread"] + (["uring"] if URING_OK else []):
+        for _ in range(5):
+            ld = cloader.Loader(data_file, backend=backend, n_threads=4)
+            dest = np.zeros((200, 4096), np.uint8)
+            ld.submit_rows(0, 4096, np.arange(200), dest)
+            ld.close()                               # joins the read thread after its batch
+            assert ld.closed and not ld.in_flight
+            np.testing.assert_array_equal(dest, expected_rows(data_file, 0, 4096, range(200)))
+            ld = cloader.Loader(data_file, backend=backend, n_threads=2)
+            ld.submit_range(0, np.zeros(1 << 20, np.uint8))
+            del ld                                   # __dealloc__ too
+    assert _n_threads() == threads
