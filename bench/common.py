@@ -269,15 +269,44 @@ class UnbundledLoader:
                             queue_depth=inner.queue_depth, coalesce=False)
         self.backend = self.split.backend
 
-    def read_rows(self, layer_offset, row_bytes, ids, dest):
+        self._pending = None  # the loader a submit_* went to, until wait()
+
+    def _split(self, row_bytes, ids, dest):
         k = self.n_parts
-        part = row_bytes // k
         ids = np.asarray(ids, np.int64)
         split_ids = (ids[:, None] * k + np.arange(k)[None, :]).ravel()  # (m * k,) sorted
-        self.split.read_rows(layer_offset, part, split_ids, dest.reshape(ids.size * k, -1))
+        return row_bytes // k, split_ids, dest.reshape(ids.size * k, -1)
+
+    def read_rows(self, layer_offset, row_bytes, ids, dest):
+        self.wait()
+        part, split_ids, d = self._split(row_bytes, ids, dest)
+        self.split.read_rows(layer_offset, part, split_ids, d)
 
     def read_range(self, offset, dest):
+        self.wait()
         self.bundled.read_range(offset, dest)
+
+    def submit_rows(self, layer_offset, row_bytes, ids, dest):
+        self.wait()
+        part, split_ids, d = self._split(row_bytes, ids, dest)
+        self.split.submit_rows(layer_offset, part, split_ids, d)
+        self._pending = self.split
+
+    def submit_range(self, offset, dest):
+        self.wait()
+        self.bundled.submit_range(offset, dest)
+        self._pending = self.bundled
+
+    def wait(self):
+        ld, self._pending = self._pending, None
+        return (0, 0) if ld is None else ld.wait()
+
+    def waiter(self):
+        return None if self._pending is None else self._pending.waiter()
+
+    @property
+    def in_flight(self):
+        return self._pending is not None and self._pending.in_flight
 
     def stats(self):
         a, b = self.split.stats(), self.bundled.stats()
@@ -288,6 +317,7 @@ class UnbundledLoader:
         self.bundled.reset_stats()
 
     def close(self):
+        self.wait()
         self.split.close()
 
 
