@@ -68,9 +68,8 @@ def make_bases(work: Path) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bases[f"dir-{name}"] = convert(src, work / f"dir-{name}", dtype="float32", progress=False)
-    gguf_test = next(TESTS.rglob("test_convert_gguf.py"))
-    sys.path.insert(0, str(gguf_test.parent))
-    from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+    sys.path.insert(0, str(TESTS))
+    from gguf_writer import tiny_hf_llama, write_llama_gguf
 
     bases["gguf"] = work / "tiny.gguf"
     write_llama_gguf(bases["gguf"], *tiny_hf_llama())

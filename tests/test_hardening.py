@@ -194,7 +194,7 @@ def test_source_shrinking_during_conversion_is_an_error_not_sigbus(tmp_path, kin
         victim = src / "model.safetensors"
     else:
         sys.path.insert(0, str(ROOT / "tests" / "convert"))
-        from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+        from gguf_writer import tiny_hf_llama, write_llama_gguf
 
         src = victim = tmp_path / "m.gguf"
         write_llama_gguf(src, *tiny_hf_llama())
@@ -257,7 +257,7 @@ def test_output_that_contains_the_source_or_lies_inside_it_is_refused(hf_src, tm
     from flashrt.format.writer import OutputExistsError
 
     sys.path.insert(0, str(ROOT / "tests" / "convert"))
-    from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+    from gguf_writer import tiny_hf_llama, write_llama_gguf
 
     gdir = tmp_path / "g"
     gdir.mkdir()
@@ -566,7 +566,7 @@ def test_hostile_gguf_metadata_is_refused_naming_the_key(tmp_path, key, value):
     from flashrt.errors import ModelFormatError
 
     sys.path.insert(0, str(ROOT / "tests" / "convert"))
-    from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+    from gguf_writer import tiny_hf_llama, write_llama_gguf
 
     p = tmp_path / "m.gguf"
     write_llama_gguf(p, *tiny_hf_llama())

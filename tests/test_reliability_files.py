@@ -336,7 +336,7 @@ def test_default_head_hash_covers_tiny_models_entirely(copy_llama):
 # -- 3. source checkpoints ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
-    from test_convert_gguf import tiny_hf_llama, write_llama_gguf   # the GGUF writer the converter tests use
+    from gguf_writer import tiny_hf_llama, write_llama_gguf   # the GGUF writer the converter tests use
 
     p = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     write_llama_gguf(p, *tiny_hf_llama())

@@ -160,7 +160,7 @@ def test_budget_counts_quantized_bytes(quantized):
 def test_gguf_blocks_are_copied_bit_for_bit_and_down_requantized(tmp_path):
     gguf = pytest.importorskip("gguf")
     from gguf.quants import dequantize as gguf_dequantize
-    from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+    from gguf_writer import tiny_hf_llama, write_llama_gguf
     from flashrt.convert.gguf import unpermute_qk
 
     hp, t = tiny_hf_llama(d=64, n_ff=96, heads=4, kv=2, vocab=40)
