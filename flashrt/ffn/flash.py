@@ -14,6 +14,7 @@ One object serves the model's FFN interface `ffn(layer, x (T, d)) -> (T, d)` in 
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -22,7 +23,25 @@ from .._core import cache as _cache, kernels, loader as _loader
 from .dense import ffn_blocks
 from .stats import FlashStats, LayerCost
 
-STREAM_CHUNK_BYTES = 2 << 20  # prefill / naive stream each layer through a buffer this size
+STREAM_CHUNK_BYTES = 2 << 20  # prefill / naive stream each layer through two buffers this size together
+ALIGNMENT = 4096              # O_DIRECT: file offsets and buffers aligned to this land without a copy
+# Prefill's choice per layer (see FlashFFN.prefill_sparse): reading costs a fixed overhead per
+# read request, counted as this many bytes of sequential reading, plus its bytes rounded up to
+# whole 4 KiB blocks. Fitted on this machine's virtual SSD from README's figures: 16 KiB random
+# reads at ~0.7 GB/s against ~2 GB/s sequential, i.e. ~30 KiB of overhead per read.
+READ_OVERHEAD_BYTES = 32 << 10
+NEW_SHARE_DEFAULT = 0.3       # share of a token's selection not held from the tokens before it
+
+
+def stream_chunk_rows(row_bytes: int, n_neurons: int) -> int:
+    """Rows per stream chunk: half of STREAM_CHUNK_BYTES, rounded down to a multiple of the rows
+    that make a whole number of 4 KiB blocks (so each chunk starts aligned) when that fits."""
+    half = STREAM_CHUNK_BYTES // 2
+    unit = ALIGNMENT // math.gcd(row_bytes, ALIGNMENT)
+    rows = half // row_bytes
+    if unit * row_bytes <= half:
+        rows = rows // unit * unit
+    return max(1, min(n_neurons, rows))
 NeuronCache = _cache.NeuronCache  # module names, so a test can put a faulty Loader in their place
 Loader = _loader.Loader
 
@@ -49,6 +68,10 @@ class FlashFFN:
         self.window = window
         self.reuse = True
         self.overlap = True  # decode: read the missing rows while computing over the cached ones
+        # prefill (flash mode): "auto" picks per layer by prefill_sparse's estimate; "stream"
+        # streams every layer once; "sparse" runs the prompt token by token through the cache
+        self.prefill = "auto"
+        self.prefill_choices = {"stream": 0, "sparse": 0}  # layers of the prompts since reset_run_stats
         self.n_threads = n_threads
         self.n_layers = files.n_layers
         self.n_neurons = files.n_neurons
@@ -60,8 +83,18 @@ class FlashFFN:
         self.row_elems = self.row_bytes // self.dtype.itemsize
         self.layer_offsets = [files.ffn_layer_offset(l) for l in range(self.n_layers)]
         self.loader = Loader(str(files.ffn_path), n_threads=io_threads or 0)
-        self.chunk_rows = max(1, min(self.n_neurons, STREAM_CHUNK_BYTES // self.row_bytes))
-        self._chunk = np.empty((self.chunk_rows, self.row_elems), self.dtype)  # stream buffer
+        self.chunk_rows = stream_chunk_rows(self.row_bytes, self.n_neurons)
+        # two stream buffers (STREAM_CHUNK_BYTES together): chunk i+1 is read into one while
+        # chunk i is computed from the other; 4096-aligned, and chunk_rows keeps every chunk's
+        # file offset aligned where it can, so O_DIRECT reads land in place (no bounce copy)
+        self._stage = _loader.aligned_empty((2 * self.chunk_rows, self.row_elems), self.dtype)
+        self._chunks = [self._stage[:self.chunk_rows], self._stage[self.chunk_rows:]]
+        # decode prefetch (predictor selection only): at the end of layer l the next layer's
+        # predictor is scored on layer l's FFN input, and its guessed misses (the most likely
+        # first, as many as the two stream buffers hold) are read into them during layer l+1's
+        # attention; layer l+1 takes the rows it then misses from there
+        self.prefetch = mode == "flash" and getattr(selector, "name", None) == "predictor"
+        self._staged = None  # (layer, ids (k,) int64 ascending) read or being read into _stage[:k]
         self._part = np.empty(self.dim, np.float32)
         self.caches = []
         if mode == "flash":
@@ -79,6 +112,7 @@ class FlashFFN:
 
     # ----------------------------------------------------------------- the FFN protocol
     def reset(self) -> None:
+        self._drop_staged()
         for c in self.caches:
             c.reset()
         if self.prior is not None:
@@ -86,6 +120,7 @@ class FlashFFN:
         self.step = 0
 
     def close(self) -> None:
+        self._drop_staged()
         if self.loader is not None:
             self.loader.close()
             self.loader = None
@@ -110,6 +145,10 @@ class FlashFFN:
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         """x (T, d) float32 -> (T, d) float32."""
         if x.shape[0] > 1:
+            if self.mode == "flash" and self.prefill_sparse(x.shape[0]):
+                self.prefill_choices["sparse"] += 1
+                return self._sparse_prompt(layer, x)
+            self.prefill_choices["stream"] += self.mode == "flash"
             return self._stream(layer, x, seed_cache=self.mode == "flash")
         if self.mode == "naive":
             t0 = time.perf_counter_ns()
@@ -118,28 +157,91 @@ class FlashFFN:
                 self.stats.begin_token()
             self.stats.add_naive(time.perf_counter_ns() - t0, self.n_neurons)
             return y
-        return self._sparse(layer, x[0])
+        if layer == 0:
+            self.step += 1
+            self.stats.begin_token()
+        return self._sparse(layer, x[0], self.step)
+
+    # ----------------------------------------------------------------- the prompt
+    def expected_selected(self) -> float:
+        """Neurons the selector is expected to pick per token and layer: its keep fraction, or
+        what it picked in the decode steps counted so far, or every neuron."""
+        keep = getattr(self.selector, "keep_fraction", None)
+        if getattr(self.selector, "name", "") == "all":
+            return float(self.n_neurons)
+        if keep is not None:
+            return keep * self.n_neurons
+        if self.stats.tokens:
+            return self.stats.selected / (self.stats.tokens * self.n_layers)
+        return float(self.n_neurons)
+
+    def prefill_sparse(self, n_tokens: int) -> bool:
+        """Is a prompt of n_tokens cheaper token by token through the cache (sparse) than
+        streaming each layer once? Per layer, reads counted as bytes of sequential reading:
+        streaming reads the whole layer in large reads; the sparse path reads the first
+        token's selection and then each token's new neurons (NEW_SHARE_DEFAULT of a selection,
+        or the share measured in decoding), each read costing READ_OVERHEAD_BYTES plus its 4 KiB
+        blocks. Compute is not counted: for a short prompt both paths touch fewer rows in DRAM
+        than they read, and for a long one streaming wins on reads alone."""
+        if self.prefill != "auto":
+            return self.prefill == "sparse"
+        n, rb = self.n_neurons, self.row_bytes
+        k = min(float(n), self.expected_selected())
+        new = NEW_SHARE_DEFAULT
+        if self.stats.tokens and self.stats.selected:
+            new = min(1.0, self.stats.read / self.stats.selected)
+        reads = min(float(n), k + (n_tokens - 1) * k * new)
+        if k > (self.caches[0].capacity if self.caches else 0):
+            return False  # the selection overflows the cache: every token would stream its rest
+        blocks = -(-rb // ALIGNMENT) * ALIGNMENT
+        sparse_bytes = reads * (blocks + READ_OVERHEAD_BYTES)
+        stream_bytes = n * rb
+        return sparse_bytes < stream_bytes
+
+    def _sparse_prompt(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The prompt token by token through the layer's cache (prompt token j at step
+        j - T + 1, as the seeding of the streamed path numbers them): x (T, d) -> (T, d)."""
+        T = x.shape[0]
+        out = np.empty((T, self.dim), np.float32)
+        for j in range(T):
+            out[j] = self._sparse(layer, x[j], j - T + 1, count=False)[0]
+        return out
 
     def _stream(self, layer: int, x: np.ndarray, seed_cache: bool) -> np.ndarray:
-        """The whole layer through the chunk buffer with large sequential reads."""
+        """The whole layer through the two chunk buffers with large sequential reads: chunk
+        i + 1 is read while chunk i is computed."""
         T = x.shape[0]
         out = np.zeros((T, self.dim), np.float32)
         part = np.empty((T, self.dim), np.float32)
         base = self.layer_offsets[layer]
         up_bias = self.spec.up_bias[layer] if self.spec.up_bias is not None else None
-        for start in range(0, self.n_neurons, self.chunk_rows):
-            m = min(self.chunk_rows, self.n_neurons - start)
-            chunk = self._chunk[:m]
-            self.loader.read_range(base + start * self.row_bytes, chunk)
-            bias = None if up_bias is None else up_bias[start:start + m]
-            if T == 1:
-                kernels.ffn_rows(chunk, x[0], self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads,
-                                 self.qtype, self.down_qtype)
-                out[0] += self._part
-            else:
-                ffn_blocks(chunk, x, part, self.spec.gated, self.spec.act, bias, None, self.n_threads,
-                           self.qtype, self.down_qtype)
-                out += part
+        starts = list(range(0, self.n_neurons, self.chunk_rows))
+        ld = self.loader
+
+        def submit(i):
+            m = min(self.chunk_rows, self.n_neurons - starts[i])
+            ld.submit_range(base + starts[i] * self.row_bytes, self._chunks[i % 2][:m])
+
+        try:
+            submit(0)
+            for i, start in enumerate(starts):
+                ld.wait()  # chunk i has landed
+                if i + 1 < len(starts):
+                    submit(i + 1)
+                m = min(self.chunk_rows, self.n_neurons - start)
+                chunk = self._chunks[i % 2][:m]
+                bias = None if up_bias is None else up_bias[start:start + m]
+                if T == 1:
+                    kernels.ffn_rows(chunk, x[0], self._part, self.spec.gated, self.spec.act_code, bias, None,
+                                     self.n_threads, self.qtype, self.down_qtype)
+                    out[0] += self._part
+                else:
+                    ffn_blocks(chunk, x, part, self.spec.gated, self.spec.act, bias, None, self.n_threads,
+                               self.qtype, self.down_qtype)
+                    out += part
+        except BaseException:
+            _settle(ld)
+            raise
         if self.spec.down_bias is not None:
             out += self.spec.down_bias[layer]
         if seed_cache:
@@ -160,10 +262,22 @@ class FlashFFN:
         Returns (selected ids, first slot being read, rows being read); counts and times go
         into `cost`."""
         cache = self.caches[layer]
+        staged = None
+        if self._staged is not None:
+            t0 = time.perf_counter_ns()
+            ns_flight, _ = self.loader.wait()  # the guess for this layer has landed (or is waited for)
+            if self._staged[0] == layer:
+                staged = self._staged[1]
+                cost.n_prefetched = staged.size
+                cost.ns_prefetch_flight = ns_flight
+                cost.ns_prefetch_wait = time.perf_counter_ns() - t0
+            self._staged = None
         t0 = time.perf_counter_ns()
         ids = self.selector.select(layer, x, None if self.prior is None else self.prior[layer])
         t1 = time.perf_counter_ns()
         missing, first = cache.admit(ids, step)
+        if staged is not None and missing.size:
+            missing, first = self._take_staged(cache, staged, missing, first, cost)
         t2 = time.perf_counter_ns()
         if missing.size:
             dest = cache.rows[first:first + missing.size]
@@ -177,21 +291,55 @@ class FlashFFN:
         cost.ns_io = cost.ns_io_wait = t3 - t2  # background: the time to issue them, so far
         return ids, first, int(missing.size)
 
-    def _sparse(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """One decode token through the layer's cache: x (d,) -> (1, d).
+    def _take_staged(self, cache, staged: np.ndarray, missing: np.ndarray, first: int, cost: LayerCost):
+        """Of the rows admit() left to read (slots first.., ids `missing` ascending), copy those
+        the prefetch read into their slots, ordered first so they count as ready; returns what
+        is still to read and the slot it starts at."""
+        pos = np.minimum(np.searchsorted(staged, missing), staged.size - 1)
+        hit = staged[pos] == missing
+        n_hit = int(np.count_nonzero(hit))
+        cost.n_prefetch_hits = n_hit
+        if n_hit == 0:
+            return missing, first
+        rest = missing[~hit]
+        order = np.concatenate([missing[hit], rest])
+        end = first + missing.size
+        cache.slot_to_id[first:end] = order
+        cache.id_to_slot[order] = np.arange(first, end, dtype=np.int32)
+        np.take(self._stage, pos[hit], axis=0, out=cache.rows[first:first + n_hit])
+        return rest, first + n_hit
+
+    def _prefetch(self, layer: int, x: np.ndarray, cost: LayerCost) -> None:
+        """Guess layer `layer`'s selection from the previous layer's FFN input x and start
+        reading the guessed rows it does not cache into the stream buffers."""
+        t0 = time.perf_counter_ns()
+        cache = self.caches[layer]
+        guess = self.selector.select(layer, x, None if self.prior is None else self.prior[layer])
+        guess = guess[cache.id_to_slot[guess] < 0][:self._stage.shape[0]]
+        if guess.size:
+            guess = np.sort(guess)
+            self.loader.submit_rows(self.layer_offsets[layer], self.row_bytes, guess, self._stage[:guess.size])
+            self._staged = (layer, guess)
+        cost.ns_predict += time.perf_counter_ns() - t0
+
+    def _drop_staged(self) -> None:
+        if self._staged is not None and self.loader is not None:
+            _settle(self.loader)
+        self._staged = None
+
+    def _sparse(self, layer: int, x: np.ndarray, step: int, count: bool = True) -> np.ndarray:
+        """One token through the layer's cache at `step`: x (d,) -> (1, d) (count: add its
+        costs to the decode figures).
 
         With `overlap` (the default) the missing rows are read in the background while the
         kernel computes over the rows already cached; the kernel waits for the reads only
         before the row chunks that hold them, and sums its chunks in the same order either
         way, so the result is bit for bit the serial one (read, then compute)."""
-        if layer == 0:
-            self.step += 1
-            self.stats.begin_token()
         cache = self.caches[layer]
         if not self.reuse:
             cache.reset()
         cost = LayerCost()
-        ids, first, n_new = self._admit(layer, x, self.step, cost, background=self.overlap)
+        ids, first, n_new = self._admit(layer, x, step, cost, background=self.overlap)
         t0 = time.perf_counter_ns()
         rows = cache.used_rows()  # (n_used, row_elems): contiguous, no gather
         n_used = rows.shape[0]
@@ -223,27 +371,53 @@ class FlashFFN:
         cost.n_computed = n_used
         if ids.size > cache.capacity:  # the selection overflows the cache: stream the rest through
             self._overflow(layer, x, ids, y[0], cost)
-        self.stats.add_layer(cost)
+        if count and self.prefetch and self.overlap and self.reuse and layer + 1 < self.n_layers:
+            self._prefetch(layer + 1, x, cost)
+        if count:
+            self.stats.add_layer(cost)
         return y
 
     def _overflow(self, layer: int, x: np.ndarray, ids: np.ndarray, y: np.ndarray, cost: LayerCost) -> None:
-        """Selected neurons the cache had no room for: read them into the chunk buffer each token
-        and add their share to y, so a selection larger than the cache is still computed exactly."""
+        """Selected neurons the cache had no room for: read them through the two chunk buffers
+        each token (the next part read while this one is computed) and add their share to y,
+        so a selection larger than the cache is still computed exactly."""
         cache = self.caches[layer]
         rest = np.sort(ids[cache.id_to_slot[ids] < 0])  # (n_rest,) int64
         up_bias = self.spec.up_bias[layer] if self.spec.up_bias is not None else None
-        for start in range(0, rest.size, self.chunk_rows):
-            part_ids = rest[start:start + self.chunk_rows]
-            chunk = self._chunk[:part_ids.size]
-            t0 = time.perf_counter_ns()
-            self.loader.read_rows(self.layer_offsets[layer], self.row_bytes, part_ids, chunk)
-            t1 = time.perf_counter_ns()
-            bias = None if up_bias is None else up_bias[part_ids]
-            kernels.ffn_rows(chunk, x, self._part, self.spec.gated, self.spec.act_code, bias, None, self.n_threads,
-                                 self.qtype, self.down_qtype)
-            y += self._part
-            cost.ns_io += t1 - t0
-            cost.ns_io_wait += t1 - t0
-            cost.ns_compute += time.perf_counter_ns() - t1
+        parts = [rest[s:s + self.chunk_rows] for s in range(0, rest.size, self.chunk_rows)]
+        ld = self.loader
+
+        def submit(i):
+            ld.submit_rows(self.layer_offsets[layer], self.row_bytes, parts[i], self._chunks[i % 2][:parts[i].size])
+
+        t0 = time.perf_counter_ns()
+        try:
+            if parts:
+                submit(0)
+            for i, part_ids in enumerate(parts):
+                t1 = time.perf_counter_ns()
+                ns_flight, _ = ld.wait()
+                if i + 1 < len(parts):
+                    submit(i + 1)
+                t2 = time.perf_counter_ns()
+                bias = None if up_bias is None else up_bias[part_ids]
+                kernels.ffn_rows(self._chunks[i % 2][:part_ids.size], x, self._part, self.spec.gated,
+                                 self.spec.act_code, bias, None, self.n_threads, self.qtype, self.down_qtype)
+                y += self._part
+                cost.ns_io += ns_flight
+                cost.ns_io_wait += t2 - t1 + (t1 - t0 if i == 0 else 0)
+                cost.ns_compute += time.perf_counter_ns() - t2
+        except BaseException:
+            _settle(ld)
+            raise
         cost.n_read += int(rest.size)
         cost.n_computed += int(rest.size)
+
+
+def _settle(ld) -> None:
+    """After a failure with a read in flight: let it land (it writes into our buffers) and
+    drop its own error, the first one is raised."""
+    try:
+        ld.wait()
+    except OSError:
+        pass

@@ -12,6 +12,10 @@ class LayerCost:
     n_computed: int = 0  # neurons the kernel ran over (the window's rows in the cache, and any overflow)
     n_read: int = 0  # neurons read from flash
     n_overlapped: int = 0  # cached neurons computed while the reads were in flight
+    n_prefetched: int = 0  # rows the previous layer's guess read for this one
+    n_prefetch_hits: int = 0  # of which this layer then missed (taken from the prefetch, not read)
+    ns_prefetch_flight: int = 0  # the guess's reads in flight
+    ns_prefetch_wait: int = 0  # time this layer waited for the guess's reads
     ns_predict: int = 0
     ns_cache: int = 0
     ns_io: int = 0  # reads in flight
@@ -28,6 +32,9 @@ class FlashStats:
     computed: int = 0  # neuron-layers the kernel ran over (the window's rows in the cache)
     read: int = 0  # neuron-layers read from flash
     overlapped: int = 0  # neuron-layers computed while reads were in flight
+    prefetched: int = 0  # neuron-layers read ahead on a guess
+    prefetch_hits: int = 0  # of which were then needed
+    ns_prefetch_wait: int = 0
     ns_predict: int = 0
     ns_cache: int = 0
     ns_io: int = 0  # time reads were in flight
@@ -36,6 +43,7 @@ class FlashStats:
 
     def start_decode(self) -> None:
         self.tokens = self.selected = self.computed = self.read = self.overlapped = 0
+        self.prefetched = self.prefetch_hits = self.ns_prefetch_wait = 0
         self.ns_predict = self.ns_cache = self.ns_io = self.ns_io_wait = self.ns_compute = 0
 
     def begin_token(self) -> None:
@@ -46,10 +54,13 @@ class FlashStats:
         self.computed += cost.n_computed
         self.read += cost.n_read
         self.overlapped += cost.n_overlapped
+        self.prefetched += cost.n_prefetched
+        self.prefetch_hits += cost.n_prefetch_hits
+        self.ns_prefetch_wait += cost.ns_prefetch_wait
         self.ns_predict += cost.ns_predict
         self.ns_cache += cost.ns_cache
-        self.ns_io += cost.ns_io
-        self.ns_io_wait += cost.ns_io_wait
+        self.ns_io += cost.ns_io + cost.ns_prefetch_flight
+        self.ns_io_wait += cost.ns_io_wait + cost.ns_prefetch_wait
         self.ns_compute += cost.ns_compute
 
     def add_naive(self, ns_total: int, n_neurons: int) -> None:
@@ -85,4 +96,10 @@ class FlashStats:
             "neurons_overlapped_per_token": self.overlapped / (n * self.n_layers * self.n_neurons),
             "ms_ffn_compute_per_token": self.ns_compute / n / 1e6,
         })
+        if self.prefetched:
+            out.update({
+                "neurons_prefetched_per_token": self.prefetched / (n * self.n_layers * self.n_neurons),
+                "prefetch_hit_rate": self.prefetch_hits / self.prefetched,  # the rest was read for nothing
+                "ms_prefetch_wait_per_token": self.ns_prefetch_wait / n / 1e6,
+            })
         return out
