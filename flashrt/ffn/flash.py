@@ -25,11 +25,12 @@ from .stats import FlashStats, LayerCost
 
 STREAM_CHUNK_BYTES = 2 << 20  # prefill / naive stream each layer through two buffers this size together
 ALIGNMENT = 4096              # O_DIRECT: file offsets and buffers aligned to this land without a copy
-# Prefill's choice per layer (see FlashFFN.prefill_sparse): reading costs a fixed overhead per
-# read request, counted as this many bytes of sequential reading, plus its bytes rounded up to
-# whole 4 KiB blocks. Fitted on this machine's virtual SSD from README's figures: 16 KiB random
-# reads at ~0.7 GB/s against ~2 GB/s sequential, i.e. ~30 KiB of overhead per read.
-READ_OVERHEAD_BYTES = 32 << 10
+# Prefill's choice per layer (see FlashFFN.prefill_sparse): a neuron read costs a fixed overhead,
+# counted as this many bytes of sequential reading, plus its bytes rounded up to whole 4 KiB
+# blocks. On this machine's virtual SSD: 8 KiB rows of the sparse prompt path cost ~12 KiB of
+# streaming each beyond their bytes under load (bench/bench_prefill.py, OPT-1.3B shape), 16 KiB
+# random reads ~30 KiB on an idle machine (README: 0.7 against ~2 GB/s); in between.
+READ_OVERHEAD_BYTES = 16 << 10
 NEW_SHARE_DEFAULT = 0.3       # share of a token's selection not held from the tokens before it
 
 
@@ -145,7 +146,7 @@ class FlashFFN:
     def __call__(self, layer: int, x: np.ndarray) -> np.ndarray:
         """x (T, d) float32 -> (T, d) float32."""
         if x.shape[0] > 1:
-            if self.mode == "flash" and self.prefill_sparse(x.shape[0]):
+            if self.mode == "flash" and self.prefill_sparse(x.shape[0], layer, x):
                 self.prefill_choices["sparse"] += 1
                 return self._sparse_prompt(layer, x)
             self.prefill_choices["stream"] += self.mode == "flash"
@@ -163,40 +164,55 @@ class FlashFFN:
         return self._sparse(layer, x[0], self.step)
 
     # ----------------------------------------------------------------- the prompt
-    def expected_selected(self) -> float:
-        """Neurons the selector is expected to pick per token and layer: its keep fraction, or
-        what it picked in the decode steps counted so far, or every neuron."""
+    def _probe(self, layer: int, x: np.ndarray) -> tuple[float, float]:
+        """(neurons selected per token, share of a selection the window does not hold) for this
+        prompt at this layer: the selector run on its last window + 1 tokens (a few predictor
+        calls, no reads). Selectors that read to select (the oracle) or select everything are
+        not run: their keep fraction, and NEW_SHARE_DEFAULT."""
+        name = getattr(self.selector, "name", "")
+        if name == "all":
+            return float(self.n_neurons), 1.0
         keep = getattr(self.selector, "keep_fraction", None)
-        if getattr(self.selector, "name", "") == "all":
-            return float(self.n_neurons)
-        if keep is not None:
-            return keep * self.n_neurons
-        if self.stats.tokens:
-            return self.stats.selected / (self.stats.tokens * self.n_layers)
-        return float(self.n_neurons)
+        if name != "predictor":
+            return (keep if keep is not None else 1.0) * self.n_neurons, NEW_SHARE_DEFAULT
+        tail = x[-(self.window + 1):]
+        sels = [self.selector.select(layer, xj, None) for xj in tail]
+        k = float(np.mean([s.size for s in sels]))
+        if len(sels) < 2 or k == 0:
+            return k, NEW_SHARE_DEFAULT
+        held = np.zeros(self.n_neurons, bool)
+        for s in sels[:-1]:
+            held[s] = True
+        return k, float(np.count_nonzero(~held[sels[-1]])) / max(sels[-1].size, 1)
 
-    def prefill_sparse(self, n_tokens: int) -> bool:
-        """Is a prompt of n_tokens cheaper token by token through the cache (sparse) than
-        streaming each layer once? Per layer, reads counted as bytes of sequential reading:
-        streaming reads the whole layer in large reads; the sparse path reads the first
-        token's selection and then each token's new neurons (NEW_SHARE_DEFAULT of a selection,
-        or the share measured in decoding), each read costing READ_OVERHEAD_BYTES plus its 4 KiB
-        blocks. Compute is not counted: for a short prompt both paths touch fewer rows in DRAM
-        than they read, and for a long one streaming wins on reads alone."""
+    def prefill_sparse(self, n_tokens: int, layer: int = 0, x: np.ndarray | None = None) -> bool:
+        """Is a prompt of n_tokens cheaper token by token through layer's cache (sparse) than
+        streaming the layer once? Reads counted as bytes of sequential reading: streaming reads
+        the whole layer in large reads; the sparse path reads the first token's selection (k
+        neurons) and then each token's new ones (k x the share the window does not hold), each
+        read costing READ_OVERHEAD_BYTES plus its 4 KiB blocks, and what overflows the cache
+        again each token; k and that share are probed on the prompt's last tokens (x). Compute
+        is not counted (bench/bench_prefill.py measures both paths against the choice)."""
         if self.prefill != "auto":
             return self.prefill == "sparse"
+        if not self.caches:
+            return False
         n, rb = self.n_neurons, self.row_bytes
-        k = min(float(n), self.expected_selected())
-        new = NEW_SHARE_DEFAULT
-        if self.stats.tokens and self.stats.selected:
-            new = min(1.0, self.stats.read / self.stats.selected)
-        reads = min(float(n), k + (n_tokens - 1) * k * new)
-        if k > (self.caches[0].capacity if self.caches else 0):
-            return False  # the selection overflows the cache: every token would stream its rest
+        if x is None:
+            k, new = self._probe_defaults()
+        else:
+            k, new = self._probe(layer, x)
+        # what the cache cannot hold is read again by every token (the overflow path)
+        over = max(0.0, k - self.caches[layer].capacity)
+        reads = k + (n_tokens - 1) * (k * new + over)
         blocks = -(-rb // ALIGNMENT) * ALIGNMENT
-        sparse_bytes = reads * (blocks + READ_OVERHEAD_BYTES)
-        stream_bytes = n * rb
-        return sparse_bytes < stream_bytes
+        return reads * (blocks + READ_OVERHEAD_BYTES) < n * rb
+
+    def _probe_defaults(self) -> tuple[float, float]:
+        keep = getattr(self.selector, "keep_fraction", None)
+        if getattr(self.selector, "name", "") == "all":
+            return float(self.n_neurons), 1.0
+        return (keep if keep is not None else 1.0) * self.n_neurons, NEW_SHARE_DEFAULT
 
     def _sparse_prompt(self, layer: int, x: np.ndarray) -> np.ndarray:
         """The prompt token by token through the layer's cache (prompt token j at step

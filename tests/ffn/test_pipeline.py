@@ -89,6 +89,12 @@ def test_prefill_estimate_picks_sparse_for_short_prompts_only(tiny_models):
         # fixed cost per read: cheaper for few tokens, never for many
         assert picks[0] and not picks[-1]
         assert picks == sorted(picks, reverse=True)     # once streaming wins, it keeps winning
+        # with the prompt at hand the selection size and the window's new share are probed
+        # on its last tokens: a prompt repeating one input has nothing new after its first token
+        x = np.random.default_rng(14).standard_normal((1, files.dim)).astype(np.float32)
+        same = np.repeat(x, 300, axis=0)
+        assert ffn._probe(0, same) == (sel.k, 0.0)
+        assert ffn.prefill_sparse(300, 0, same) and not ffn.prefill_sparse(300)
         ffn.prefill = "stream"
         assert not ffn.prefill_sparse(2)
         ffn.prefill = "sparse"
