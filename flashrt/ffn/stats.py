@@ -10,7 +10,7 @@ class LayerCost:
 
     n_selected: int = 0  # neurons the selector asked for
     n_computed: int = 0  # neurons the kernel ran over (the window's rows in the cache, and any overflow)
-    n_read: int = 0  # neurons read from flash
+    n_read: int = 0  # neurons read from flash on demand
     n_overlapped: int = 0  # cached neurons computed while the reads were in flight
     n_prefetched: int = 0  # rows the previous layer's guess read for this one
     n_prefetch_hits: int = 0  # of which this layer then missed (taken from the prefetch, not read)
@@ -30,7 +30,7 @@ class FlashStats:
     tokens: int = 0
     selected: int = 0  # neuron-layers the selector asked for
     computed: int = 0  # neuron-layers the kernel ran over (the window's rows in the cache)
-    read: int = 0  # neuron-layers read from flash
+    read: int = 0  # neuron-layers read from flash (on demand and prefetched)
     overlapped: int = 0  # neuron-layers computed while reads were in flight
     prefetched: int = 0  # neuron-layers read ahead on a guess
     prefetch_hits: int = 0  # of which were then needed
@@ -52,7 +52,7 @@ class FlashStats:
     def add_layer(self, cost: LayerCost) -> None:
         self.selected += cost.n_selected
         self.computed += cost.n_computed
-        self.read += cost.n_read
+        self.read += cost.n_read + cost.n_prefetched  # read on demand, and read ahead on a guess
         self.overlapped += cost.n_overlapped
         self.prefetched += cost.n_prefetched
         self.prefetch_hits += cost.n_prefetch_hits
