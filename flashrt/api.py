@@ -8,7 +8,8 @@
 Loading is load_model() (shared with calibration): the family validates the manifest's
 config, the resident tensors are checked against its table, the FFN is built from its spec.
 Decoding is in named steps: _prefill (the prompt, last-position logits only), _decode_one
-(one token), and the _tokens loop (sample -> yield -> decode one) under stream/generate/chat.
+(one token), and the _steps loop (sample -> yield -> decode one) under stream_generate (the
+response stream: text, token, finish reason, speed) and stream/generate/chat on top of it.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .linear import linear
 from .models import family
 from .predictor import PREDICTORS_NAME, PredictorSet
 from .predictor.store import predictor_ram_bytes
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, top_logprobs
 from .threads import blas_single_threaded, default_threads
 from .tokenizer import Tokenizer
 
@@ -120,6 +121,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     ffn: dict = field(default_factory=dict)  # flash/naive: per-token I/O and cache figures
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length" (max_new_tokens or the context)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -138,9 +140,41 @@ class GenerationStats:
             f"decode: {self.n_generated_tokens} tokens in {self.decode_seconds:.2f} s "
             f"({self.decode_tokens_per_second:.1f} tok/s)",
         ]
+        if self.finish_reason is not None:
+            lines.append(f"finish: {self.finish_reason}")
         for key, value in self.ffn.items():
             lines.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
         return "\n".join(lines)
+
+
+@dataclass
+class GenerationResponse:
+    """One step of Generator.stream_generate (mlx-lm's GenerationResponse): the text this token
+    added (may be "" while a stop string or a split UTF-8 character is held back), the token id
+    (None only on the closing item of a generation that decoded nothing), and, on the last item
+    only, why the generation ended."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None  # None, then "stop" (EOS or a stop string) or "length" on the last item
+    logprob: float | None = None  # logprobs=k: log-probability of `token` under the model
+    top_logprobs: dict | None = None  # logprobs=k: {token id: log-probability} of the k most likely, best first
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0  # tokens decoded so far, this one included
+    generation_tps: float = 0.0
+
+
+@dataclass
+class Generation:
+    """generate(..., logprobs=k): the text, the token ids, their log-probabilities and the top k
+    alternatives per token (GenerationResponse.logprob / top_logprobs), and the finish reason."""
+
+    text: str
+    tokens: list
+    logprobs: list
+    top_logprobs: list
+    finish_reason: str | None
 
 
 class Generator:
@@ -377,69 +411,130 @@ class Generator:
     def stream(
         self,
         prompt: str,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = 128,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        **sampling,
     ) -> Iterator[str]:
-        """Yield the continuation of `prompt` piece by piece as it is decoded."""
-        self._require_tokenizer()
-        if not isinstance(prompt, str):
-            raise GenerationError(f"prompt must be a str, got {type(prompt).__name__}")
-        if prompt == "":
-            raise GenerationError("the prompt is empty; give at least one character")
-        ids = self._encode(prompt)
-        yield from self._stream_text(ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        """Yield the continuation of `prompt` piece by piece as it is decoded. `sampling`:
+        min_p, repeat_penalty, repeat_last_n (see SamplingParams)."""
+        for r in self.stream_generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      seed=seed, stop=stop, **sampling):
+            if r.text:
+                yield r.text
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, **kwargs) -> str:
-        """The continuation of `prompt` as one string (greedy unless temperature > 0)."""
-        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+    def generate(self, prompt: str, max_new_tokens: int | None = 128, logprobs: int | None = None, **kwargs):
+        """The continuation of `prompt` as one string (greedy unless temperature > 0). With
+        logprobs=k, a Generation: the text with every token's log-probability and its top k."""
+        if logprobs is None:
+            return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+        out = list(self.stream_generate(prompt, max_new_tokens, logprobs=logprobs, **kwargs))
+        steps = [r for r in out if r.token is not None and r.logprob is not None]
+        return Generation(text="".join(r.text for r in out), tokens=[r.token for r in steps],
+                          logprobs=[r.logprob for r in steps], top_logprobs=[r.top_logprobs for r in steps],
+                          finish_reason=out[-1].finish_reason if out else None)
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> str:
+    def chat(self, messages: list[dict], max_new_tokens: int | None = 256, **kwargs) -> str:
         """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
         return "".join(self.stream_chat(messages, max_new_tokens, **kwargs))
 
-    def stream_chat(self, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict], max_new_tokens: int | None = 256, **kwargs) -> Iterator[str]:
+        for r in self.stream_generate(self.encode_chat(messages), max_new_tokens, **kwargs):
+            if r.text:
+                yield r.text
+
+    def encode_chat(self, messages: list[dict]) -> list:
+        """The token ids of a conversation rendered with the model's chat template, ready for the
+        assistant's reply (stream_generate takes them as its prompt)."""
         tok = self._require_tokenizer()
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self._encode(text, add_bos=False)  # the template places any BOS itself
-        yield from self._stream_text(ids, max_new_tokens, **kwargs)
+        return self._encode(text, add_bos=False)  # the template places any BOS itself
 
-    def stream_tokens(self, token_ids: Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
-                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                      stop_at_eos: bool = True) -> Iterator[int]:
-        """Yield the token ids that continue `token_ids` (the prompt), one per decode step.
-        stop_at_eos=False decodes all max_new_tokens (benchmarks). `stats` describes the run."""
-        ids, max_new_tokens, params, rng = self._generation_args(token_ids, max_new_tokens, temperature, top_k,
-                                                                 top_p, seed)
-        eos = self.tokenizer.eos_token_ids if stop_at_eos and self.tokenizer is not None else ()
+    def stream_generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int | None = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: int | None = None,
+    ) -> Iterator[GenerationResponse]:
+        """The response stream (as mlx-lm's stream_generate): one GenerationResponse per decoded
+        token, the last one with its finish_reason. `prompt` is text (encoded with the model's
+        BOS rule) or token ids (encode_chat(messages) for a conversation). max_new_tokens=None
+        runs to the end of the context. logprobs=k adds each token's log-probability and the k
+        most likely tokens' (k=0: the token's own only)."""
+        if isinstance(prompt, str):
+            self._require_tokenizer()
+            if prompt == "":
+                raise GenerationError("the prompt is empty; give at least one character")
+            prompt = self._encode(prompt)
+        elif not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise GenerationError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, (int, np.integer))
+                                     or not 0 <= logprobs <= 20):
+            raise GenerationError(f"logprobs must be an integer from 0 to 20 or None, got {logprobs!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or s == "" for s in stops):
+            raise GenerationError("stop must be a non-empty string or a list of them")
+        ids, max_new_tokens, params, rng = self._generation_args(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed,
+            min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
         self._acquire()
         try:
-            yield from self._tokens(ids, max_new_tokens, params, rng, eos)
+            yield from self._responses(ids, max_new_tokens, params, rng, stops, logprobs)
         finally:
             self._release()
 
-    def _generation_args(self, ids, max_new_tokens, temperature, top_k, top_p, seed):
+    def stream_tokens(self, token_ids: Sequence[int], max_new_tokens: int | None = 128, temperature: float = 0.0,
+                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                      stop_at_eos: bool = True, **sampling) -> Iterator[int]:
+        """Yield the token ids that continue `token_ids` (the prompt), one per decode step.
+        stop_at_eos=False decodes all max_new_tokens (benchmarks). `stats` describes the run."""
+        ids, max_new_tokens, params, rng = self._generation_args(token_ids, max_new_tokens, temperature, top_k,
+                                                                 top_p, seed, **sampling)
+        eos = self.tokenizer.eos_token_ids if stop_at_eos and self.tokenizer is not None else ()
+        self._acquire()
+        try:
+            for token, _ in self._steps(ids, max_new_tokens, params, rng, eos):
+                if token not in eos:
+                    yield token
+        finally:
+            self._release()
+
+    def _generation_args(self, ids, max_new_tokens, temperature, top_k, top_p, seed, **sampling):
         """The checked arguments of a generation: (ids, max_new_tokens clamped to the context,
-        SamplingParams, rng)."""
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        SamplingParams, rng). max_new_tokens=None: the rest of the context."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **sampling)
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or
+                                           not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0):
+            raise GenerationError(f"max_new_tokens must be an integer >= 0 or None, got {max_new_tokens!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}")
         ids = self._check_ids(ids)
         # Tokens past the context cannot be computed: clamp, documented in the README.
-        max_new_tokens = min(int(max_new_tokens), self.max_context - ids.size)
+        room = self.max_context - ids.size
+        max_new_tokens = room if max_new_tokens is None else min(int(max_new_tokens), room)
         return ids, max_new_tokens, params, np.random.default_rng(seed)
 
-    def _tokens(self, ids, max_new_tokens, params, rng, eos):
-        """The decode loop: prefill, then sample -> yield -> decode one, until max_new_tokens
-        or a token in `eos` (not yielded). Fills self.stats, also when the caller stops early."""
+    def _steps(self, ids, max_new_tokens, params, rng, eos):
+        """The decode loop: prefill, then sample -> yield (token, its logits) -> decode one, until
+        max_new_tokens or a token in `eos` (yielded, then the loop ends). Fills self.stats (its
+        finish_reason too), also when the caller stops early."""
         stats = self.stats = GenerationStats(n_prompt_tokens=int(ids.size))
         if max_new_tokens == 0:
+            stats.finish_reason = "length"
             return
+        history = ids.tolist() if params.repeat_penalty != 1.0 else None
         t0 = time.perf_counter()
         logits = self._prefill(ids)
         stats.prefill_seconds = time.perf_counter() - t0
@@ -449,11 +544,17 @@ class Generator:
             for i in range(max_new_tokens):
                 if self._closed:
                     raise FlashrtError("the Generator was closed during the generation")
-                token = sample(logits, params, rng)
+                token = sample(logits, params, rng, history)
                 stats.n_generated_tokens += 1
                 if token in eos:
+                    stats.finish_reason = "stop"
+                    yield token, logits
                     break
-                yield token
+                if i + 1 == max_new_tokens:
+                    stats.finish_reason = "length"
+                yield token, logits
+                if history is not None:
+                    history.append(token)
                 if i + 1 < max_new_tokens:
                     logits = self._decode_one(token, f"token {i + 1}")
                     stats.decode_seconds = time.perf_counter() - t_decode
@@ -461,31 +562,41 @@ class Generator:
             stats.decode_seconds = time.perf_counter() - t_decode
             stats.ffn = self.ffn.decode_stats()
 
-    def _stream_text(self, ids, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None, seed=None, stop=None):
-        """Text pieces of the continuation of ids, held back at stop strings and split UTF-8."""
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or s == "" for s in stops):
-            raise GenerationError("stop must be a non-empty string or a list of them")
-        ids, max_new_tokens, params, rng = self._generation_args(ids, max_new_tokens, temperature, top_k, top_p,
-                                                                 seed)
-        self._acquire()
+    def _responses(self, ids, max_new_tokens, params, rng, stops, logprobs):
+        """GenerationResponses of the continuation of ids: text held back at stop strings and
+        split UTF-8, EOS shown as no text; the caller holds the lock."""
+        tok = self.tokenizer
+        eos = tok.eos_token_ids if tok is not None else ()
+        detok = _IncrementalText(tok, stops) if tok is not None else None
+        steps = self._steps(ids, max_new_tokens, params, rng, eos)
+        stats = self.stats
+        finish = None
         try:
-            detok = _IncrementalText(self.tokenizer, stops)
-            tokens = self._tokens(ids, max_new_tokens, params, rng, self.tokenizer.eos_token_ids)
-            try:
-                for token in tokens:
-                    piece = detok.push(token)
-                    if piece:
-                        yield piece
-                    if detok.stopped:
-                        break
-            finally:
-                tokens.close()
-            tail = detok.flush()
-            if tail:
-                yield tail
+            for token, logits in steps:
+                stats = self.stats
+                is_eos = token in eos
+                text = "" if is_eos or detok is None else detok.push(token)
+                if is_eos or (detok is not None and detok.stopped):
+                    finish = "stop"
+                elif stats.n_generated_tokens == max_new_tokens:
+                    finish = "length"
+                if finish is not None and detok is not None:
+                    text += detok.flush()
+                lp = top = None
+                if logprobs is not None:
+                    lp, top = top_logprobs(logits, token, logprobs)
+                yield GenerationResponse(
+                    text=text, token=int(token), finish_reason=finish, logprob=lp, top_logprobs=top,
+                    prompt_tokens=stats.n_prompt_tokens, prompt_tps=stats.prefill_tokens_per_second,
+                    generation_tokens=stats.n_generated_tokens, generation_tps=stats.decode_tokens_per_second)
+                if finish is not None:
+                    stats.finish_reason = finish
+                    return
         finally:
-            self._release()
+            steps.close()
+        stats = self.stats  # nothing decoded (max_new_tokens 0): one closing item
+        yield GenerationResponse(text="", token=None, finish_reason=stats.finish_reason or "length",
+                                 prompt_tokens=stats.n_prompt_tokens)
 
     def __repr__(self) -> str:
         return f"Generator({str(self.path)!r}, mode={self.mode!r})"
