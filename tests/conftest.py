@@ -32,8 +32,14 @@ def byte_tokenizer_json() -> str:
     return tk.to_str()
 
 
-def tiny_model(name: str, out: Path) -> Path:
-    """The tiny HF fixture `name` with a byte tokenizer, converted to float32 at `out`."""
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def tiny_model(name: str, out: Path, tokenizer_config: dict | None = None) -> Path:
+    """The tiny HF fixture `name` with a byte tokenizer (and `tokenizer_config`, e.g. a chat
+    template), converted to float32 at `out`."""
+    import json
     import shutil
 
     from flashrt.convert import convert
@@ -41,6 +47,8 @@ def tiny_model(name: str, out: Path) -> Path:
     src = out.parent / f"{out.name}-src"
     shutil.copytree(FIXTURES / "hf" / name, src)
     (src / "tokenizer.json").write_text(byte_tokenizer_json())
+    if tokenizer_config is not None:
+        (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     convert(src, out, dtype="float32", progress=False)
     return out
 
