@@ -1,6 +1,7 @@
-"""The `flashrt` command: convert | generate | chat | info | perplexity | calibrate | models.
+"""The `flashrt` command: convert | generate | chat | serve | info | perplexity | calibrate | models.
 
-Every flashrt error becomes one line on stderr and exit code 1 (2 for usage errors).
+Every flashrt error becomes one line on stderr and exit code 1 (2 for usage errors), every
+warning one line `flashrt: warning: ...`. The short flags follow llama.cpp's (-m -p -f -n -t -c).
 """
 from __future__ import annotations
 
@@ -9,15 +10,27 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 
 from . import __version__
 from .errors import FlashrtError
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help of every flag that has one (None and False say nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_model_options(p: argparse.ArgumentParser, modes: bool = True) -> None:
-    p.add_argument("--model", default=None, help="model directory, GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("-m", "--model", default=None,
+                   help="model directory, GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
     if modes:
         p.add_argument("--mode", choices=["dense", "flash", "naive"], default="dense",
                        help="dense: all in DRAM; flash: FFN neurons read from flash on demand; naive: whole FFN read every token")
@@ -26,7 +39,8 @@ def _add_model_options(p: argparse.ArgumentParser, modes: bool = True) -> None:
                        help="flash mode: which FFN neurons to read (default: predictor if calibrated, else all)")
         p.add_argument("--sparsity", type=float, default=None, help="fraction of FFN neurons skipped per token (flash mode)")
         p.add_argument("--window", type=int, default=5, help="flash mode: tokens a neuron stays cached")
-        p.add_argument("--max-context", type=int, default=None, help="KV cache length")
+        p.add_argument("-c", "--max-context", "--ctx-size", dest="max_context", type=int, default=None,
+                       help="context length in tokens: the KV cache (default: the model's, at most 2048)")
 
 
 def _open_generator(args):
@@ -48,24 +62,104 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _sampling_kwargs(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+
+
+def _warn_greedy_ignores(args) -> None:
+    """Temperature 0 is greedy: say so when truncation flags were given that cannot act."""
+    if args.temperature == 0:
+        names = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p))
+                 if v is not None]
+        if names:
+            warnings.warn(f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect at temperature 0 "
+                          "(greedy decoding takes the most likely token); pass --temp above 0 to sample")
+
+
+def _read_prompt(args) -> str:
+    """The prompt: positional, -p TEXT, -p - (stdin) or -f FILE."""
+    given = [x for x in (args.prompt, args.prompt_opt, args.file) if x is not None]
+    if args.file is not None or args.prompt_opt == "-":
+        name = "stdin" if args.file is None else args.file
+        raw = sys.stdin.buffer.read() if args.file is None else open(args.file, "rb").read()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FlashrtError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return given[0]
+
+
 def cmd_generate(args) -> int:
+    prompt = _read_prompt(args)
+    _warn_greedy_ignores(args)
     with _open_generator(args) as g:
-        for piece in g.stream(args.prompt, max_new_tokens=args.max_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        has_template = bool(g.tokenizer is not None and g.tokenizer.chat_template)
+        use_chat = args.chat or args.system is not None or (not args.raw and has_template)
+        if use_chat and not has_template:
+            raise FlashrtError(f"{g.path.name} has no chat template; drop --chat/--system to continue the raw prompt")
+        if use_chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+                       [{"role": "user", "content": prompt}]
+            source = g.encode_chat(messages)
+        else:
+            source = prompt
+        text, tokens, finish = [], [], None
+        for r in g.stream_generate(source, args.max_tokens, stop=args.stop, **_sampling_kwargs(args)):
+            if r.token is not None:
+                tokens.append(r.token)
+            finish = r.finish_reason or finish
+            text.append(r.text)
+            if not args.json and r.text:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+        st = g.stats
+        if args.json:
+            out = {"text": "".join(text), "tokens": tokens, "finish_reason": finish, "chat": use_chat,
+                   "prompt_tokens": st.n_prompt_tokens, "generated_tokens": st.n_generated_tokens,
+                   "timings": {"prompt_seconds": st.prefill_seconds,
+                               "prompt_tokens_per_second": st.prefill_tokens_per_second,
+                               "decode_seconds": st.decode_seconds,
+                               "decode_tokens_per_second": st.decode_tokens_per_second}}
+            if st.ffn:
+                out["ffn"] = st.ffn
+            print(json.dumps(out))
+        else:
+            sys.stdout.write("\n")
         if args.stats:
-            print(g.stats.summary(), file=sys.stderr)
+            print(st.summary(), file=sys.stderr)
     return 0
 
 
+def _fit_history(g, system: list, turns: list, reserve: int):
+    """The prompt ids of system + turns, dropping the oldest user/assistant pairs until the
+    reply has `reserve` tokens of room. (ids or None when the last message alone does not fit,
+    number of turns dropped)."""
+    dropped = 0
+    while True:
+        ids = g.encode_chat(system + turns)
+        if len(ids) + reserve <= g.max_context or len(turns) <= 1:
+            break
+        del turns[:2]
+        dropped += 1
+    if len(ids) >= g.max_context:
+        return None, dropped
+    return ids, dropped
+
+
 def cmd_chat(args) -> int:
+    _warn_greedy_ignores(args)
     with _open_generator(args) as g:
-        messages = []
-        if args.system:
-            messages.append({"role": "system", "content": args.system})
-        print("flashrt chat — empty line or Ctrl-D to quit", file=sys.stderr)
+        if g.tokenizer is None or not g.tokenizer.chat_template:
+            raise FlashrtError(f"{g.path.name} has no chat template; use `flashrt generate --raw`")
+        if sys.stdin.isatty():
+            import readline  # noqa: F401  (line editing and history for input())
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        turns = []
+        n = args.max_tokens
+        reserve = min(n, g.max_context // 2) if n is not None else g.max_context // 4
+        print(f"flashrt chat ({g.path.name}, context {g.max_context} tokens): Ctrl-C stops a reply; "
+              "Ctrl-D or an empty line quits", file=sys.stderr)
         while True:
             try:
                 user = input("> ")
@@ -73,18 +167,46 @@ def cmd_chat(args) -> int:
                 break
             if not user.strip():
                 break
-            messages.append({"role": "user", "content": user})
-            reply = []
-            for piece in g.stream_chat(messages, max_new_tokens=args.max_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            turns.append({"role": "user", "content": user})
+            ids, dropped = _fit_history(g, system, turns, reserve)
+            if dropped:
+                print(f"flashrt: dropped the oldest {dropped} turn(s) to fit the context of {g.max_context} tokens",
+                      file=sys.stderr)
+            if ids is None:
+                turns.pop()
+                print(f"flashrt: that message does not fit the context of {g.max_context} tokens; "
+                      "send a shorter one (or raise -c)", file=sys.stderr)
+                continue
+            reply, finish = [], None
+            stream = g.stream_generate(ids, n, stop=args.stop, **_sampling_kwargs(args))
+            try:
+                for r in stream:
+                    reply.append(r.text)
+                    finish = r.finish_reason
+                    sys.stdout.write(r.text)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                finish = "interrupted"
+            finally:
+                stream.close()
             sys.stdout.write("\n")
+            sys.stdout.flush()
+            if finish == "interrupted":
+                print("flashrt: reply stopped (Ctrl-C); the conversation goes on", file=sys.stderr)
+            elif finish == "length":
+                where = f"the -n limit of {n} tokens" if n is not None and g.stats.n_generated_tokens >= n \
+                    else f"the end of the context ({g.max_context} tokens)"
+                print(f"flashrt: reply cut at {where}", file=sys.stderr)
             if args.stats:
                 print(g.stats.summary(), file=sys.stderr)
-            messages.append({"role": "assistant", "content": "".join(reply)})
+            turns.append({"role": "assistant", "content": "".join(reply)})
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import serve  # start-up cost, and the optional extra: only `serve` needs it
+
+    return serve(args)
 
 
 def cmd_info(args) -> int:
@@ -196,28 +318,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    def sampling(p):
-        p.add_argument("--max-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--top-k", type=int, default=None)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--stats", action="store_true", help="print tokens/s (and flash I/O figures) to stderr")
+    def sampling(p, max_tokens, stats=True):
+        p.add_argument("-n", "--max-tokens", type=int, default=max_tokens,
+                       help="tokens to generate at most" + ("" if max_tokens else
+                                                            " (default: up to the end of the context)"))
+        p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0,
+                       help="sampling temperature; 0 = greedy (top-k/top-p/min-p then change nothing)")
+        p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+        p.add_argument("--top-p", type=float, default=None,
+                       help="sample among the smallest set reaching probability p (default: off)")
+        p.add_argument("--min-p", type=float, default=None,
+                       help="drop tokens less than min-p times as likely as the best (default: off)")
+        p.add_argument("--repeat-penalty", type=float, default=1.0,
+                       help="divide the logits of recently seen tokens by this (1 = off; llama.cpp's rule)")
+        p.add_argument("--repeat-last-n", type=int, default=64, help="how many recent tokens the penalty looks at")
+        p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: fresh entropy)")
+        if stats:
+            p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                           help="stop before this text (repeatable)")
+            p.add_argument("--stats", action="store_true",
+                           help="print tokens/s, the finish reason (and flash I/O figures) to stderr")
 
-    p = sub.add_parser("generate", help="continue a prompt, streaming tokens to stdout")
-    p.add_argument("prompt")
-    _add_model_options(p)
-    sampling(p)
-    p.set_defaults(func=cmd_generate)
+    new_parser = lambda *a, **kw: sub.add_parser(*a, formatter_class=_HelpFormatter, **kw)  # noqa: E731
 
-    p = sub.add_parser("chat", help="interactive chat (models with a chat template)")
-    p.add_argument("--system", default=None)
+    p = new_parser("generate", help="continue a prompt (chat-templated for instruct models), streaming to stdout")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or -p / -f)")
+    p.add_argument("-p", "--prompt", dest="prompt_opt", default=None, metavar="TEXT",
+                   help="the prompt; '-' reads it from stdin")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from this UTF-8 file")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", action="store_true",
+                      help="apply the model's chat template to the prompt (default: on when the model has one)")
+    chat.add_argument("--raw", action="store_true", help="continue the prompt as raw text, no chat template")
+    p.add_argument("--system", default=None, help="a system message (implies --chat)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, tokens, finish reason, timings")
     _add_model_options(p)
-    sampling(p)
+    sampling(p, 128)
+    p.set_defaults(func=cmd_generate, usage_error=p.error)
+
+    p = new_parser("chat", help="interactive chat (models with a chat template)")
+    p.add_argument("--system", default=None, help="a system message at the start of the conversation")
+    _add_model_options(p)
+    sampling(p, None)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("info", help="describe a converted model")
-    p.add_argument("--model", default=None)
+    p = new_parser("serve", help="an OpenAI-compatible HTTP server (pip install \"flashrt[server]\")")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: FLASHRT_API_KEY, else none)")
+    p.add_argument("--name", default=None, help="the model id in /v1/models (default: the model directory's name)")
+    p.add_argument("--queue", type=int, default=8,
+                   help="requests that may wait while one runs; more get HTTP 429")
+    _add_model_options(p)
+    sampling(p, None, stats=False)
+    p.set_defaults(func=cmd_serve)
+
+    p = new_parser("info", help="describe a converted model")
+    p.add_argument("-m", "--model", default=None, help="the model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--verify", action="store_true", help="check full checksums of every file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
@@ -231,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("calibrate", help="fit the FFN sparsity predictors of a model")
-    p.add_argument("--model", default=None)
+    p.add_argument("-m", "--model", default=None)
     p.add_argument("--text", default=None, help="calibration text (default: sampled from the model)")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--sparsity", type=float, default=0.5)
@@ -252,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate" and sum(x is not None for x in (args.prompt, args.prompt_opt, args.file)) != 1:
+        args.usage_error("give exactly one prompt: PROMPT, -p TEXT, -p - (read stdin) or -f FILE")
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except FlashrtError as e:
@@ -278,6 +440,11 @@ def main(argv=None) -> int:
         print("flashrt: internal error: " + " ".join(f"{type(e).__name__}: {e}".split())
               + " (set FLASHRT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, no source line."""
+    print("flashrt: warning: " + " ".join(str(message).split()), file=sys.stderr)
 
 
 def _error(message: str) -> None:

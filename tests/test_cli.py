@@ -214,8 +214,7 @@ def test_other_flashrt_errors(tiny, tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
     r = flashrt_cli("perplexity", "--text", tmp_path / "bad.txt", "--model", tiny["llama"])
     assert_one_line_error(r, match="not UTF-8")
-    r = flashrt_cli("chat", "--model", tiny["llama"], "--max-tokens", 3)  # stdin: EOF at once
-    assert r.returncode == 0, r.stderr
+    assert_one_line_error(flashrt_cli("chat", "--model", tiny["llama"]), match="no chat template")
 
 
 def test_calibrate_bad_arguments_are_one_line_and_write_nothing(tiny, tmp_path):
@@ -253,10 +252,10 @@ def test_closed_stdout_is_not_a_traceback(tiny):
     assert p.returncode == 141 and b"Traceback" not in err, err
 
 
-def test_ctrl_c_exits_130(tiny):
+def test_ctrl_c_exits_130(chat_model):
     # A shell's background job inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
     # handler: give the child the default disposition, as an interactive terminal would.
-    p = subprocess.Popen([sys.executable, "-m", "flashrt", "chat", "--model", str(tiny["llama"])], env=env(),
+    p = subprocess.Popen([sys.executable, "-m", "flashrt", "chat", "--model", str(chat_model)], env=env(),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     banner = p.stderr.readline()  # printed just before it waits for input
@@ -279,3 +278,100 @@ def test_perplexity_on_non_finite_logits_is_an_error_not_nan(tmp_path):
         g.model.forward = lambda ids, kv, **kw: np.full((len(ids), vocab), np.nan, np.float32)
         with pytest.raises(ModelFormatError, match="non-finite"):
             perplexity(g, "Once upon a time there was a test. " * 4, context=16, progress=False)
+
+
+# -- llama.cpp / mlx-lm conventions: short flags, prompt sources, chat by default, --json -----------
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from conftest import CHAT_TEMPLATE
+
+    return tiny_model("llama", tmp_path_factory.mktemp("cli-chat") / "llama", {"chat_template": CHAT_TEMPLATE})
+
+
+def run_cli(*args, stdin=None, warn=False):
+    e = env()
+    if warn:
+        e.pop("PYTHONWARNINGS")
+    return subprocess.run([sys.executable, "-m", "flashrt", *map(str, args)], env=e, input=stdin,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_short_flags_and_every_prompt_source_give_the_api_text(tiny, tmp_path):
+    want = api_text(tiny["llama"], n=10)
+    (tmp_path / "p.txt").write_text(PROMPT)
+    with flashrt.Generator(tiny["llama"], progress=False) as g:
+        tokens = list(g.stream_tokens(g.tokenizer.encode(PROMPT), 10))
+    for source, stdin in ((["-p", PROMPT], None), (["-p", "-"], PROMPT), (["-f", tmp_path / "p.txt"], None),
+                          ([PROMPT], None)):
+        r = run_cli("generate", *source, "-m", tiny["llama"], "-n", 10, "-t", 1, "-c", 64, "--json", stdin=stdin)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["text"] == want and out["tokens"] == tokens, source
+        assert (out["finish_reason"], out["chat"], out["prompt_tokens"], out["generated_tokens"]) == \
+            ("length", False, len(PROMPT), 10)
+        assert out["timings"]["decode_tokens_per_second"] > 0
+    r = run_cli("generate", "-m", tiny["llama"], "-n", 10, "--stats", "-p", PROMPT)
+    assert r.returncode == 0 and r.stdout == want + "\n" and "finish: length" in r.stderr
+
+
+def test_prompt_source_mistakes_are_one_line(tiny, tmp_path):
+    for args in (["x", "-p", "y"], ["-p", "y", "-f", "z"], []):
+        r = run_cli("generate", *args, "-m", tiny["llama"])
+        assert r.returncode == 2 and "usage:" in r.stderr and "exactly one prompt" in r.stderr, r.stderr
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    assert_one_line_error(run_cli("generate", "-f", tmp_path / "bad.txt", "-m", tiny["llama"]), match="not UTF-8")
+    assert_one_line_error(run_cli("generate", "-f", tmp_path / "nope.txt", "-m", tiny["llama"]),
+                          match="no such file")
+    assert_one_line_error(run_cli("generate", "x", "--chat", "-m", tiny["llama"]), match="no chat template")
+
+
+def test_a_model_with_a_chat_template_gets_it_unless_raw(chat_model):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    with flashrt.Generator(chat_model, progress=False) as g:
+        chat, chat_sys, raw = g.chat(msgs[1:], 12), g.chat(msgs, 12), g.generate("hi", 12)
+    for args, want, is_chat in ((["-p", "hi"], chat, True), (["-p", "hi", "--system", "be brief"], chat_sys, True),
+                                (["-p", "hi", "--raw"], raw, False)):
+        r = run_cli("generate", *args, "-m", chat_model, "-n", 12, "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert (out["text"], out["chat"]) == (want, is_chat), args
+    assert raw != chat
+
+
+def test_stop_is_repeatable_and_sampling_flags_reach_the_api(tiny):
+    kw = dict(temperature=0.9, top_k=40, min_p=0.05, repeat_penalty=1.3, repeat_last_n=16, seed=7)
+    with flashrt.Generator(tiny["llama"], progress=False) as g:
+        full = g.generate(PROMPT, 30, **kw)
+        stops = [full[9:11], full[4:6]]
+        want = g.generate(PROMPT, 30, stop=stops, **kw)
+    assert len(want) < len(full)
+    r = run_cli("generate", "-p", PROMPT, "-m", tiny["llama"], "-n", 30, "--temp", 0.9, "--top-k", 40, "--min-p", 0.05,
+                "--repeat-penalty", 1.3, "--repeat-last-n", 16, "--seed", 7, "--stop", stops[0], "--stop", stops[1],
+                "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text"] == want and out["finish_reason"] == "stop"
+
+
+def test_warnings_are_one_line(tiny):
+    r = run_cli("generate", "-p", PROMPT, "-m", tiny["llama"], "-n", 2, "--top-p", 0.9, "--mode", "flash", warn=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("flashrt: warning: ") for line in lines), r.stderr
+    assert any("--top-p has no effect at temperature 0" in line for line in lines)
+    assert any("no sparsity predictors" in line for line in lines)
+
+
+def test_help_states_every_default():
+    r = run_cli("generate", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for flag in ("-m MODEL, --model MODEL", "-n MAX_TOKENS, --max-tokens MAX_TOKENS", "-t THREADS",
+                 "-c MAX_CONTEXT", "--temp TEMPERATURE", "--stop TEXT", "--min-p", "--repeat-penalty"):
+        assert flag in text
+    for default in ("(default: 128)", "(default: 0.0)", "(default: 1.0)", "(default: 64)", "(default: dense)",
+                    "(default: SmolLM2-135M-Instruct)", "(default: all cores)"):
+        assert default in text, default
+    assert "(default: None)" not in text and "(default: False)" not in text
+    r = run_cli("chat", "--help")
+    assert "(default: up to the end of the context)" in " ".join(r.stdout.split())
