@@ -1,4 +1,4 @@
-"""The `flashrt` command: convert | generate | chat | serve | info | perplexity | calibrate | models.
+"""The `flashrt` command: convert | generate | chat | info | perplexity | calibrate | models.
 
 Every flashrt error becomes one line on stderr and exit code 1 (2 for usage errors), every
 warning one line `flashrt: warning: ...`. The short flags follow llama.cpp's (-m -p -f -n -t -c).
@@ -203,12 +203,6 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from .server import serve  # start-up cost, and the optional extra: only `serve` needs it
-
-    return serve(args)
-
-
 def cmd_info(args) -> int:
     from .format.reader import ModelFiles  # start-up cost: a command loads only what it runs
     from .home import resolve_model_path  # start-up cost: a command loads only what it runs
@@ -362,18 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     sampling(p, None)
     p.set_defaults(func=cmd_chat)
-
-    p = new_parser("serve", help="an OpenAI-compatible HTTP server (pip install \"flashrt[server]\")")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: FLASHRT_API_KEY, else none)")
-    p.add_argument("--name", default=None, help="the model id in /v1/models (default: the model directory's name)")
-    p.add_argument("--queue", type=int, default=8,
-                   help="requests that may wait while one runs; more get HTTP 429")
-    _add_model_options(p)
-    sampling(p, None, stats=False)
-    p.set_defaults(func=cmd_serve)
 
     p = new_parser("info", help="describe a converted model")
     p.add_argument("-m", "--model", default=None, help="the model (default: SmolLM2-135M-Instruct)")
