@@ -1,4 +1,4 @@
-"""The `flashrt` command: convert | generate | chat | info | perplexity | calibrate | models.
+"""The `flashrt` command: convert | generate | chat | serve | info | perplexity | calibrate | models.
 
 Every flashrt error becomes one line on stderr and exit code 1 (2 for usage errors), every
 warning one line `flashrt: warning: ...`. The short flags follow llama.cpp's (-m -p -f -n -t -c).
@@ -168,18 +168,18 @@ def cmd_chat(args) -> int:
             if not user.strip():
                 break
             turns.append({"role": "user", "content": user})
-            ids, dropped = _fit_history(g, system, turns, reserve)
-            if dropped:
-                print(f"flashrt: dropped the oldest {dropped} turn(s) to fit the context of {g.max_context} tokens",
-                      file=sys.stderr)
-            if ids is None:
-                turns.pop()
-                print(f"flashrt: that message does not fit the context of {g.max_context} tokens; "
-                      "send a shorter one (or raise -c)", file=sys.stderr)
-                continue
-            reply, finish = [], None
-            stream = g.stream_generate(ids, n, stop=args.stop, **_sampling_kwargs(args))
-            try:
+            reply, finish, stream = [], None, None
+            try:  # Ctrl-C from here on stops this reply, not the session
+                ids, dropped = _fit_history(g, system, turns, reserve)
+                if dropped:
+                    print(f"flashrt: dropped the oldest {dropped} turn(s) to fit the context of "
+                          f"{g.max_context} tokens", file=sys.stderr)
+                if ids is None:
+                    turns.pop()
+                    print(f"flashrt: that message does not fit the context of {g.max_context} tokens; "
+                          "send a shorter one (or raise -c)", file=sys.stderr)
+                    continue
+                stream = g.stream_generate(ids, n, stop=args.stop, **_sampling_kwargs(args))
                 for r in stream:
                     reply.append(r.text)
                     finish = r.finish_reason
@@ -188,7 +188,8 @@ def cmd_chat(args) -> int:
             except KeyboardInterrupt:
                 finish = "interrupted"
             finally:
-                stream.close()
+                if stream is not None:
+                    stream.close()
             sys.stdout.write("\n")
             sys.stdout.flush()
             if finish == "interrupted":
@@ -201,6 +202,12 @@ def cmd_chat(args) -> int:
                 print(g.stats.summary(), file=sys.stderr)
             turns.append({"role": "assistant", "content": "".join(reply)})
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import serve  # start-up cost, and the optional extra: only `serve` needs it
+
+    return serve(args)
 
 
 def cmd_info(args) -> int:
@@ -356,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     sampling(p, None)
     p.set_defaults(func=cmd_chat)
+
+    p = new_parser("serve", help="an OpenAI-compatible HTTP server (pip install \"flashrt[server]\")")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: FLASHRT_API_KEY, else none)")
+    p.add_argument("--name", default=None, help="the model id in /v1/models (default: the model directory's name)")
+    p.add_argument("--queue", type=int, default=8,
+                   help="requests that may wait while one runs; more get HTTP 429")
+    _add_model_options(p)
+    sampling(p, None, stats=False)
+    p.set_defaults(func=cmd_serve)
 
     p = new_parser("info", help="describe a converted model")
     p.add_argument("-m", "--model", default=None, help="the model (default: SmolLM2-135M-Instruct)")
