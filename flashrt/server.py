@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import signal
 import sys
@@ -462,11 +463,36 @@ class _Uvicorn(uvicorn.Server):
             self.announce(host, port)
 
 
+class _OneLineLog(logging.Handler):
+    """uvicorn's log records as one line each, `flashrt: ...`; errors also kept (the last one
+    names why the server could not start)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.errors = []
+
+    def emit(self, record):
+        message = " ".join(record.getMessage().split())
+        if record.levelno >= logging.ERROR:
+            self.errors.append(message)
+            if not message.startswith("[Errno"):  # a bind error is said once, by serve()
+                print(f"flashrt: server error: {message}", file=sys.stderr)
+        else:
+            print(f"flashrt: warning: {message}", file=sys.stderr)
+
+
 def serve(args) -> int:
     from .cli import _open_generator  # the CLI's options -> Generator
 
     if args.queue < 0:
         raise FlashrtError(f"--queue must be >= 0, got {args.queue}")
+    if not 0 <= args.port <= 65535:
+        raise FlashrtError(f"--port must be from 0 to 65535 (0: any free port), got {args.port}")
+    log = _OneLineLog()
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = [log] if name == "uvicorn" else [], name != "uvicorn"
+        logger.setLevel(logging.WARNING)
     api_key = args.api_key or os.environ.get("FLASHRT_API_KEY") or None
     with _open_generator(args) as g:
         model_id = args.name or g.path.name
@@ -474,7 +500,7 @@ def serve(args) -> int:
                         top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                         repeat_last_n=args.repeat_last_n, seed=args.seed)
         server = Server(g, model_id, aliases=[args.model], api_key=api_key, queue=args.queue, defaults=defaults)
-        config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning", access_log=False,
+        config = uvicorn.Config(server.app, host=args.host, port=args.port, log_config=None, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=None)
         u = _Uvicorn(config)
         u.announce = lambda host, port: print(
@@ -492,6 +518,7 @@ def serve(args) -> int:
                 signal.signal(s, h)
             server.worker.close()
         if not u.started:
-            raise FlashrtError(f"cannot listen on {args.host}:{args.port} (in use, or not an address of this machine)")
+            why = log.errors[-1] if log.errors else "in use, or not an address of this machine"
+            raise FlashrtError(f"cannot listen on {args.host}:{args.port}: {why}")
     print("flashrt: server stopped", file=sys.stderr)
     return 0

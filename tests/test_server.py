@@ -290,3 +290,25 @@ def test_load_8_clients_5_requests_each_leave_rss_and_descriptors_flat(server, o
     wait_for(lambda: proc_figures(server.proc.pid)[1] <= fds0, timeout=5)
     rss1, fds1 = proc_figures(server.proc.pid)
     assert fds1 <= fds0 and rss1 - rss0 < 20 << 20, (rss0, rss1, fds0, fds1)
+
+
+def test_without_the_extra_serve_is_one_line_naming_the_install_and_the_core_never_imports_it(chat_model):
+    code = ("import sys; sys.modules['uvicorn'] = None\n"  # as if `pip install flashrt` had no [server]
+            "import flashrt.api, flashrt.cli\n"
+            "assert 'starlette' not in sys.modules, 'the core imported the server'\n"
+            "sys.exit(flashrt.cli.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "serve", "-m", str(chat_model), "--port", "0"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("flashrt: error: flashrt serve needs the server extra") and \
+        'pip install "flashrt[server]"' in r.stderr
+
+
+def test_a_port_in_use_is_one_line(chat_model, server):
+    port = server.url.rsplit(":", 1)[1].split("/")[0]
+    r = subprocess.run([sys.executable, "-m", "flashrt", "serve", "-m", str(chat_model), "--port", port], cwd=REPO,
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"flashrt: error: cannot listen on 127.0.0.1:{port}: [Errno 98]"), r.stderr
