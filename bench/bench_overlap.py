@@ -47,6 +47,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--quick", action="store_true")
@@ -61,17 +62,18 @@ def main(argv=None):
     mb = model_bytes(path)
     name = path.name
     vocab = 256 if "tiny" in name else 1024
-    prompt = lambda s: synthetic_prompt(vocab, 16, seed=s)  # noqa: E731
+    prompt = lambda s: synthetic_prompt(vocab, args.prompt_tokens, seed=s)  # noqa: E731
     cache_note = drop_page_cache([mb["ffn_path"]])
     dense_fits = not args.no_dense and mem_available() > mb["total"] * 1.15 + 2e9
-    runs = {k: [] for k in ("flash overlapped", "flash serial", "dense", "naive")}
+    variants = [("flash overlap+prefetch", True, True), ("flash overlap", True, False), ("flash serial", False, False)]
+    runs = {k: [] for k in [v[0] for v in variants] + ["dense", "naive"]}
     g, note = open_flash_at_share(path, args.share, threads=args.threads, window=args.window, max_context=256)
     plan = g.plan.describe()
     try:
         decode_run(g, prompt(99), 2, seed=99)
         for rep in range(args.repeats):
-            for key, overlap in (("flash overlapped", True), ("flash serial", False))[::1 if rep % 2 == 0 else -1]:
-                g.ffn.overlap = overlap
+            for key, overlap, prefetch in variants[::1 if rep % 2 == 0 else -1]:
+                g.ffn.overlap, g.ffn.prefetch = overlap, prefetch and g.ffn.prefetch_possible
                 r = decode_run(g, prompt(rep), args.tokens, seed=rep)
                 runs[key].append(r)
                 print(f"{key:17s} rep {rep}: {r['ms_per_token']:.1f} ms/token, I/O in flight "
@@ -99,14 +101,16 @@ def main(argv=None):
                      f"{f['overlapped']['median']:.3f}", f"{f['gb']['median']:.3g}"])
     config = dict(model=str(path), share=args.share, budget=note, plan=plan, tokens=args.tokens,
                   repeats=args.repeats, threads=args.threads, window=args.window, page_cache=cache_note,
-                  order="flash overlapped / serial alternate per repeat (one Generator); dense and naive after")
+                  order="the flash variants alternate per repeat (one Generator, FlashFFN.overlap/prefetch); dense and naive after")
     text = header(f"Overlapped flash decode, {name} at {args.share:.0%} of the model in DRAM", config, path)
     table = md_table(["mode", "ms / token (min–max)", "I/O in flight ms", "I/O waited ms", "cache ms",
                       "compute ms (total - waited - cache)", "max(I/O, compute) ms", "total / max", "FFN share computed during reads",
                       "GB read / token"], rows)
     lines = [text, "", table, ""]
-    fo, fs = fig["flash overlapped"]["total"]["median"], fig["flash serial"]["total"]["median"]
-    lines.append(f"overlapped / serial: {fo / fs:.3f}x the time per token.")
+    fo, fs = fig["flash overlap+prefetch"]["total"]["median"], fig["flash serial"]["total"]["median"]
+    fm = max(fig["flash overlap+prefetch"]["io"]["median"], fig["flash overlap+prefetch"]["compute"]["median"])
+    lines.append(f"overlap+prefetch / serial: {fo / fs:.3f}x the time per token; overlap alone / serial: "
+                 f"{fig['flash overlap']['total']['median'] / fs:.3f}x; overlap+prefetch / max(I/O, compute): {fo / fm:.2f}.")
     if "dense" in fig:
         lines.append(f"overlapped / dense: {fo / fig['dense']['total']['median']:.2f}x.")
     if "naive" in fig:

@@ -94,7 +94,8 @@ class FlashFFN:
         # predictor is scored on layer l's FFN input, and its guessed misses (the most likely
         # first, as many as the two stream buffers hold) are read into them during layer l+1's
         # attention; layer l+1 takes the rows it then misses from there
-        self.prefetch = mode == "flash" and getattr(selector, "name", None) == "predictor"
+        self.prefetch_possible = mode == "flash" and getattr(selector, "name", None) == "predictor"
+        self.prefetch = self.prefetch_possible
         self._staged = None  # (layer, ids (k,) int64 ascending) read or being read into _stage[:k]
         self._part = np.empty(self.dim, np.float32)
         self.caches = []
