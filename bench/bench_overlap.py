@@ -73,7 +73,7 @@ def main(argv=None):
         decode_run(g, prompt(99), 2, seed=99)
         for rep in range(args.repeats):
             for key, overlap, prefetch in variants[::1 if rep % 2 == 0 else -1]:
-                g.ffn.overlap, g.ffn.prefetch = overlap, prefetch and g.ffn.prefetch_possible
+                g.ffn.overlap, g.ffn.prefetch = overlap, prefetch
                 r = decode_run(g, prompt(rep), args.tokens, seed=rep)
                 runs[key].append(r)
                 print(f"{key:17s} rep {rep}: {r['ms_per_token']:.1f} ms/token, I/O in flight "

@@ -90,12 +90,13 @@ class FlashFFN:
         # file offset aligned where it can, so O_DIRECT reads land in place (no bounce copy)
         self._stage = _loader.aligned_empty((2 * self.chunk_rows, self.row_elems), self.dtype)
         self._chunks = [self._stage[:self.chunk_rows], self._stage[self.chunk_rows:]]
-        # decode prefetch (predictor selection only): at the end of layer l the next layer's
-        # predictor is scored on layer l's FFN input, and its guessed misses (the most likely
-        # first, as many as the two stream buffers hold) are read into them during layer l+1's
-        # attention; layer l+1 takes the rows it then misses from there
+        # decode prefetch (predictor selection only, off by default): at the end of layer l the
+        # next layer's predictor is scored on layer l's FFN input, and its guessed misses (the
+        # most likely first, as many as the two stream buffers hold) are read into them during
+        # layer l+1's attention; layer l+1 takes the rows it then misses from there. Off: on the
+        # loaded 2-core dev VM it did not beat overlap alone (bench/results/overlap_*.md)
         self.prefetch_possible = mode == "flash" and getattr(selector, "name", None) == "predictor"
-        self.prefetch = self.prefetch_possible
+        self.prefetch = False
         self._staged = None  # (layer, ids (k,) int64 ascending) read or being read into _stage[:k]
         self._part = np.empty(self.dim, np.float32)
         self.caches = []
@@ -388,7 +389,7 @@ class FlashFFN:
         cost.n_computed = n_used
         if ids.size > cache.capacity:  # the selection overflows the cache: stream the rest through
             self._overflow(layer, x, ids, y[0], cost)
-        if count and self.prefetch and self.overlap and self.reuse and layer + 1 < self.n_layers:
+        if count and self.prefetch and self.prefetch_possible and self.overlap and self.reuse and layer + 1 < self.n_layers:
             self._prefetch(layer + 1, x, cost)
         if count:
             self.stats.add_layer(cost)
