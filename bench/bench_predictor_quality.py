@@ -21,7 +21,11 @@ kernel ran over (the window's union in the cache), read = neurons read from flas
 all as fractions of the FFN. With --plot it also draws perplexity vs fraction selected
 (matplotlib, bench-only) to OUT.png.
 
-Held-out text: --tail-chars N scores the last N characters of --text (calibrate on the rest).
+Held-out text: --tail-chars N scores the last N characters of --text (calibrate on the rest);
+--text python-docs scores Python's reference manual (pydoc_data, shipped with CPython), from
+token --skip-tokens on. --scoring picks the predictor scoring (product, gate-first; default:
+what the Generator's policy picks, see flashrt/flash/policy.py); --memory-budget runs under a
+budget and adds decode tokens/s.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import flashrt  # noqa: E402
 from common import md_table, perplexity_plot  # noqa: E402
 from flashrt.perplexity import perplexity  # noqa: E402
 from flashrt.predictor import PredictorSet  # noqa: E402
+from flashrt.predictor.calibrate import python_docs_text  # noqa: E402
 
 
 def with_prior_weight(model_dir: Path, weight: float, tmp: Path) -> Path:
@@ -57,8 +62,10 @@ def with_prior_weight(model_dir: Path, weight: float, tmp: Path) -> Path:
     return out
 
 
-def run(model_dir, text, tokens, ctx, **kw) -> dict:
+def run(model_dir, text, tokens, ctx, scoring=None, **kw) -> dict:
     t = time.perf_counter()
+    if scoring is not None:
+        kw["scoring"] = scoring
     with flashrt.Generator(model_dir, threads=1, progress=False, **kw) as g:
         r = perplexity(g, text, context=ctx, max_tokens=tokens, progress=False)
     r["seconds"] = time.perf_counter() - t
@@ -76,13 +83,23 @@ def main(argv=None):
     ap.add_argument("--window", type=int, nargs="+", default=[5])
     ap.add_argument("--prior-weight", type=float, nargs="+", default=[0.0], help="predictor rows only")
     ap.add_argument("--modes", nargs="+", default=["predictor", "oracle"])
+    ap.add_argument("--scoring", nargs="+", default=[None], help="predictor rows: product, gate-first")
+    ap.add_argument("--skip-tokens", type=int, default=0)
+    ap.add_argument("--memory-budget", default=None)
     ap.add_argument("--out", type=Path, default=None, help="write OUT.md (and OUT.png with --plot)")
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args(argv)
 
-    text = Path(args.text).read_text(encoding="utf-8")
+    if args.text == "python-docs":
+        text = python_docs_text()
+    else:
+        text = Path(args.text).read_text(encoding="utf-8")
     if args.tail_chars:
         text = text[-args.tail_chars:]
+    if args.skip_tokens:
+        from flashrt.tokenizer import Tokenizer
+        tok = Tokenizer.from_dir(args.model_dir)
+        text = tok.decode(tok.encode(text)[args.skip_tokens:args.skip_tokens + args.tokens + 1])
     base = run(args.model_dir, text, args.tokens, args.ctx, mode="dense")["perplexity"]
     head = (f"{args.model_dir.name}: {args.tokens} held-out tokens ({Path(args.text).name}"
             f"{f', last {args.tail_chars} chars' if args.tail_chars else ''}), ctx {args.ctx}; "
@@ -93,11 +110,14 @@ def main(argv=None):
         for keep in args.keep:
             for mode in args.modes:
                 for w in args.window:
-                    for a in (args.prior_weight if mode == "predictor" else [0.0]):
+                    for a, sc in ([(a, sc) for a in args.prior_weight for sc in args.scoring] if mode == "predictor"
+                                  else [(0.0, None)]):
                         md = with_prior_weight(args.model_dir, a, Path(tmp)) if mode == "predictor" else args.model_dir
                         r = run(md, text, args.tokens, args.ctx, mode="flash", select=mode,
-                                sparsity=round(1.0 - keep, 6), window=w)
-                        row = dict(mode=mode, keep=keep, window=w, prior=a, ppl=r["perplexity"],
+                                sparsity=round(1.0 - keep, 6), window=w, scoring=sc,
+                                memory_budget=args.memory_budget)
+                        label = mode if sc is None else sc
+                        row = dict(mode=label, keep=keep, window=w, prior=a, ppl=r["perplexity"],
                                    delta=100.0 * (r["perplexity"] / base - 1.0),
                                    selected=r["neurons_selected_per_token"],
                                    computed=r["neurons_computed_per_token"],

@@ -4,19 +4,25 @@
         [--tokens 4096] [--ctx 512] [--keep 0.3 0.4 0.5 0.6 0.8] [--window 1 5] \
         [--out bench/results/predictor_curve]
 
-A teacher-forced replica of flash mode, so that a 20-point curve takes minutes rather than
-the hour the real decode path would: every context chunk runs as one batched dense forward
-pass, and in each layer the FFN output is corrected to what flash mode computes, that is
-with only the neurons in the window (the union of the last `window` selections, all of them
-computed, as in flashrt.ffn.flash) contributing. Because the model is causal this gives the
-same logits as feeding the tokens one at a time; bench_predictor_quality.py runs the real
-path and agrees to 4 digits on the rows both measure (see bench/results/predictor_quality.md).
+A teacher-forced replica of flash mode (flashrt.predictor.quality.CacheReplicaFFN), so that a
+20-point curve takes minutes rather than the hour the real decode path would: every context
+chunk runs as one batched dense forward pass, and in each layer the FFN output is corrected
+to what flash mode computes: the neurons in the cache (the union of the last `window`
+selections, capped at --cache-share of the layer with the NeuronCache's LRU eviction) plus
+any selected neuron the cache had no room for. Because the model is causal this gives the
+same logits as feeding the tokens one at a time; tests/test_bench_quick.py holds it to the
+real path on the tiny Llama.
 
-  oracle    : per token the top `keep` fraction of neurons by true |h|
-  predictor : the top `keep` fraction by the stored predictors' score (predictors.npz)
+  oracle     : per token the top `keep` fraction of neurons by true |h|
+  predictor  : the top `keep` fraction by the stored predictors' score (predictors.npz)
+  gate-first : the top `keep` fraction by |silu(gate.x) * u_hat|, the exact gate times the
+               stored up estimate (Generator(scoring="gate-first"))
 
-Columns: selected, computed (the window's union), read (neurons entering the window per
-token), as fractions of the FFN per token and layer.
+--text python-docs scores Python's reference manual (pydoc_data, shipped with CPython), a
+domain calibration does not see; --skip-tokens N starts N tokens in.
+
+Columns: selected, computed (cache + overflow), read (neurons entering the cache per token,
+plus the overflow), as fractions of the FFN per token and layer.
 """
 from __future__ import annotations
 
@@ -38,38 +44,20 @@ from flashrt.format.reader import ModelFiles  # noqa: E402
 from flashrt.linear import linear  # noqa: E402
 from flashrt.models import build_model  # noqa: E402
 from flashrt.predictor import PredictorSet  # noqa: E402
-from flashrt.predictor.lowrank import n_keep  # noqa: E402
+from flashrt.predictor.calibrate import python_docs_text  # noqa: E402
+from flashrt.predictor.quality import CacheReplicaFFN  # noqa: E402
 from flashrt.tokenizer import Tokenizer  # noqa: E402
 
 
-class WindowedFFN:
-    """Dense FFN whose output keeps only the neurons flash mode would have computed."""
-
-    def __init__(self, dense, down, mode, keep, window, pset=None):
-        self.dense, self.down, self.mode, self.keep, self.window, self.pset = dense, down, mode, keep, window, pset
-        self.n_cells = self.n_computed = self.n_read = 0            # over all calls: token-neuron cells
-
-    def __call__(self, layer, x):                                  # x (T, d) -> (T, d)
-        T, n = x.shape[0], self.dense.n_neurons(layer)
-        h = np.empty((T, n), np.float32)                           # (T, n) the FFN's hidden activations
-        y = self.dense(layer, x, h_out=h)
-        if self.mode == "dense":
-            return y
-        scores = np.abs(h) if self.mode == "oracle" else self.pset[layer].scores_batch(x)   # (T, n)
-        k = n_keep(n, self.keep)
-        last = np.full(n, -10 ** 9)                                # token at which each neuron was last selected
-        computed = np.zeros((T, n), bool)
-        n_read = 0
-        for t in range(T):
-            last[np.argpartition(-scores[t], k - 1)[:k]] = t
-            computed[t] = last > t - self.window
-            if t < T - 1:     # stats skip the chunk's last token: its logits score nothing, decode never feeds it
-                n_read += int((computed[t] & ~computed[t - 1]).sum()) if t else int(computed[t].sum())
-        self.n_cells += (T - 1) * n
-        self.n_computed += int(computed[:-1].sum())
-        self.n_read += n_read
-        y -= np.where(computed, 0.0, h).astype(np.float32) @ self.down[layer]   # drop what was not computed
-        return y
+def scorer_for(mode, pset, dense):
+    """The replica's scorer: the stored predictors (product or gate-first), None for the oracle."""
+    if mode == "oracle":
+        return None
+    if mode == "gate-first":
+        d = dense.dim
+        gates = [np.ascontiguousarray(b[:, :d], dtype=np.float32) for b in dense.bundles]   # (n, d) per layer
+        return lambda layer, x, h: pset[layer].scores_batch(x, gate=x @ gates[layer].T)
+    return lambda layer, x, h: pset[layer].scores_batch(x)
 
 
 def rank_summary(pset):
@@ -108,7 +96,11 @@ def main(argv=None):
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--keep", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.8])
     ap.add_argument("--window", type=int, nargs="+", default=[1, 5])
-    ap.add_argument("--modes", nargs="+", default=["predictor", "oracle"])
+    ap.add_argument("--modes", nargs="+", default=["predictor", "oracle"],
+                    choices=["predictor", "gate-first", "oracle"])
+    ap.add_argument("--cache-share", type=float, nargs="+", default=[1.0],
+                    help="neuron cache per layer as a share of its neurons (the budget's effect)")
+    ap.add_argument("--skip-tokens", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png (with matplotlib)")
     args = ap.parse_args(argv)
 
@@ -118,28 +110,36 @@ def main(argv=None):
     dense = DenseFFN.from_files(files, family.ffn_spec(margs, weights), n_threads=1)
     d = dense.dim
     down = [np.ascontiguousarray(b[:, 2 * d:], dtype=np.float32) for b in dense.bundles]   # (n, d) per layer
-    pset = PredictorSet.load(args.model_dir) if "predictor" in args.modes else None
-    text = Path(args.text).read_text(encoding="utf-8")
+    pset = PredictorSet.load(args.model_dir) if set(args.modes) - {"oracle"} else None
+    text = python_docs_text() if args.text == "python-docs" else Path(args.text).read_text(encoding="utf-8")
     if args.tail_chars:
         text = text[-args.tail_chars:]
-    ids = np.array(Tokenizer.from_dir(files.tokenizer_dir).encode(text), dtype=np.int64)[:args.tokens]
-    base = perplexity(files, weights, WindowedFFN(dense, down, "dense", 1.0, 1), ids, args.ctx)
+    ids = np.array(Tokenizer.from_dir(files.tokenizer_dir).encode(text), dtype=np.int64)
+    ids = ids[args.skip_tokens:args.skip_tokens + args.tokens]
+    base = perplexity(files, weights, CacheReplicaFFN(dense, down, None, 1.0, 1, mode="dense"), ids, args.ctx)
     head = (f"{args.model_dir.name}: {len(ids)} held-out tokens ({Path(args.text).name}"
+            f"{f', from token {args.skip_tokens}' if args.skip_tokens else ''}"
             f"{f', last {args.tail_chars} chars' if args.tail_chars else ''}), ctx {args.ctx}; "
             f"dense perplexity {base:.3f}" + (f"; predictor ranks {rank_summary(pset)}" if pset else ""))
     print(head, flush=True)
     rows = []
-    for keep in args.keep:
-        for mode in args.modes:
-            for w in args.window:
-                t = time.perf_counter()
-                ffn = WindowedFFN(dense, down, mode, keep, w, pset)
-                p = perplexity(files, weights, ffn, ids, args.ctx)
-                row = dict(mode=mode, keep=keep, window=w, ppl=p, delta=100.0 * (p / base - 1.0),
-                           computed=ffn.n_computed / ffn.n_cells, read=ffn.n_read / ffn.n_cells)
-                rows.append(row)
-                print(f"{mode:9s} keep {keep:.2f} window {w}  ppl {p:8.3f} ({row['delta']:+6.1f}%)  computed "
-                      f"{row['computed']:.3f} read {row['read']:.3f}  ({time.perf_counter() - t:.0f} s)", flush=True)
+    n = dense.n_neurons(0)
+    for share in args.cache_share:
+        for keep in args.keep:
+            for mode in args.modes:
+                for w in args.window:
+                    t = time.perf_counter()
+                    ffn = CacheReplicaFFN(dense, down, scorer_for(mode, pset, dense), keep, w,
+                                          capacity=max(1, int(round(share * n))),
+                                          mode="oracle" if mode == "oracle" else "predictor")
+                    p = perplexity(files, weights, ffn, ids, args.ctx)
+                    row = dict(mode=mode, keep=keep, window=w, cache_share=share, ppl=p,
+                               delta=100.0 * (p / base - 1.0), computed=ffn.computed_fraction,
+                               read=ffn.read_fraction)
+                    rows.append(row)
+                    print(f"{mode:10s} cache {share:.2f} keep {keep:.2f} window {w}  ppl {p:8.3f} "
+                          f"({row['delta']:+6.1f}%)  computed {row['computed']:.3f} read {row['read']:.3f}  "
+                          f"({time.perf_counter() - t:.0f} s)", flush=True)
     if args.out is not None:
         write(args.out, head, base, rows)
 
@@ -147,15 +147,19 @@ def main(argv=None):
 def write(out, head, base, rows):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"head": head, "dense": base, "rows": rows}, indent=1))
-    table = md_table(["selection", "selected/token", "window", "perplexity", "vs dense", "computed", "read"],
-                     [(r["mode"], f"{r['keep']:.2f}", r["window"], f"{r['ppl']:.2f}", f"{r['delta']:+.1f}%",
-                       f"{r['computed']:.3f}", f"{r['read']:.3f}")
-                      for r in sorted(rows, key=lambda r: (r["keep"], r["mode"], r["window"]))])
+    table = md_table(["selection", "cache share", "selected/token", "window", "perplexity", "vs dense", "computed",
+                      "read"],
+                     [(r["mode"], f"{r.get('cache_share', 1.0):.2f}", f"{r['keep']:.2f}", r["window"], f"{r['ppl']:.2f}",
+                       f"{r['delta']:+.1f}%", f"{r['computed']:.3f}", f"{r['read']:.3f}")
+                      for r in sorted(rows, key=lambda r: (-r.get("cache_share", 1.0), r["keep"], r["mode"],
+                                                           r["window"]))])
     out.with_suffix(".md").write_text(
         f"# Perplexity vs neurons selected (teacher-forced replica of flash mode)\n\n{head}\n\n{table}\n")
-    groups = sorted({(r["mode"], r["window"]) for r in rows}, key=lambda g: (-g[1], g[0]))
-    curves = [(f"{m}, window {w}", "o-" if m == "predictor" else "s--", 1.0 if w > 1 else 0.5,
-               [(r["keep"], r["ppl"]) for r in rows if (r["mode"], r["window"]) == (m, w)]) for m, w in groups]
+    full = [r for r in rows if r.get("cache_share", 1.0) == 1.0]
+    groups = sorted({(r["mode"], r["window"]) for r in full}, key=lambda g: (-g[1], g[0]))
+    curves = [(f"{m}, window {w}", "s--" if m == "oracle" else ("o-" if m == "predictor" else "^-"),
+               1.0 if w > 1 else 0.5,
+               [(r["keep"], r["ppl"]) for r in full if (r["mode"], r["window"]) == (m, w)]) for m, w in groups]
     if not perplexity_plot(curves, base, head, out.with_suffix(".png"), targets=[(0.5, 1.06), (0.6, 1.03)]):
         print(f"matplotlib is not installed: wrote {out.with_suffix('.md')} without the plot")
 

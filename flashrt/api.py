@@ -28,13 +28,14 @@ from .budget import BudgetPlan, check_dense_budget, plan_budget
 from .errors import FlashrtError, GenerationError, ModelFormatError
 from .ffn.dense import DenseFFN
 from .ffn.flash import FlashFFN
-from .ffn.selection import AllSelector, OracleSelector, PredictorSelector
+from .ffn.selection import AllSelector, GateFirstSelector, OracleSelector, PredictorSelector
 from .format.manifest import MANIFEST_NAME
 from .format.reader import ModelFiles
 from .home import resolve_model_path
 from .kv_cache import KVCache
 from .linear import linear
 from .models import family
+from .policy import choose_policy, warn_once
 from .predictor import PREDICTORS_NAME, PredictorSet
 from .predictor.store import predictor_ram_bytes
 from .sampling import SamplingParams, sample, top_logprobs
@@ -95,8 +96,11 @@ def choose_select(files: ModelFiles, select: str | None) -> str:
 
 
 def flash_ffn(files: ModelFiles, spec, plan: BudgetPlan, mode: str, select: str, sparsity, window: int,
-              n_threads: int) -> FlashFFN:
-    """The FlashFFN for an opened model, its selector built from `select`."""
+              n_threads: int, predictors=None, gate_first: bool = False) -> FlashFFN:
+    """The FlashFFN for an opened model, its selector built from `select`.
+
+    predictors: the PredictorSet already loaded (else read from the model directory);
+    gate_first: score with the exact gate rows, read into DRAM here (see flashrt/policy.py)."""
     if not isinstance(window, int) or window < 1:
         raise FlashrtError(f"window must be a positive integer, got {window!r}")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
@@ -108,7 +112,12 @@ def flash_ffn(files: ModelFiles, spec, plan: BudgetPlan, mode: str, select: str,
         selector = OracleSelector(files, spec.gated, spec.act_code, spec.up_bias, keep if keep is not None else 0.5,
                                   n_threads)
     else:
-        selector = PredictorSelector(PredictorSet.load(files.path, files.dim, files.n_neurons, files.n_layers), keep)
+        pset = (predictors if predictors is not None
+                else PredictorSet.load(files.path, files.dim, files.n_neurons, files.n_layers))
+        if gate_first:
+            selector = GateFirstSelector(pset, GateFirstSelector.read_gates(files), keep, n_threads)
+        else:
+            selector = PredictorSelector(pset, keep)
     return FlashFFN(files, spec, plan, mode, selector, window, n_threads)
 
 
@@ -188,10 +197,14 @@ class Generator:
                   caches, KV cache and buffers are planned to fit; too small -> BudgetError.
     threads       compute threads (default: FLASHRT_THREADS, OMP_NUM_THREADS or all cores).
     select        flash mode neuron selection: "all", "oracle" or "predictor" (default: the
-                  predictor when the model has one, else "all").
+                  predictor when the model has one and calibration measured it within +5% at
+                  this budget, else "all"; above +10% it warns, see flashrt/policy.py).
     sparsity      fraction of FFN neurons skipped per token (predictor/oracle selection).
     window        tokens a neuron stays cached after it was last selected (flash mode).
     max_context   KV-cache length (default: min(model's, 2048), smaller under a tight budget).
+    scoring       predictor selection: "product" (low-rank gate and up estimates), "gate-first"
+                  (exact gate rows held in DRAM x the low-rank up estimate) or None: the one the
+                  calibration curve says keeps quality best at this budget (flashrt/policy.py).
     """
 
     def __init__(
@@ -206,6 +219,7 @@ class Generator:
         window: int = 5,
         max_context: int | None = None,
         progress: bool = True,
+        scoring: str | None = None,
     ):
         if mode not in MODES:
             raise FlashrtError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -240,8 +254,13 @@ class Generator:
                 pred_bytes = 0
                 if self.select == "predictor":  # counted as held in RAM (float32 scoring copies), not as the file
                     pred_bytes = predictor_ram_bytes(pred, self.files.dim, self.files.n_neurons)
-                self.plan = plan_budget(self.files, args, mode, memory_budget, max_context, n_ctx_model, pred_bytes,
-                                        tokenizer_bytes)
+                pset = (PredictorSet.load(self.files.path, self.files.dim, self.files.n_neurons, self.files.n_layers)
+                        if self.select == "predictor" else None)
+                self.policy = choose_policy(self.files, args, mode, self.select, select, memory_budget, max_context,
+                                            n_ctx_model, pred_bytes, tokenizer_bytes, pset, scoring)
+                if self.policy.warning:
+                    warn_once(self.policy.warning)
+                self.select, self.plan = self.policy.select, self.policy.plan
                 self.max_context = self.plan.max_context
 
             def make_ffn(spec, weights):  # held by self at once: close() releases it if the model fails
@@ -249,7 +268,8 @@ class Generator:
                     self.ffn = DenseFFN.from_files(self.files, spec, n_threads=self.n_threads)
                 else:
                     self.ffn = flash_ffn(self.files, spec, self.plan, mode, self.select, sparsity, window,
-                                         self.n_threads)
+                                         self.n_threads, pset if self.select == "predictor" else None,
+                                         self.policy.gate_first)
                 return self.ffn
 
             self.model = load_model(self.files, make_ffn, self.n_threads)

@@ -31,7 +31,9 @@ from .api import load_model
 from .errors import FlashrtError, ModelFormatError
 from .ffn.dense import DenseFFN
 from .format.reader import ModelFiles
-from .predictor.calibrate import MIN_CALIBRATION_TOKENS, fit_predictors, resolve_ranks
+from .predictor.calibrate import (MIN_CALIBRATION_TOKENS, SECOND_DOMAIN, fit_predictors, python_docs_text,
+                                  resolve_ranks)
+from .predictor.quality import DEFAULT_SHARES, measure_quality_curve
 from .tokenizer import Tokenizer
 
 
@@ -123,6 +125,52 @@ def check_writable(model_dir) -> None:
             pass
 
 
+def _record_second_domain(model, files, second_text, n_tokens, ctx):
+    """(name, X per layer, H per layer) recorded on n_tokens of the second domain's text, or None."""
+    if second_text is None or files.tokenizer_dir is None:
+        return None
+    name, text = (("Python's reference manual", python_docs_text()) if second_text == SECOND_DOMAIN
+                  else ("the second text", str(second_text)))
+    if not text:
+        return None
+    ids = np.array(Tokenizer.from_dir(files.tokenizer_dir).encode(text)[:max(2, int(n_tokens))], np.int64)
+    rec = model.ffn
+    rec.max_tokens = ids.size
+    for i in range(0, ids.size, ctx):
+        model.forward(ids[i:i + ctx], model.make_cache(len(ids[i:i + ctx])))
+    out = (name, *zip(*(rec.arrays(l, dtype=rec.dtype) for l in range(files.n_layers))))
+    rec.clear()
+    return out
+
+
+def _quality_curves(model, dense, pset, report, held, keep, window, ctx, shares, what):
+    """Measure and store the quality curves (product and gate-first scoring) on the held-out ids."""
+    d = dense.dim
+    down = [np.ascontiguousarray(b[:, 2 * d:], dtype=np.float32) for b in dense.bundles]   # (n, d) per layer
+    gates = [np.ascontiguousarray(b[:, :d], dtype=np.float32) for b in dense.bundles]      # (n, d) per layer
+    recorder = model.ffn
+
+    def make_forward(ffn):
+        def forward(chunk):
+            model.ffn = ffn
+            try:
+                return model.forward(chunk, model.make_cache(len(chunk)))
+            finally:
+                model.ffn = recorder
+        return forward
+
+    curve = measure_quality_curve(make_forward, dense, down, lambda l, x, h: pset[l].scores_batch(x), held,
+                                  keep, window, ctx, shares, what)
+    pset.info["quality_curve"] = curve.to_dict()
+    report.quality_curve = curve
+    if pset.has_up_estimates:
+        curve_g = measure_quality_curve(make_forward, dense, down,
+                                        lambda l, x, h: pset[l].scores_batch(x, gate=x @ gates[l].T), held,
+                                        keep, window, ctx, shares, what + ", gate-first")
+        pset.info["quality_curve_gate_first"] = curve_g.to_dict()
+        report.quality_curve_gate_first = curve_g
+
+
 def _sample_token(logits, rng, temperature=1.0):
     z = logits.astype(np.float64) / temperature
     z -= z.max()
@@ -133,7 +181,8 @@ def _sample_token(logits, rng, temperature=1.0):
 
 def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, progress=True, ctx=512,
               epochs=8, target_recall=0.95, allocate=False, dtype="float16", seed=0, save=True,
-              n_threads=None, prior_weight=0.0):
+              n_threads=None, prior_weight=0.0, second_text=SECOND_DOMAIN, n_second=512, curve_tokens=256,
+              curve_shares=DEFAULT_SHARES, window=5):
     """Record activations with the dense forward pass, fit, allocate, save predictors.npz.
 
     model_dir: a flashrt model directory. texts: list of strings (or one string) to run
@@ -143,6 +192,13 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
     rank: int, per-layer list, or None (default_ranks: under 5% of the dense FFN MACs in total).
     dtype: storage dtype of the factors ("float16" halves the file; scoring is float32).
     prior_weight: temporal prior weight stored with the predictors (0: off; see lowrank.py).
+    second_text: a text of another domain, never fitted on, to report recall on (n_second
+    tokens of it); the default is Python's own reference manual (pydoc_data, shipped with
+    CPython), None for none.
+    curve_tokens, curve_shares, window: the quality curve (gated models): perplexity ratio to
+    dense on the first curve_tokens held-out tokens for each neuron-cache share, with the
+    product predictor and with gate-first scoring, at 1 - sparsity selected and this window
+    (flashrt.predictor.quality; curve_tokens=0 skips it). Stored with the predictors.
     Returns the CalibrationReport (report.summary() prints the per-layer table).
     """
     if not 0.0 <= sparsity < 1.0:
@@ -185,15 +241,18 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
         bos = config.get("bos_token_id")
         bos = int(bos[0] if isinstance(bos, list) else bos) if bos is not None else 0
         bar = tqdm(total=n_tokens, desc="sample + record", unit="tok", disable=not progress)
+        fed = []
         while rec.n_recorded(0) < n_tokens:
             kv = model.make_cache(ctx)
             tok_id = bos
             for _ in range(min(ctx, n_tokens - rec.n_recorded(0))):
+                fed.append(tok_id)
                 logits = model.forward(np.array([tok_id]), kv)
                 tok_id = _sample_token(logits[-1], rng)
                 bar.update(1)
         bar.close()
         source = {"kind": "sampled", "temperature": 1.0}
+        ids = np.array(fed, dtype=np.int64)
     t_record = time.perf_counter() - t0
     X_layers, H_layers, fit_weights = [], [], []
     for l in range(L):
@@ -206,10 +265,15 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
         else:
             fit_weights.append((B[:, :d], dense.up_bias[l], B[:, d:].T))
     rec.clear()
+    second = _record_second_domain(model, files, second_text, n_second, ctx)
     pset, report = fit_predictors(X_layers, H_layers, fit_weights, dense.gated, sparsity=sparsity, rank=rank,
                                   target_recall=target_recall, epochs=epochs, allocate=allocate,
                                   dtype=np.dtype(dtype), progress=progress, seed=seed, prior_weight=prior_weight,
-                                  meta={"source": source, "ctx": ctx, "record_seconds": t_record})
+                                  meta={"source": source, "ctx": ctx, "record_seconds": t_record}, second=second)
+    if dense.gated and curve_tokens and report.n_val >= 2:
+        held = ids[:X_layers[0].shape[0]][report.n_fit:][:int(curve_tokens)]
+        _quality_curves(model, dense, pset, report, held, 1.0 - sparsity, window, ctx, curve_shares,
+                        f"held-out {source['kind']} text")
     report.seconds = time.perf_counter() - t0
     if save:
         report.path = str(pset.save(model_dir))

@@ -239,12 +239,40 @@ def cmd_info(args) -> int:
             "format_version": getattr(m, "format_version", None),
             "verified": bool(args.verify),
         }
+        curves = _quality_curves(files) if info["predictors"] else []
         if args.json:
+            info["quality_curves"] = [dict(c.to_dict(), scoring=name, budgets=b) for name, c, b in curves]
             print(json.dumps(info, indent=2))
         else:
             for k, v in info.items():
                 print(f"{k}: {v}")
+            for name, c, budgets in curves:
+                print(f"{name} scoring, {c.summary(budgets)}")
     return 0
+
+
+def _quality_curves(files):
+    """[(scoring, QualityCurve, budgets per point)] calibration stored with the predictors."""
+    from .api import _tokenizer_bytes, model_args
+    from .errors import ModelFormatError
+    from .policy import curve_budgets
+    from .predictor import PredictorSet
+
+    try:
+        pset = PredictorSet.load(files.path)
+    except ModelFormatError:
+        return []
+    size = (files.path / "predictors.npz").stat().st_size
+    n_ctx = int(files.config.get("max_position_embeddings") or 2048)
+    margs = model_args(files)[1]
+    tok_bytes = _tokenizer_bytes(files.tokenizer_dir, 0)
+    out = []
+    for name, curve, gate_first in (("product", pset.quality_curve, False),
+                                    ("gate-first", pset.quality_curve_gate_first, True)):
+        if curve is not None:
+            out.append((name, curve, curve_budgets(files, margs, curve, size, tok_bytes, gate_first,
+                                                   n_ctx_model=n_ctx)))
+    return out
 
 
 def cmd_perplexity(args) -> int:

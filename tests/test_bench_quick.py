@@ -49,7 +49,7 @@ def test_table_io_quick_tiny(bench, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("mode", ["oracle", "predictor"])
+@pytest.mark.parametrize("mode", ["oracle", "predictor", "gate-first"])
 def test_predictor_curve_replica_matches_the_real_flash_path(tmp_path, monkeypatch, mode):
     """bench/predictor_curve.py replays flash mode teacher-forced; its perplexity must be what the
     real decode path (Generator + flashrt.perplexity, one token at a time) measures."""
@@ -69,8 +69,10 @@ def test_predictor_curve_replica_matches_the_real_flash_path(tmp_path, monkeypat
     curve.main([str(model), "--text", str(text_file), "--tokens", "200", "--ctx", "64", "--keep", "0.5",
                 "--window", "3", "--modes", mode, "--out", str(out)])
     (row,) = __import__("json").loads(out.with_suffix(".json").read_text())["rows"]
-    with flashrt.Generator(model, mode="flash", select=mode, sparsity=0.5, window=3, threads=1,
-                           progress=False) as g:
+    select = "oracle" if mode == "oracle" else "predictor"
+    scoring = {"predictor": "product", "gate-first": "gate-first"}.get(mode)
+    with flashrt.Generator(model, mode="flash", select=select, sparsity=0.5, window=3, threads=1,
+                           progress=False, scoring=scoring) as g:
         real = perplexity(g, text_file.read_text(), context=64, max_tokens=200, progress=False)
     assert row["ppl"] == pytest.approx(real["perplexity"], rel=1e-4)
     assert row["computed"] == pytest.approx(real["neurons_computed_per_token"], abs=1e-6)

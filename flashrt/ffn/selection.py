@@ -8,7 +8,8 @@ flash FFN passes it only to a selector whose `uses_prior` is True.
   oracle     the true active set from the real weights (a test/benchmark tool: it reads
              each layer's whole FFN through the loader and the page cache every token, so
              it ignores the memory budget)
-  predictor  the low-rank predictors fitted by `flashrt calibrate`
+  predictor  the low-rank predictors fitted by `flashrt calibrate`; GateFirstSelector scores
+             them with the exact gate (gate rows held in DRAM) times the low-rank up estimate
 """
 from __future__ import annotations
 
@@ -97,3 +98,38 @@ class PredictorSelector:
 
     def close(self) -> None:
         pass
+
+
+class GateFirstSelector(PredictorSelector):
+    """Predictor selection scored as |silu(gate.x) * u_hat| with the exact gate.
+
+    gates: per layer (n_neurons, d) float16|float32 C-contiguous, the gate rows (in DRAM).
+    The up estimate is the predictor's separate up estimate when calibration stored one.
+    """
+
+    def __init__(self, predictors, gates, keep_fraction: float | None, n_threads: int):
+        super().__init__(predictors, keep_fraction)
+        self.gates = gates
+        self.n_threads = n_threads
+        self._g = np.empty(gates[0].shape[0], np.float32)  # (n_neurons,) gate.x of the current layer
+
+    @staticmethod
+    def read_gates(files):
+        """Every layer's gate rows (n, d) copied out of the bundle file (the first d of each row)."""
+        n, d = files.n_neurons, files.dim
+        row_elems = files.ffn_row_bytes // files.dtype.itemsize
+        out = []
+        for l in range(files.n_layers):
+            mm = np.memmap(files.ffn_path, dtype=files.dtype, mode="r", offset=files.ffn_layer_offset(l),
+                           shape=(n, row_elems))
+            out.append(np.ascontiguousarray(mm[:, :d]))
+            del mm
+        return out
+
+    def select(self, layer: int, x: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
+        kernels.gemv(self.gates[layer], x, self._g, self.n_threads)
+        ids = self.predictors[layer].select(x, keep_fraction=self.keep_fraction, prior=prior, gate=self._g)
+        return np.asarray(ids, dtype=np.int64)
+
+    def close(self) -> None:
+        self.gates = []

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import FlashrtError
-from .fit import fit_layer
+from .fit import fit_layer, fit_up_estimate
 from .lowrank import LowRankPredictor, default_ranks, ffn_macs, n_keep, topk_mask
 from .store import PredictorSet
 
@@ -162,29 +162,61 @@ class CalibrationReport:
     predictor_macs: int = 0           # per token, all layers
     ffn_macs: int = 0                 # per token, all layers
     path: str | None = None
+    second_domain: str | None = None  # the text of another domain the recall is also reported on
+    quality_curve: object = None      # QualityCurve measured after the fit (calibrate), or None
+    quality_curve_gate_first: object = None   # the same with gate-first scoring
 
     def summary(self):
         lines = [f"predictors ({self.kind}), sparsity target {self.sparsity:.2f}, {self.n_fit} fit + "
                  f"{self.n_val} held-out tokens, {self.seconds:.0f} s; cost "
                  f"{100.0 * self.predictor_macs / max(1, self.ffn_macs):.1f}% of the dense FFN MACs"]
+        nan = float("nan")
         if self.kind == "product":
-            lines.append("layer rank  keep  recall precision topk_rec  mass(oracle)   out_err(oracle)")
+            if self.second_domain:
+                lines.append(f"top-k recall on held-out tokens and on {self.second_domain} (not fitted on); "
+                             "gate-first = exact gate x low-rank up")
+            lines.append("layer rank  keep  topk_rec  gate-first | 2nd: topk_rec gate-first |  mass(oracle)  "
+                         "out_err(oracle)")
             for i, r in enumerate(self.layers):
-                lines.append(f"{i:5d} {self.ranks[i]:4d} {r['keep_fraction']:.3f}  {r['recall']:.3f}  "
-                             f"{r['precision']:.3f}     {r['topk_recall']:.3f}   {r['mass_captured']:.3f}"
-                             f"({r['oracle_mass_captured']:.3f})  {r.get('output_rel_err', float('nan')):.3f}"
-                             f"({r.get('oracle_output_rel_err', float('nan')):.3f})")
+                lines.append(f"{i:5d} {self.ranks[i]:4d} {r['keep_fraction']:.3f}  {r['topk_recall']:.3f}     "
+                             f"{r.get('gate_first_topk_recall', nan):.3f}      |      "
+                             f"{r.get('second_topk_recall', nan):.3f}    {r.get('second_gate_first_topk_recall', nan):.3f}"
+                             f"     |  {r['mass_captured']:.3f}({r['oracle_mass_captured']:.3f})  "
+                             f"{r.get('output_rel_err', nan):.3f}({r.get('oracle_output_rel_err', nan):.3f})")
         else:
-            lines.append("layer rank  recall precision fp_rate  predicted true")
+            lines.append("layer rank  recall precision fp_rate  predicted true" +
+                         (f" | {self.second_domain}: recall fp_rate" if self.second_domain else ""))
             for i, r in enumerate(self.layers):
                 lines.append(f"{i:5d} {self.ranks[i]:4d}  {r['recall']:.3f}  {r['precision']:.3f}    "
-                             f"{r['fp_rate']:.3f}    {r['predicted_fraction']:.3f}   {r['true_fraction']:.3f}")
+                             f"{r['fp_rate']:.3f}    {r['predicted_fraction']:.3f}   {r['true_fraction']:.3f}" +
+                             (f" |   {r.get('second_recall', nan):.3f}  {r.get('second_fp_rate', nan):.3f}"
+                              if self.second_domain else ""))
+        for c in (self.quality_curve, self.quality_curve_gate_first):
+            if c is not None:
+                lines.append(c.summary())
         if self.path:
             lines.append(f"saved {self.path}")
         return "\n".join(lines)
 
 
 MIN_CALIBRATION_TOKENS = 8
+SECOND_DOMAIN = "python-docs"   # calibrate()'s default second domain: Python's reference manual
+
+
+def python_docs_text():
+    """Python's reference manual as plain text (pydoc_data.topics, shipped with CPython), or ''."""
+    try:
+        from pydoc_data.topics import topics    # optional: some distributions strip pydoc_data
+    except ImportError:
+        return ""
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _second_domain(second_text):
+    """(name, text) of the second domain: SECOND_DOMAIN, or the caller's text."""
+    if second_text == SECOND_DOMAIN:
+        return "Python's reference manual", python_docs_text()
+    return "the second text", str(second_text)
 
 
 def resolve_ranks(rank, gated, n_layers, dim, n_neurons):
@@ -205,7 +237,7 @@ def resolve_ranks(rank, gated, n_layers, dim, n_neurons):
 
 def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, val_fraction=0.2,
                    target_recall=0.95, epochs=8, allocate=False, dtype=np.float32, progress=False, seed=0,
-                   meta=None, prior_weight=0.0):
+                   meta=None, prior_weight=0.0, second=None, up_estimates=True):
     """Fit, allocate and report on recorded activations (the model-free core of `calibrate`).
 
     X_layers: per layer (T, d) FFN inputs; H_layers: per layer (T, n) recorded h.
@@ -213,6 +245,11 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
     rank: int, per-layer list, or None (default_ranks: under 5% of the dense FFN MACs in total,
     front-loaded for gated models).
     prior_weight: weight of the temporal prior in flash decode (LowRankPredictor.prior_weight; 0: off).
+    second: (name, X_layers, H_layers) of a second domain the fit never sees; the report gives
+    the top-k recall there too (gated) or recall and false-positive rate (ReLU).
+    up_estimates: gated models also get the separate up estimate of gate-first scoring (the
+    data-aware SVD of up at the layer's rank, fit_up_estimate epochs=0: fitting it to the
+    calibration text did not transfer better to other text).
     Returns (PredictorSet, CalibrationReport).
     """
     t0 = time.perf_counter()
@@ -232,6 +269,9 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
             Wg, Wu, _ = weights[l]
             p, _hist = fit_layer(X[:n_fit], H[:n_fit], (Wg, Wu), ranks[l], kind="product", epochs=epochs,
                                  seed=seed + l)
+            if up_estimates:
+                p = LowRankPredictor(p.kind, p.A, p.B, p.bias, p.bias_gate, p.r_gate,
+                                     up=fit_up_estimate(X[:n_fit], H[:n_fit], Wg, Wu, ranks[l], epochs=0))
         else:
             Wu, bu, _ = weights[l]
             p, _hist = fit_layer(X[:n_fit], H[:n_fit], Wu, ranks[l], kind="relu", bias_init=bu,
@@ -259,6 +299,17 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
             preds[l].threshold = float(np.quantile(s[cal], 1.0 - keep[l]))
             rep = gated_layer_report(s[rep_], H_val[l][rep_], keep[l], weights[l][2])
             rep["score_threshold"] = preds[l].threshold
+            Xr = np.asarray(X_layers[l][n_fit:], np.float32)[rep_]
+            if preds[l].up is not None:
+                rep["gate_first_topk_recall"] = topk_recall(preds[l].scores_batch(Xr, gate=Xr @ np.asarray(
+                    weights[l][0], np.float32).T), H_val[l][rep_], keep[l])
+            if second is not None:
+                X2 = np.asarray(second[1][l], np.float32)
+                H2 = np.asarray(second[2][l], np.float32)
+                rep["second_topk_recall"] = topk_recall(preds[l].scores_batch(X2), H2, keep[l])
+                if preds[l].up is not None:
+                    rep["second_gate_first_topk_recall"] = topk_recall(
+                        preds[l].scores_batch(X2, gate=X2 @ np.asarray(weights[l][0], np.float32).T), H2, keep[l])
             layers.append(rep)
     else:
         for l in range(L):
@@ -266,24 +317,38 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
             t = relu_threshold_for_recall(val_scores[l][cal], fires[cal], target_recall)
             preds[l].threshold = t
             preds[l].keep_fraction = None
-            layers.append(relu_layer_report(val_scores[l][rep_], fires[rep_], t))
+            rep = relu_layer_report(val_scores[l][rep_], fires[rep_], t)
+            if second is not None:
+                X2 = np.asarray(second[1][l], np.float32)
+                r2 = relu_layer_report(preds[l].scores_batch(X2), np.asarray(second[2][l], np.float32) > 0, t)
+                rep["second_recall"], rep["second_fp_rate"] = r2["recall"], r2["fp_rate"]
+            layers.append(rep)
     if dtype != np.float32:
         preds = [_cast(p, dtype) for p in preds]
     kind = "product" if gated else "relu"
     info = {"sparsity": float(sparsity), "n_tokens": int(T), "n_fit": int(n_fit), "n_val": int(n_val),
             "epochs": int(epochs), "target_recall": float(target_recall), "layers": layers}
+    if second is not None:
+        info["second_domain"] = str(second[0])
     if meta:
         info.update(meta)
     pset = PredictorSet(preds, info=info)
     pset.set_prior_weight(prior_weight)
     report = CalibrationReport(kind, float(sparsity), int(T), n_fit, n_val, ranks, layers,
-                               time.perf_counter() - t0,
+                               time.perf_counter() - t0, second_domain=None if second is None else str(second[0]),
                                predictor_macs=sum(p.macs for p in preds), ffn_macs=L * ffn_macs(gated, d, n))
     return pset, report
 
 
 def _cast(p, dtype):
+    up = None if p.up is None else (p.up[0].astype(dtype), p.up[1].astype(dtype), p.up[2])
     return LowRankPredictor(p.kind, p.A.astype(dtype), p.B.astype(dtype), p.bias, p.bias_gate, p.r_gate,
-                            p.keep_fraction, p.threshold)
+                            p.keep_fraction, p.threshold, up=up)
+
+
+def topk_recall(scores, H, keep_fraction):
+    """Share of each token's true top keep_fraction (by |h|) that the scores' top keep_fraction finds."""
+    oracle = topk_mask(np.abs(H), keep_fraction)
+    return float((oracle & topk_mask(scores, keep_fraction)).sum()) / max(1.0, float(oracle.sum()))
 
 

@@ -205,3 +205,32 @@ def product_loss(pred, X, H):
     g = Z[:, : pred.r_gate] @ pred._Bg.T + pred.bias_gate
     u = Z[:, pred.r_gate:] @ pred._Bu.T + pred.bias
     return float(np.mean(np.square(silu(g) * u - H)) / np.mean(np.square(H)))
+
+
+def fit_up_estimate(X, H, Wg, Wu, rank, epochs=4, batch=256, lr=2e-3, seed=0, verbose=False):
+    """The low-rank up estimate of gate-first scoring: (A_u (r, d), B_u (n, r), bias (n,)), float32.
+
+    Gate-first scoring computes the gate exactly and estimates only up.x, so the estimate is
+    fitted (from the data-aware SVD of the up projection) to reproduce h = silu(gate.x) * (up.x)
+    with the exact gate: the up error counts in proportion to |silu(gate.x)|, that is where it
+    changes which neurons look large. epochs=0: the data-aware SVD alone.
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    H = np.asarray(H, dtype=np.float32)
+    Au, Bu = data_aware_lowrank(X, Wu, rank)
+    bu = np.zeros(H.shape[1], np.float32)
+    if epochs > 0:
+        Wg32 = np.asarray(Wg, np.float32)
+        inv = np.float32(1.0 / max(1e-30, float(np.mean(np.square(H)))))
+
+        def loss_and_grads(b):
+            x, h = X[b], H[b]
+            act = silu(x @ Wg32.T)                                        # (m, n) exact silu(gate.x)
+            zu = x @ Au.T                                                 # (m, r)
+            e = act * (zu @ Bu.T + bu) - h                                # (m, n)
+            du = (2.0 * inv / e.size) * e * act
+            return float(np.mean(np.square(e))) * inv, [(du @ Bu).T @ x, du.T @ zu, du.sum(axis=0)]
+
+        _minibatch_adam([Au, Bu, bu], loss_and_grads, X.shape[0], epochs, batch, lr, np.random.default_rng(seed),
+                        verbose, "up")
+    return Au, Bu, bu

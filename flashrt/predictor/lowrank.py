@@ -100,10 +100,13 @@ class LowRankPredictor:
     keep_fraction: float | None      default top-k fraction for select()
     threshold: float                 score threshold for select() when keep_fraction is None
     prior_weight: float              weight a in [0, 1) of the temporal prior in select() (0: off)
+    up: (A_u (r_u, d), B_u (n, r_u), bias_u (n,)) | None
+                                     product only: a separate low-rank estimate of up.x for
+                                     gate-first scoring (without it, the product's own up half)
     """
 
     def __init__(self, kind, A, B, bias=None, bias_gate=None, r_gate=0, keep_fraction=None, threshold=0.0,
-                 prior_weight=0.0):
+                 prior_weight=0.0, up=None):
         if kind not in KINDS:
             raise ValueError(f"LowRankPredictor: kind must be one of {KINDS}, got {kind!r}")
         A = np.ascontiguousarray(A)
@@ -143,10 +146,22 @@ class LowRankPredictor:
         if kind == "product":
             self._Bg = np.ascontiguousarray(self._B32[:, : self.r_gate])   # (n, r_gate)
             self._Bu = np.ascontiguousarray(self._B32[:, self.r_gate:])    # (n, r - r_gate)
+        self.up = None
+        if up is not None:
+            if kind != "product":
+                raise ValueError("LowRankPredictor: a separate up estimate is for the product kind only")
+            Au, Bu, bu = (np.ascontiguousarray(a) for a in up)
+            if Au.ndim != 2 or Bu.ndim != 2 or Au.shape[0] != Bu.shape[1] or Au.shape[1] != A.shape[1] \
+                    or Bu.shape[0] != n or bu.shape != (n,):
+                raise ValueError(f"LowRankPredictor: up estimate must be A_u (r_u, {A.shape[1]}), B_u ({n}, r_u), "
+                                 f"bias ({n},); got {Au.shape}, {Bu.shape}, {bu.shape}")
+            self.up = (Au, Bu, bu.astype(np.float32, copy=False))
+            self._up32 = (Au.astype(np.float32, copy=False), Bu.astype(np.float32, copy=False))
 
     @property
     def nbytes(self):
-        """DRAM this predictor holds: the stored factors, float32 scoring copies, split gate/up factors."""
+        """DRAM this predictor holds: the stored factors, float32 scoring copies, split gate/up factors,
+        the separate up estimate (and its float32 copies)."""
         arrays = [self.A, self.B, self.bias, self.bias_gate]
         if self._A32 is not self.A:
             arrays += [self._A32]
@@ -154,6 +169,8 @@ class LowRankPredictor:
             arrays += [self._B32]
         if self.kind == "product":
             arrays += [self._Bg, self._Bu]
+        if self.up is not None:
+            arrays += list(self.up) + [c for c, a in zip(self._up32, self.up) if c is not a]
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
@@ -172,29 +189,46 @@ class LowRankPredictor:
     def macs(self):
         return predictor_macs(self.kind, self.rank, self.dim, self.n_neurons)
 
-    def scores_batch(self, X):
-        """X (T, d) float32 -> (T, n) float32 scores (higher = more likely needed)."""
+    def scores_batch(self, X, gate=None):
+        """X (T, d) float32 -> (T, n) float32 scores (higher = more likely needed).
+
+        gate (T, n) float32, product kind only: the exact gate pre-activations gate.x; the
+        score is then |silu(gate.x) * u_hat| ("gate-first": only the up estimate is low-rank).
+        """
         X = np.asarray(X, dtype=np.float32)
-        Z = X @ self._A32.T                                         # (T, r)
         if self.kind == "relu":
-            return Z @ self._B32.T + self.bias
+            return (X @ self._A32.T) @ self._B32.T + self.bias
+        if gate is not None:
+            if self.up is not None:
+                u = (X @ self._up32[0].T) @ self._up32[1].T + self.up[2]       # (T, n) up estimate
+            else:
+                u = (X @ self._A32[self.r_gate:].T) @ self._Bu.T + self.bias   # (T, n) up estimate
+            return np.abs(silu(np.asarray(gate, np.float32)) * u)
+        Z = X @ self._A32.T                                         # (T, r)
         g = Z[:, : self.r_gate] @ self._Bg.T + self.bias_gate       # (T, n)
         u = Z[:, self.r_gate:] @ self._Bu.T + self.bias             # (T, n)
         return np.abs(silu(g) * u)
 
-    def scores(self, x):
-        """x (d,) float32 -> (n,) float32 scores."""
-        return self.scores_batch(np.asarray(x, dtype=np.float32).reshape(1, -1))[0]
+    def gate_first_macs(self):
+        """MACs per token of gate-first scoring: the exact gate (n * d) plus the up estimate."""
+        ru = self.rank - self.r_gate if self.up is None else self.up[0].shape[0]
+        return self.n_neurons * self.dim + ru * (self.dim + self.n_neurons)
 
-    def select(self, x, keep_fraction=None, prior=None):
+    def scores(self, x, gate=None):
+        """x (d,) float32 -> (n,) float32 scores (gate (n,): see scores_batch)."""
+        g = None if gate is None else np.asarray(gate, np.float32).reshape(1, -1)
+        return self.scores_batch(np.asarray(x, dtype=np.float32).reshape(1, -1), gate=g)[0]
+
+    def select(self, x, keep_fraction=None, prior=None, gate=None):
         """Neuron ids (int64) to compute for x (d,), highest score first.
 
         keep_fraction (or the predictor's own): the top ceil(f * n) neurons by score.
         Neither set: every neuron with score > threshold.
         prior: (n,) float32 last known |h| per neuron, < 0 where unknown; blended into the
         scores with weight prior_weight (see blend_prior).
+        gate: (n,) float32 exact gate.x (product kind): gate-first scoring.
         """
-        s = self.scores(x)
+        s = self.scores(x, gate=gate)
         if prior is not None and self.prior_weight > 0.0:
             s = blend_prior(s, prior, self.prior_weight)
         f = self.keep_fraction if keep_fraction is None else keep_fraction

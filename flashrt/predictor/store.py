@@ -1,13 +1,14 @@
 """All layers' predictors, stored in the model directory as predictors.npz.
 
 The file is a NumPy .npz (uncompressed) holding, per layer l, `l{l}.A` (r, d),
-`l{l}.B` (n, r), `l{l}.bias` (n,) and for product predictors `l{l}.bias_gate` (n,),
-plus `header`: a uint8 array of UTF-8 JSON
+`l{l}.B` (n, r), `l{l}.bias` (n,) and for product predictors `l{l}.bias_gate` (n,) and,
+optionally, the separate up estimate of gate-first scoring `l{l}.up_A` (r_u, d), `l{l}.up_B`
+(n, r_u), `l{l}.up_bias` (n,), plus `header`: a uint8 array of UTF-8 JSON
     {"magic": "flashrt-predictors", "version": 1, "kind": "product"|"relu",
      "n_layers", "dim", "n_neurons",
      "layers": [{"rank", "r_gate", "keep_fraction", "threshold", "prior_weight", "dtype"}, ...],
      "checksum": "<blake2b-256 hex over every array's name, dtype, shape and bytes>",
-     "info": {...calibration settings and per-layer report...}}
+     "info": {...calibration settings, per-layer report, "quality_curve": QualityCurve.to_dict()...}}
 It is written to a temporary file in the same directory and renamed into place, so a
 reader sees the old file or the new one, never half of one. Any damage (truncation,
 flipped bytes, wrong magic or version, a checksum that does not match) raises
@@ -26,6 +27,7 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..format.writer import _writing
 from .lowrank import LowRankPredictor
+from .quality import QualityCurve
 
 PREDICTORS_NAME = "predictors.npz"
 MAGIC = "flashrt-predictors"
@@ -85,6 +87,21 @@ class PredictorSet:
         return sum(p.nbytes for p in self.predictors)
 
     @property
+    def has_up_estimates(self):
+        """Every layer carries a separate up estimate for gate-first scoring."""
+        return all(p.up is not None for p in self.predictors)
+
+    @property
+    def quality_curve(self):
+        """The QualityCurve calibration measured (perplexity vs cache share), or None."""
+        return QualityCurve.from_dict(self.info.get("quality_curve"))
+
+    @property
+    def quality_curve_gate_first(self):
+        """The same curve measured with gate-first scoring (exact gate x up estimate), or None."""
+        return QualityCurve.from_dict(self.info.get("quality_curve_gate_first"))
+
+    @property
     def macs(self):
         """Multiply-accumulates per token over all layers."""
         return sum(p.macs for p in self.predictors)
@@ -109,6 +126,8 @@ class PredictorSet:
             arrays[f"l{l}.bias"] = p.bias
             if p.bias_gate is not None:
                 arrays[f"l{l}.bias_gate"] = p.bias_gate
+            if p.up is not None:
+                arrays[f"l{l}.up_A"], arrays[f"l{l}.up_B"], arrays[f"l{l}.up_bias"] = p.up
         return arrays
 
     def save(self, model_dir_or_file):
@@ -119,7 +138,8 @@ class PredictorSet:
             "magic": MAGIC, "version": VERSION, "kind": self.kind,
             "n_layers": self.n_layers, "dim": self.dim, "n_neurons": self.n_neurons,
             "layers": [{"rank": p.rank, "r_gate": p.r_gate, "keep_fraction": p.keep_fraction,
-                        "threshold": p.threshold, "prior_weight": p.prior_weight, "dtype": str(p.A.dtype)}
+                        "threshold": p.threshold, "prior_weight": p.prior_weight, "dtype": str(p.A.dtype),
+                        "up_rank": 0 if p.up is None else int(p.up[0].shape[0])}
                        for p in self.predictors],
             "checksum": _checksum(arrays),
             "info": _jsonable(self.info),
@@ -174,7 +194,9 @@ class PredictorSet:
                 preds.append(LowRankPredictor(
                     header["kind"], files[f"l{l}.A"], files[f"l{l}.B"], files[f"l{l}.bias"],
                     files.get(f"l{l}.bias_gate"), meta["r_gate"], meta["keep_fraction"], meta["threshold"],
-                    meta.get("prior_weight", 0.0)))
+                    meta.get("prior_weight", 0.0),
+                    up=(files[f"l{l}.up_A"], files[f"l{l}.up_B"], files[f"l{l}.up_bias"]) if f"l{l}.up_A" in files
+                    else None))
             pset = cls(preds, info=header.get("info"))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"{path}: predictors file is inconsistent ({e}); {REDO}") from e
@@ -198,7 +220,8 @@ class PredictorSet:
 def predictor_ram_bytes(path, dim: int, n_neurons: int) -> int:
     """What PredictorSet.load(path).nbytes will be, from the header alone (for the budget
     planner, before the arrays are read): per layer A (r, d) and B (n, r) as stored, float32
-    copies of both when stored in float16, product predictors' split B, the biases."""
+    copies of both when stored in float16, product predictors' split B, the biases, and the
+    separate up estimate (up_rank) with its float32 copies."""
     try:
         with zipfile.ZipFile(path) as zf:
             with zf.open("header.npy") as f:
@@ -216,11 +239,15 @@ def predictor_ram_bytes(path, dim: int, n_neurons: int) -> int:
                 total += (r * dim + n_neurons * r) * 4
             if header["kind"] == "product":
                 total += n_neurons * r * 4 + n_neurons * 4
+            r_up = int(meta.get("up_rank", 0))   # gate-first's separate up estimate
+            if r_up:
+                total += (r_up * dim + n_neurons * r_up) * (item + (4 if item != 4 else 0)) + n_neurons * 4
         return total
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
         raise ModelFormatError(f"{path}: cannot read the predictors header ({type(e).__name__}: {e}); {REDO}") from e
 
 
+MEMBERS_PER_LAYER = 7         # A, B, bias, bias_gate and the up estimate's up_A, up_B, up_bias
 HEADER_MAX_BYTES = 16 << 20   # the JSON header (calibration info included)
 _NPY_HEADER_MAX = 1 << 16
 
@@ -235,8 +262,9 @@ def _read_npz(path: Path, dim, n_neurons, n_layers) -> dict:
     out = {}
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
-        if n_layers is not None and len(infos) > 4 * int(n_layers) + 1:
-            raise ValueError(f"{len(infos)} members, the model's {n_layers} layers allow at most {4 * int(n_layers) + 1}")
+        most = MEMBERS_PER_LAYER * int(n_layers) + 1 if n_layers is not None else None
+        if most is not None and len(infos) > most:
+            raise ValueError(f"{len(infos)} members, the model's {n_layers} layers allow at most {most}")
         for info in infos:
             name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
             cap = HEADER_MAX_BYTES if name == "header" else (member_max if known else None)

@@ -1,0 +1,80 @@
+"""What flash mode picks at each memory budget, and its decode speed against select="all".
+
+    python bench/bench_budget_policy.py MODEL_DIR --budgets 250MB 300MB 330MB none \
+        [--tokens 48] [--repeat 3] [--out bench/results/budget_policy]
+
+For each budget: the Generator's default policy (flashrt/flash/policy.py: predictors with
+the scoring the stored quality curve favours where it measured them within +5%, else every
+neuron), the cache share, the perplexity ratio the curve expects, whether it warned, and the
+decode tokens/s of a greedy generation (median of --repeat runs) next to select="all" at the
+same budget, in the same process, alternating.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import flashrt  # noqa: E402
+from common import md_table  # noqa: E402
+
+PROMPT = "The history of the lighthouse begins"
+
+
+def tok_s(model_dir, budget, tokens, threads, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with flashrt.Generator(model_dir, mode="flash", memory_budget=budget, threads=threads, progress=False,
+                               **kw) as g:
+            g.generate(PROMPT, max_new_tokens=tokens)
+            rate = g.stats.decode_tokens_per_second
+            pol = getattr(g, "policy", None)
+            info = dict(select=g.select, share=g.plan.cache_share,
+                        gate_first=bool(pol and pol.gate_first),
+                        expected=None if pol is None or pol.expected_ratio is None else pol.expected_ratio)
+    info["warned"] = any("perplexity" in str(w.message) for w in caught)
+    return rate, info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--budgets", nargs="+", default=["none"])
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for b in args.budgets:
+        budget = None if b == "none" else b
+        auto, ref, info = [], [], None
+        for _ in range(args.repeat):
+            r, info = tok_s(args.model_dir, budget, args.tokens, args.threads)
+            auto.append(r)
+            ref.append(tok_s(args.model_dir, budget, args.tokens, args.threads, select="all")[0])
+        a, s = float(np.median(auto)), float(np.median(ref))
+        scoring = "-" if info["select"] != "predictor" else ("gate-first" if info["gate_first"] else "product")
+        exp = "-" if info["expected"] is None else f"{100 * (info['expected'] - 1):+.1f}%"
+        rows.append((b, info["select"], scoring, f"{info['share']:.2f}", exp, "yes" if info["warned"] else "no",
+                     f"{a:.1f}", f"{s:.1f}", f"{a / s:.2f}"))
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    table = md_table(["budget", "policy", "scoring", "cache share", "expected perplexity", "warned",
+                      "tok/s (policy)", "tok/s (select=all)", "ratio"], rows)
+    head = (f"{args.model_dir.name}, greedy decode of {args.tokens} tokens, {args.threads} thread(s), "
+            f"median of {args.repeat} (alternating runs), {time.strftime('%Y-%m-%d %H:%M')}")
+    print(table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(f"# Flash-mode policy per memory budget\n\n{head}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Which neuron selection a flash-mode budget gets, from what calibration measured it costs.
+
+Calibration stores, with the predictors, the perplexity ratio to dense per neuron-cache share
+(flashrt.predictor.quality.QualityCurve) for two scorers:
+  product     the low-rank estimates of gate and up (under 5% of the FFN's multiply-adds)
+  gate-first  the exact gate from gate rows held in DRAM (1/3 of the FFN's bytes more, an
+              extra n * d multiply-adds per layer) times the low-rank up estimate
+A budget gives each a cache share (gate-first's is smaller: the gate rows take their part).
+`choose_policy` picks the one with the lower measured ratio. Where even that is above
+GOOD_RATIO (+5%), the predictors cannot keep quality at this budget (on SmolLM2 the window
+needs about 90% of each layer cached): with the default selection flash mode then computes
+every neuron (select "all": exact, and faster than a predictor whose cache churns), with
+select="predictor" asked for explicitly it keeps the predictors. Above WARN_RATIO (+10%)
+either warns once, naming the budget that reaches GOOD_RATIO.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from .budget import fmt_bytes, plan_budget
+from .errors import BudgetError, FlashrtError
+from .predictor.quality import GOOD_RATIO, WARN_RATIO
+
+
+@dataclasses.dataclass
+class Policy:
+    select: str                    # "all" | "oracle" | "predictor"
+    gate_first: bool               # predictor scoring with the exact gate (gate rows resident)
+    plan: object                   # BudgetPlan
+    expected_ratio: float | None   # measured perplexity ratio at this budget (None: not measured)
+    warning: str | None = None
+
+
+def gate_bytes(files) -> int:
+    """DRAM the exact gate rows of every layer take (gate-first scoring)."""
+    return files.n_layers * files.n_neurons * files.dim * files.dtype.itemsize
+
+
+def _budget_for_share(files, plan, share: float, extra: int, replan) -> int:
+    """The smallest budget (to 1 MB) whose plan caches `share` of every layer, with `extra` more bytes held.
+    replan(budget, extra) -> BudgetPlan (a larger budget may also plan a longer default context)."""
+    per_row = files.ffn_row_bytes * files.n_layers
+    rows = int(-(-share * files.n_neurons // 1))
+    budget = plan.total - plan.cache_bytes + extra + rows * per_row
+    for _ in range(8):
+        got = replan(budget, extra)
+        if got.cache_rows >= rows:
+            break
+        budget += (rows - got.cache_rows) * per_row + (1 << 20)
+    return int(-(-budget // 10 ** 6) * 10 ** 6)
+
+
+SCORINGS = ("product", "gate-first")
+
+
+def choose_policy(files, args, mode, select, requested, memory_budget, max_context, n_ctx_model, predictor_bytes,
+                  tokenizer_bytes, pset=None, scoring=None) -> Policy:
+    """The selection and plan for a flash/naive Generator (args: the family's ModelArgs).
+
+    select: the selection choose_select settled on; requested: what the caller passed (None: default).
+    pset: the loaded PredictorSet when select == "predictor" (its quality curves decide).
+    scoring: "product", "gate-first" or None (the one measured better at this budget)."""
+    if scoring is not None and scoring not in SCORINGS:
+        raise FlashrtError(f"scoring must be one of {', '.join(SCORINGS)} or None; got {scoring!r}")
+    plan = plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model,
+                       predictor_bytes if select == "predictor" else 0, tokenizer_bytes)
+    if scoring == "gate-first" and (select != "predictor" or pset is None or pset.kind != "product"):
+        raise FlashrtError("scoring='gate-first' needs flash mode with the predictors of a gated FFN")
+    if mode != "flash" or select != "predictor" or pset is None or pset.kind != "product":
+        return Policy(select, False, plan, None)
+    if scoring == "gate-first":
+        plan_g = plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model,
+                             predictor_bytes + gate_bytes(files), tokenizer_bytes)
+        curve = pset.quality_curve_gate_first
+        return Policy(select, True, plan_g, None if curve is None else curve.ratio_at(plan_g.cache_share))
+    curve_p = pset.quality_curve
+    curve_g = pset.quality_curve_gate_first if pset.has_up_estimates and scoring is None else None
+    options = []                                       # (ratio, gate_first, plan)
+    if curve_p is not None:
+        options.append((curve_p.ratio_at(plan.cache_share), False, plan))
+    elif scoring == "product":
+        return Policy(select, False, plan, None)
+    if curve_g is not None:
+        try:
+            plan_g = plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model,
+                                 predictor_bytes + gate_bytes(files), tokenizer_bytes)
+            options.append((curve_g.ratio_at(plan_g.cache_share), True, plan_g))
+        except BudgetError:
+            pass                                       # the gate rows do not fit this budget
+    if not options:
+        return Policy(select, False, plan, None)
+    ratio, gate_first, best_plan = min(options, key=lambda o: (o[0], not o[1]))
+    if plan.budget is None or ratio <= GOOD_RATIO:
+        return Policy(select, gate_first, best_plan, ratio)
+
+    def replan(budget, extra):
+        return plan_budget(files, args, mode, budget, max_context, n_ctx_model, predictor_bytes + extra, tokenizer_bytes)
+
+    warning = None
+    if ratio > WARN_RATIO:
+        good = _good_budget(files, plan, curve_p, curve_g, replan)
+        where = (f"at a memory budget of {fmt_bytes(plan.budget)} the neuron caches hold "
+                 f"{best_plan.cache_share:.0%} of each layer, where calibration measured the predictors at "
+                 f"{100 * (ratio - 1):+.0f}% perplexity")
+        hint = (f"a budget of {fmt_bytes(good)} reaches {100 * (GOOD_RATIO - 1):+.0f}% with them" if good
+                else f"no measured budget reaches {100 * (GOOD_RATIO - 1):+.0f}% with them")
+        warning = (f"{where}; computing every neuron instead (select='all': exact, reads more); {hint}"
+                   if requested is None else f"{where}; {hint}")
+    if requested is None:   # the default selection keeps quality: every neuron, exact
+        return Policy("all", False, plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model, 0,
+                                                tokenizer_bytes), None, warning)
+    return Policy(select, gate_first, best_plan, ratio, warning)
+
+
+def _good_budget(files, plan, curve_p, curve_g, replan):
+    """The smallest budget at which one of the scorers' curves reaches GOOD_RATIO, or None."""
+    found = []
+    if curve_p is not None and curve_p.share_for(GOOD_RATIO) is not None:
+        found.append(_budget_for_share(files, plan, curve_p.share_for(GOOD_RATIO), 0, replan))
+    if curve_g is not None and curve_g.share_for(GOOD_RATIO) is not None:
+        found.append(_budget_for_share(files, plan, curve_g.share_for(GOOD_RATIO), gate_bytes(files), replan))
+    return min(found) if found else None
+
+
+def warn_once(message: str) -> None:
+    warnings.warn(f"flashrt: {message}", stacklevel=4)
+
+
+def curve_budgets(files, args, curve, predictor_bytes, tokenizer_bytes, gate_first=False, max_context=None,
+                  n_ctx_model=2048):
+    """The memory budget (bytes) at which flash mode caches each point's share of the curve."""
+    extra = gate_bytes(files) if gate_first else 0
+
+    def replan(budget, extra):
+        return plan_budget(files, args, "flash", budget, max_context, n_ctx_model, predictor_bytes + extra, tokenizer_bytes)
+
+    plan = plan_budget(files, args, "flash", None, max_context, n_ctx_model, predictor_bytes + extra, tokenizer_bytes)
+    return [_budget_for_share(files, plan, p["cache_share"], extra, replan) for p in curve.points]

@@ -1,0 +1,189 @@
+"""Budget-aware selection (issue 13): the cache replica, the stored quality curve, the
+policy's warning, gate-first scoring."""
+import os
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from flashrt._core.cache import NeuronCache
+from flashrt.predictor import PredictorSet
+from flashrt.predictor.lowrank import LowRankPredictor, silu
+from flashrt.predictor.quality import GOOD_RATIO, WARN_RATIO, QualityCurve, replay_cache
+
+
+@pytest.mark.parametrize("k,window,capacity", [(6, 1, 20), (6, 3, 20), (8, 5, 12), (10, 4, 7), (20, 2, 20)])
+def test_replay_cache_matches_neuron_cache(k, window, capacity):
+    """The replica computes exactly what flash mode computes: the real NeuronCache's rows after
+    admit() plus the selected ids it had no room for (the overflow FlashFFN streams)."""
+    rng = np.random.default_rng(k * 100 + window * 10 + capacity)
+    T, n = 40, 20
+    scores = rng.standard_normal((T, n)).astype(np.float32)
+    scores[1::3] = scores[0::3][: len(scores[1::3])] + 0.1 * rng.standard_normal((len(scores[1::3]), n))  # overlap
+    computed, n_read = replay_cache(scores, k, window, capacity)
+    cache = NeuronCache(n, capacity, 4, np.float32, window)
+    reads = 0
+    for t in range(T):
+        order = np.argsort(-scores[t], kind="stable")[:k]
+        missing, _first = cache.admit(order, t)
+        want = np.zeros(n, bool)
+        want[cache.used_ids()] = True
+        over = order[~np.isin(order, cache.used_ids())]
+        want[over] = True
+        np.testing.assert_array_equal(computed[t], want, err_msg=f"token {t}")
+        if t < T - 1:
+            reads += missing.size + over.size
+    assert n_read == reads
+
+
+def _curve(points):
+    return QualityCurve(0.5, 5, 256, [{"cache_share": s, "ratio": r, "computed": s, "read": 0.01} for s, r in points])
+
+
+def test_quality_curve_interpolates_and_finds_the_good_share():
+    c = _curve([(0.3, 3.0), (0.5, 1.6), (0.7, 1.2), (0.9, 1.04), (1.0, 1.03)])
+    assert c.ratio_at(0.6) == pytest.approx(1.4)
+    assert c.ratio_at(0.1) == pytest.approx(3.0) and c.ratio_at(1.0) == pytest.approx(1.03)
+    assert c.share_for(GOOD_RATIO) == 0.9 and c.share_for(1.2) == 0.7 and c.share_for(1.0) is None
+    # a bump above the ratio at a larger share: the good share is past it
+    assert _curve([(0.5, 1.04), (0.7, 1.2), (1.0, 1.02)]).share_for(GOOD_RATIO) == 1.0
+    assert "cache share" in c.summary() and "+60.0%" in c.summary()
+
+
+def test_quality_curve_round_trips_through_predictors_npz(tmp_path):
+    rng = np.random.default_rng(3)
+    preds = []
+    for _ in range(2):
+        up = (rng.standard_normal((3, 8)).astype(np.float16), rng.standard_normal((12, 3)).astype(np.float16),
+              rng.standard_normal(12).astype(np.float32))
+        preds.append(LowRankPredictor("product", rng.standard_normal((4, 8)).astype(np.float16),
+                                      rng.standard_normal((12, 4)).astype(np.float16), r_gate=2, keep_fraction=0.5,
+                                      up=up))
+    curve = _curve([(0.5, 1.5), (0.9, 1.04), (1.0, 1.02)])
+    PredictorSet(preds, info={"quality_curve": curve.to_dict(),
+                              "quality_curve_gate_first": _curve([(1.0, 1.01)]).to_dict()}).save(tmp_path)
+    back = PredictorSet.load(tmp_path)
+    assert back.quality_curve == curve
+    assert back.quality_curve_gate_first.points[0]["ratio"] == 1.01
+    assert back.has_up_estimates
+    for a, b in zip(preds, back):
+        for x, y in zip(a.up, b.up):
+            np.testing.assert_array_equal(x, y)
+    assert PredictorSet(preds).quality_curve is None
+
+
+def test_gate_first_scores_are_exact_gate_times_up_estimate():
+    rng = np.random.default_rng(5)
+    d, n = 8, 12
+    A, B = rng.standard_normal((4, d)).astype(np.float32), rng.standard_normal((n, 4)).astype(np.float32)
+    up = (rng.standard_normal((3, d)).astype(np.float32), rng.standard_normal((n, 3)).astype(np.float32),
+          rng.standard_normal(n).astype(np.float32))
+    Wg = rng.standard_normal((n, d)).astype(np.float32)
+    p = LowRankPredictor("product", A, B, r_gate=2, up=up)
+    X = rng.standard_normal((5, d)).astype(np.float32)
+    g = X @ Wg.T
+    want = np.abs(g / (1 + np.exp(-g)) * (X @ up[0].T @ up[1].T + up[2]))
+    np.testing.assert_allclose(p.scores_batch(X, gate=g), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(p.select(X[0], 0.5, gate=g[0]), np.argsort(-want[0], kind="stable")[:6])
+    # without the separate estimate: the product predictor's own up half
+    q = LowRankPredictor("product", A, B, r_gate=2)
+    np.testing.assert_allclose(q.scores_batch(X, gate=g), np.abs(silu(g) * (X @ A[2:].T @ B[:, 2:].T)), rtol=1e-5,
+                               atol=1e-6)
+
+
+# -- on a tiny calibrated Llama: the stored curve, the policy and its warning ----------------------------------
+@pytest.fixture(scope="module")
+def calibrated_llama(tmp_path_factory):
+    from conftest import tiny_model
+    from flashrt.calibration import calibrate
+    out = tiny_model("llama", tmp_path_factory.mktemp("quality") / "llama")
+    t0 = time.process_time()          # CPU seconds: the machine running the suite may be shared
+    report = calibrate(out, texts=None, n_tokens=600, sparsity=0.5, rank=16, progress=False, ctx=64, epochs=3,
+                       curve_tokens=64)
+    seconds = time.process_time() - t0
+    return out, report, seconds
+
+
+def test_calibration_stores_the_curve_and_second_domain_recall_quickly(calibrated_llama):
+    out, report, seconds = calibrated_llama
+    assert seconds < 30, seconds
+    pset = PredictorSet.load(out)
+    curve, curve_g = pset.quality_curve, pset.quality_curve_gate_first
+    assert curve is not None and curve_g is not None and pset.has_up_estimates
+    assert [p["cache_share"] for p in curve.points] == sorted(p["cache_share"] for p in curve.points)
+    full = curve.points[-1]
+    assert full["cache_share"] == 1.0 and full["ratio"] > 0.5 and 0.5 <= full["computed"] <= 1.0
+    assert report.second_domain and all("second_topk_recall" in r and "gate_first_topk_recall" in r
+                                        for r in report.layers)
+    text = report.summary()
+    assert "quality vs neuron cache" in text and report.second_domain in text
+
+
+def _budget_for_share(plan, files, share):
+    """The budget whose plan (otherwise like `plan`) caches `share` of each layer's neurons."""
+    fixed = plan.total - plan.cache_bytes
+    return fixed + int(np.ceil(share * files.n_neurons)) * files.ffn_row_bytes * files.n_layers
+
+
+def test_warning_fires_below_the_ten_percent_point_and_not_above(calibrated_llama, tmp_path):
+    """With a stored curve whose +10% point is at a cache share of 0.7, a Generator at a budget
+    giving share 0.5 warns once (naming the budget that reaches +5%) and, with the default
+    selection, computes every neuron; at share 0.8 (+7%) it computes every neuron silently; at
+    share 0.95 (+3%) it stays silent and uses the predictors."""
+    import shutil
+
+    import flashrt
+    from flashrt.format.reader import ModelFiles
+    src, _report, _s = calibrated_llama
+    model = tmp_path / "m"
+    shutil.copytree(src, model)
+    pset = PredictorSet.load(model)
+    pset.info["quality_curve"] = _curve([(0.3, 2.0), (0.5, 1.5), (0.7, WARN_RATIO), (0.9, 1.04), (1.0, 1.02)]).to_dict()
+    pset.info.pop("quality_curve_gate_first")
+    pset.save(model)
+    files = ModelFiles.open(model)
+    kw = dict(mode="flash", max_context=64, progress=False)
+    with flashrt.Generator(model, **kw) as g:                  # no budget: everything cached, no warning
+        assert g.select == "predictor" and g.plan.cache_share == 1.0
+        plan = g.plan
+    low = _budget_for_share(plan, files, 0.5)
+    mid = _budget_for_share(plan, files, 0.8)
+    high = _budget_for_share(plan, files, 0.95)
+    with pytest.warns(UserWarning, match=r"measured the predictors at \+50% perplexity.*reaches \+5%") as rec:
+        with flashrt.Generator(model, memory_budget=low, **kw) as g:
+            assert g.select == "all"
+            g.generate("ab", max_new_tokens=2)
+    assert len([w for w in rec if "perplexity" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match=r"\+50% perplexity"):
+        with flashrt.Generator(model, memory_budget=low, select="predictor", **kw) as g:
+            assert g.select == "predictor"                  # asked for explicitly: kept, but warned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with flashrt.Generator(model, memory_budget=high, **kw) as g:   # measured +3%: the predictors
+            assert g.select == "predictor" and g.policy.expected_ratio <= GOOD_RATIO
+        with flashrt.Generator(model, memory_budget=mid, **kw) as g:    # +7%: exact instead, no warning
+            assert g.select == "all"
+    files.close()
+
+
+def test_gate_first_selector_matches_numpy(calibrated_llama):
+    from flashrt.ffn.selection import GateFirstSelector
+    from flashrt.format.reader import ModelFiles
+    out, _r, _s = calibrated_llama
+    files = ModelFiles.open(out)
+    pset = PredictorSet.load(out)
+    gates = GateFirstSelector.read_gates(files)
+    w = files.load_resident()
+    from flashrt.api import model_args
+    from flashrt.ffn.dense import DenseFFN
+    fam, margs = model_args(files)
+    dense = DenseFFN.from_files(files, fam.ffn_spec(margs, w), n_threads=1)
+    sel = GateFirstSelector(pset, gates, 0.5, 1)
+    rng = np.random.default_rng(0)
+    for layer in range(files.n_layers):
+        x = rng.standard_normal(files.dim).astype(np.float32)
+        g = dense.bundles[layer][:, :files.dim].astype(np.float64) @ x
+        want = pset[layer].select(x, 0.5, gate=g.astype(np.float32))
+        np.testing.assert_array_equal(np.sort(sel.select(layer, x)), np.sort(want))
+    files.close()
