@@ -149,8 +149,8 @@ def write(out, head, base, rows):
     out.with_suffix(".json").write_text(json.dumps({"head": head, "dense": base, "rows": rows}, indent=1))
     table = md_table(["selection", "cache share", "selected/token", "window", "perplexity", "vs dense", "computed",
                       "read"],
-                     [(r["mode"], f"{r.get('cache_share', 1.0):.2f}", f"{r['keep']:.2f}", r["window"], f"{r['ppl']:.2f}",
-                       f"{r['delta']:+.1f}%", f"{r['computed']:.3f}", f"{r['read']:.3f}")
+                     [(r["mode"], f"{r.get('cache_share', 1.0):.2f}", f"{r['keep']:.2f}", r["window"],
+                       f"{r['ppl']:.2f}", f"{r['delta']:+.1f}%", f"{r['computed']:.3f}", f"{r['read']:.3f}")
                       for r in sorted(rows, key=lambda r: (-r.get("cache_share", 1.0), r["keep"], r["mode"],
                                                            r["window"]))])
     out.with_suffix(".md").write_text(

@@ -95,7 +95,8 @@ def choose_policy(files, args, mode, select, requested, memory_budget, max_conte
         return Policy(select, gate_first, best_plan, ratio)
 
     def replan(budget, extra):
-        return plan_budget(files, args, mode, budget, max_context, n_ctx_model, predictor_bytes + extra, tokenizer_bytes)
+        return plan_budget(files, args, mode, budget, max_context, n_ctx_model, predictor_bytes + extra,
+                           tokenizer_bytes)
 
     warning = None
     if ratio > WARN_RATIO:
@@ -133,7 +134,8 @@ def curve_budgets(files, args, curve, predictor_bytes, tokenizer_bytes, gate_fir
     extra = gate_bytes(files) if gate_first else 0
 
     def replan(budget, extra):
-        return plan_budget(files, args, "flash", budget, max_context, n_ctx_model, predictor_bytes + extra, tokenizer_bytes)
+        return plan_budget(files, args, "flash", budget, max_context, n_ctx_model, predictor_bytes + extra,
+                           tokenizer_bytes)
 
     plan = plan_budget(files, args, "flash", None, max_context, n_ctx_model, predictor_bytes + extra, tokenizer_bytes)
     return [_budget_for_share(files, plan, p["cache_share"], extra, replan) for p in curve.points]

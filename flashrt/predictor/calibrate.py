@@ -180,7 +180,8 @@ class CalibrationReport:
             for i, r in enumerate(self.layers):
                 lines.append(f"{i:5d} {self.ranks[i]:4d} {r['keep_fraction']:.3f}  {r['topk_recall']:.3f}     "
                              f"{r.get('gate_first_topk_recall', nan):.3f}      |      "
-                             f"{r.get('second_topk_recall', nan):.3f}    {r.get('second_gate_first_topk_recall', nan):.3f}"
+                             f"{r.get('second_topk_recall', nan):.3f}    "
+                             f"{r.get('second_gate_first_topk_recall', nan):.3f}"
                              f"     |  {r['mass_captured']:.3f}({r['oracle_mass_captured']:.3f})  "
                              f"{r.get('output_rel_err', nan):.3f}({r.get('oracle_output_rel_err', nan):.3f})")
         else:

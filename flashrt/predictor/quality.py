@@ -156,7 +156,8 @@ class QualityCurve:
 
     def summary(self, budgets=None):
         """The curve as a small table; budgets: the memory budget (bytes) of each point, a column."""
-        lines = [f"quality vs neuron cache ({self.n_tokens} held-out tokens{', ' + self.source if self.source else ''}; "
+        src = f", {self.source}" if self.source else ""
+        lines = [f"quality vs neuron cache ({self.n_tokens} held-out tokens{src}; "
                  f"{self.keep:.0%} selected, window {self.window}):",
                  "  cache share  perplexity  computed  read/token" + ("     budget" if budgets else "")]
         for i, p in enumerate(self.points):
