@@ -253,10 +253,10 @@ def cmd_info(args) -> int:
 
 def _quality_curves(files):
     """[(scoring, QualityCurve, budgets per point)] calibration stored with the predictors."""
-    from .api import _tokenizer_bytes, model_args
+    from .api import _tokenizer_bytes, model_args  # start-up cost: a command loads only what it runs
     from .errors import ModelFormatError
-    from .policy import curve_budgets
-    from .predictor import PredictorSet
+    from .policy import curve_budgets  # start-up cost
+    from .predictor import PredictorSet  # start-up cost
 
     try:
         pset = PredictorSet.load(files.path)
