@@ -270,7 +270,7 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
                                   target_recall=target_recall, epochs=epochs, allocate=allocate,
                                   dtype=np.dtype(dtype), progress=progress, seed=seed, prior_weight=prior_weight,
                                   meta={"source": source, "ctx": ctx, "record_seconds": t_record}, second=second)
-    if dense.gated and dense.qtype is None and curve_tokens and report.n_val >= 2:   # float bundles: the replica slices them
+    if dense.gated and dense.qtype is None and curve_tokens and report.n_val >= 2:   # the replica slices float rows
         held = ids[:X_layers[0].shape[0]][report.n_fit:][:int(curve_tokens)]
         _quality_curves(model, dense, pset, report, held, 1.0 - sparsity, window, ctx, curve_shares,
                         f"held-out {source['kind']} text")
