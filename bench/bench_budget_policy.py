@@ -3,7 +3,7 @@
     python bench/bench_budget_policy.py MODEL_DIR --budgets 250MB 300MB 330MB none \
         [--tokens 48] [--repeat 3] [--out bench/results/budget_policy]
 
-For each budget: the Generator's default policy (flashrt/flash/policy.py: predictors with
+For each budget: the Generator's default policy (flashrt/policy.py: predictors with
 the scoring the stored quality curve favours where it measured them within +5%, else every
 neuron), the cache share, the perplexity ratio the curve expects, whether it warned, and the
 decode tokens/s of a greedy generation (median of --repeat runs) next to select="all" at the

@@ -24,7 +24,7 @@ all as fractions of the FFN. With --plot it also draws perplexity vs fraction se
 Held-out text: --tail-chars N scores the last N characters of --text (calibrate on the rest);
 --text python-docs scores Python's reference manual (pydoc_data, shipped with CPython), from
 token --skip-tokens on. --scoring picks the predictor scoring (product, gate-first; default:
-what the Generator's policy picks, see flashrt/flash/policy.py); --memory-budget runs under a
+what the Generator's policy picks, see flashrt/policy.py); --memory-budget runs under a
 budget and adds decode tokens/s.
 """
 from __future__ import annotations
