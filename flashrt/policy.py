@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from .budget import fmt_bytes, plan_budget
+from .budget import UNITEMIZED_SHARE, fmt_bytes, plan_budget
 from .errors import BudgetError, FlashrtError
 from .predictor.quality import GOOD_RATIO, WARN_RATIO
 
@@ -42,12 +42,16 @@ def _budget_for_share(files, plan, share: float, extra: int, replan) -> int:
     replan(budget, extra) -> BudgetPlan (a larger budget may also plan a longer default context)."""
     per_row = files.ffn_row_bytes * files.n_layers
     rows = int(-(-share * files.n_neurons // 1))
-    budget = plan.total - plan.cache_bytes + extra + rows * per_row
+    need = plan.total - plan.cache_bytes + extra + rows * per_row
+    budget = int(need / (1 - UNITEMIZED_SHARE)) + 1        # the planner keeps UNITEMIZED_SHARE back
     for _ in range(8):
-        got = replan(budget, extra)
-        if got.cache_rows >= rows:
+        try:
+            got_rows = replan(budget, extra).cache_rows
+        except BudgetError:
+            got_rows = 0
+        if got_rows >= rows:
             break
-        budget += (rows - got.cache_rows) * per_row + (1 << 20)
+        budget += (rows - got_rows) * per_row + (1 << 20)
     return int(-(-budget // 10 ** 6) * 10 ** 6)
 
 
