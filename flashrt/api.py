@@ -115,7 +115,7 @@ def flash_ffn(files: ModelFiles, spec, plan: BudgetPlan, mode: str, select: str,
         pset = (predictors if predictors is not None
                 else PredictorSet.load(files.path, files.dim, files.n_neurons, files.n_layers))
         if gate_first:
-            selector = GateFirstSelector(pset, GateFirstSelector.read_gates(files), keep, n_threads)
+            selector = GateFirstSelector(pset, GateFirstSelector.read_gates(files), keep, n_threads, files.qtype)
         else:
             selector = PredictorSelector(pset, keep)
     return FlashFFN(files, spec, plan, mode, selector, window, n_threads)

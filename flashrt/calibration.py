@@ -145,9 +145,7 @@ def _record_second_domain(model, files, second_text, n_tokens, ctx):
 
 def _quality_curves(model, dense, pset, report, held, keep, window, ctx, shares, what):
     """Measure and store the quality curves (product and gate-first scoring) on the held-out ids."""
-    d = dense.dim
-    down = [np.ascontiguousarray(b[:, 2 * d:], dtype=np.float32) for b in dense.bundles]   # (n, d) per layer
-    gates = [np.ascontiguousarray(b[:, :d], dtype=np.float32) for b in dense.bundles]      # (n, d) per layer
+    down, gates = LayerParts(dense, "down"), LayerParts(dense, "gate")   # (n, d) float32 per layer
     recorder = model.ffn
 
     def make_forward(ffn):
@@ -169,6 +167,49 @@ def _quality_curves(model, dense, pset, report, held, keep, window, ctx, shares,
                                         keep, window, ctx, shares, what + ", gate-first")
         pset.info["quality_curve_gate_first"] = curve_g.to_dict()
         report.quality_curve_gate_first = curve_g
+
+
+class LayerParts:
+    """One FFN part of every layer, float32 (n_neurons, d) on access: `parts[l]` (see
+    DenseFFN.part_f32; "down" rows are the neurons' down columns). Made per access, the last
+    one kept: every layer at once would be a float32 copy of a third of the FFN."""
+
+    def __init__(self, dense, part):
+        self.dense, self.part = dense, part
+        self._last = (None, None)
+
+    def __len__(self):
+        return self.dense.n_layers
+
+    def __getitem__(self, layer):
+        if self._last[0] != layer:
+            self._last = (layer, self.dense.part_f32(layer, self.part))
+        return self._last[1]
+
+
+class FitWeights:
+    """fit_predictors' weights per layer, float32: gated (gate (n, d), up (n, d), down (d, n)),
+    ReLU (up (n, d), up_bias, down (d, n)). Float bundles give views; quantized bundles are
+    dequantized per access (the bundle rows are blocks of bytes, not weights)."""
+
+    def __init__(self, dense):
+        self.dense = dense
+        self._parts = {p: LayerParts(dense, p) for p in dense.parts}
+
+    def __len__(self):
+        return self.dense.n_layers
+
+    def __getitem__(self, layer):
+        dense, d = self.dense, self.dense.dim
+        if dense.qtype is None:
+            B = dense.bundles[layer]
+            if dense.gated:
+                return B[:, :d], B[:, d:2 * d], B[:, 2 * d:].T
+            return B[:, :d], dense.up_bias[layer], B[:, d:].T
+        down = self._parts["down"][layer].T
+        if dense.gated:
+            return self._parts["gate"][layer], self._parts["up"][layer], down
+        return self._parts["up"][layer], dense.up_bias[layer], down
 
 
 def _sample_token(logits, rng, temperature=1.0):
@@ -215,7 +256,6 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
                                                            max_tokens=n_tokens), n_threads)
     rec = model.ffn
     dense = rec.inner
-    bundles = dense.bundles                                   # per layer (n, n_parts * d)
     resolve_ranks(rank, dense.gated, L, d, files.n_neurons)   # bad ranks fail before the slow recording
     ctx = int(min(ctx, config.get("max_position_embeddings", ctx)))
     rng = np.random.default_rng(seed)
@@ -254,23 +294,18 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
         source = {"kind": "sampled", "temperature": 1.0}
         ids = np.array(fed, dtype=np.int64)
     t_record = time.perf_counter() - t0
-    X_layers, H_layers, fit_weights = [], [], []
+    X_layers, H_layers = [], []
     for l in range(L):
         X, H = rec.arrays(l, dtype=rec.dtype)                  # float16: fitted layer by layer in float32
         X_layers.append(X)
         H_layers.append(H)
-        B = bundles[l]
-        if dense.gated:
-            fit_weights.append((B[:, :d], B[:, d:2 * d], B[:, 2 * d:].T))
-        else:
-            fit_weights.append((B[:, :d], dense.up_bias[l], B[:, d:].T))
     rec.clear()
     second = _record_second_domain(model, files, second_text, n_second, ctx)
-    pset, report = fit_predictors(X_layers, H_layers, fit_weights, dense.gated, sparsity=sparsity, rank=rank,
+    pset, report = fit_predictors(X_layers, H_layers, FitWeights(dense), dense.gated, sparsity=sparsity, rank=rank,
                                   target_recall=target_recall, epochs=epochs, allocate=allocate,
                                   dtype=np.dtype(dtype), progress=progress, seed=seed, prior_weight=prior_weight,
                                   meta={"source": source, "ctx": ctx, "record_seconds": t_record}, second=second)
-    if dense.gated and dense.qtype is None and curve_tokens and report.n_val >= 2:   # the replica slices float rows
+    if dense.gated and curve_tokens and report.n_val >= 2:
         held = ids[:X_layers[0].shape[0]][report.n_fit:][:int(curve_tokens)]
         _quality_curves(model, dense, pset, report, held, 1.0 - sparsity, window, ctx, curve_shares,
                         f"held-out {source['kind']} text")

@@ -20,6 +20,7 @@ import warnings
 
 from .budget import UNITEMIZED_SHARE, fmt_bytes, plan_budget
 from .errors import BudgetError, FlashrtError
+from .ffn.selection import gate_row_width
 from .predictor.quality import GOOD_RATIO, WARN_RATIO
 
 
@@ -33,8 +34,9 @@ class Policy:
 
 
 def gate_bytes(files) -> int:
-    """DRAM the exact gate rows of every layer take (gate-first scoring)."""
-    return files.n_layers * files.n_neurons * files.dim * files.dtype.itemsize
+    """DRAM the exact gate rows of every layer take (gate-first scoring), as stored: float16/32
+    rows, or the quantized blocks (the GEMV kernel runs them as they are)."""
+    return files.n_layers * files.n_neurons * gate_row_width(files) * files.dtype.itemsize
 
 
 def _budget_for_share(files, plan, share: float, extra: int, replan) -> int:
@@ -69,10 +71,8 @@ def choose_policy(files, args, mode, select, requested, memory_budget, max_conte
         raise FlashrtError(f"scoring must be one of {', '.join(SCORINGS)} or None; got {scoring!r}")
     plan = plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model,
                        predictor_bytes if select == "predictor" else 0, tokenizer_bytes)
-    if scoring == "gate-first" and (select != "predictor" or pset is None or pset.kind != "product"
-                                    or getattr(files, "qtype", None) is not None):
-        raise FlashrtError("scoring='gate-first' needs flash mode with the predictors of a gated FFN stored in "
-                           "float16 or float32")
+    if scoring == "gate-first" and (select != "predictor" or pset is None or pset.kind != "product"):
+        raise FlashrtError("scoring='gate-first' needs flash mode with the predictors of a gated FFN")
     if mode != "flash" or select != "predictor" or pset is None or pset.kind != "product":
         return Policy(select, False, plan, None)
     if scoring == "gate-first":
@@ -81,8 +81,7 @@ def choose_policy(files, args, mode, select, requested, memory_budget, max_conte
         curve = pset.quality_curve_gate_first
         return Policy(select, True, plan_g, None if curve is None else curve.ratio_at(plan_g.cache_share))
     curve_p = pset.quality_curve
-    float_rows = getattr(files, "qtype", None) is None     # gate-first reads float gate rows
-    curve_g = pset.quality_curve_gate_first if pset.has_up_estimates and scoring is None and float_rows else None
+    curve_g = pset.quality_curve_gate_first if pset.has_up_estimates and scoring is None else None
     options = []                                       # (ratio, gate_first, plan)
     if curve_p is not None:
         options.append((curve_p.ratio_at(plan.cache_share), False, plan))

@@ -161,6 +161,32 @@ class DenseFFN:
             y += self.down_bias[layer]
         return y
 
+    @property
+    def parts(self):
+        return ("gate", "up", "down") if self.gated else ("up", "down")
+
+    def part_bytes(self, part):
+        """(start, stop) of `part` in a bundle row, in elements (float) or bytes (quantized)."""
+        k = self.parts.index(part)
+        if self.qtype is None:
+            return k * self.dim, (k + 1) * self.dim
+        rb = self.dim // BLOCK_ELEMS * BLOCK_BYTES[self.qtype]
+        stop = k * rb + (rb if part != "down" else self.dim // BLOCK_ELEMS * BLOCK_BYTES[self.down_qtype])
+        return k * rb, stop
+
+    def part_f32(self, layer, part, n_threads=None):
+        """One part of every neuron of `layer` as float32 (n_neurons, d): "gate" and "up" rows,
+        "down" columns (row i = neuron i's down column). Quantized parts are dequantized
+        (bit-exact with gguf.quants.dequantize); float parts are copied."""
+        B = self.bundles[layer]
+        a, b = self.part_bytes(part)
+        if self.qtype is None:
+            return np.ascontiguousarray(B[:, a:b], dtype=np.float32)
+        out = np.empty((B.shape[0], self.dim), np.float32)
+        kernels.to_f32(np.ascontiguousarray(B[:, a:b]), out, self.down_qtype if part == "down" else self.qtype,
+                       default_threads() if n_threads is None else n_threads)
+        return out
+
     def _blocks(self, layer, x, y, h_out, n_threads):
         ffn_blocks(self.bundles[layer], x, y, self.gated, self.act, self.up_bias[layer], h_out,
                    n_threads, self.qtype, self.down_qtype)

@@ -13,6 +13,8 @@ flash FFN passes it only to a selector whose `uses_prior` is True.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .._core import kernels, loader
@@ -103,33 +105,44 @@ class PredictorSelector:
 class GateFirstSelector(PredictorSelector):
     """Predictor selection scored as |silu(gate.x) * u_hat| with the exact gate.
 
-    gates: per layer (n_neurons, d) float16|float32 C-contiguous, the gate rows (in DRAM).
+    gates: per layer (n_neurons, d) float16|float32, or (n_neurons, row_bytes(qtype, d)) uint8
+    blocks of `qtype`, C-contiguous: the gate rows as stored (in DRAM), run by the GEMV kernel
+    (quantized rows: integer dot products, as the flash FFN computes the gate).
     The up estimate is the predictor's separate up estimate when calibration stored one.
     """
 
-    def __init__(self, predictors, gates, keep_fraction: float | None, n_threads: int):
+    def __init__(self, predictors, gates, keep_fraction: float | None, n_threads: int, qtype: str | None = None):
         super().__init__(predictors, keep_fraction)
         self.gates = gates
+        self.qtype = qtype
         self.n_threads = n_threads
         self._g = np.empty(gates[0].shape[0], np.float32)  # (n_neurons,) gate.x of the current layer
 
     @staticmethod
     def read_gates(files):
-        """Every layer's gate rows (n, d) copied out of the bundle file (the first d of each row)."""
-        n, d = files.n_neurons, files.dim
-        row_elems = files.ffn_row_bytes // files.dtype.itemsize
+        """Every layer's gate rows copied out of the bundle file: the first part of each row,
+        (n, d) float or (n, gate row bytes) uint8 blocks. Read, not memory-mapped (a truncated
+        file is a ModelFormatError, not a SIGBUS), and dropped from the page cache after."""
+        width = gate_row_width(files)
         out = []
-        for l in range(files.n_layers):
-            mm = np.memmap(files.ffn_path, dtype=files.dtype, mode="r", offset=files.ffn_layer_offset(l),
-                           shape=(n, row_elems))
-            out.append(np.ascontiguousarray(mm[:, :d]))
-            del mm
+        with open(files.ffn_path, "rb") as f:
+            for l in range(files.n_layers):
+                out.append(np.ascontiguousarray(files.read_ffn_layer(l)[:, :width]))
+                os.posix_fadvise(f.fileno(), files.ffn_layer_offset(l), files.ffn_layer_bytes,
+                                 os.POSIX_FADV_DONTNEED)
         return out
 
     def select(self, layer: int, x: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
-        kernels.gemv(self.gates[layer], x, self._g, self.n_threads)
+        kernels.gemv(self.gates[layer], x, self._g, self.n_threads, self.qtype)
         ids = self.predictors[layer].select(x, keep_fraction=self.keep_fraction, prior=prior, gate=self._g)
         return np.asarray(ids, dtype=np.int64)
 
     def close(self) -> None:
         self.gates = []
+
+
+def gate_row_width(files) -> int:
+    """Elements (float bundles) or bytes (quantized) of a gate row as stored."""
+    if files.qtype is None:
+        return files.dim
+    return files.dim // kernels.BLOCK_ELEMS * kernels.BLOCK_BYTES[files.qtype]
