@@ -33,7 +33,7 @@ from .ffn.dense import DenseFFN
 from .format.reader import ModelFiles
 from .predictor.calibrate import (MIN_CALIBRATION_TOKENS, SECOND_DOMAIN, fit_predictors, python_docs_text,
                                   resolve_ranks)
-from .predictor.quality import DEFAULT_SHARES, measure_quality_curve
+from .predictor.quality import DEFAULT_SHARES, dense_perplexity, measure_quality_curve
 from .tokenizer import Tokenizer
 
 
@@ -126,19 +126,21 @@ def check_writable(model_dir) -> None:
 
 
 def _record_second_domain(model, files, second_text, n_tokens, ctx):
-    """(name, X per layer, H per layer) recorded on n_tokens of the second domain's text, or None."""
+    """(name, X per layer, H per layer, ids) recorded on n_tokens of the second domain's text, or None."""
     if second_text is None or files.tokenizer_dir is None:
         return None
     name, text = (("Python's reference manual", python_docs_text()) if second_text == SECOND_DOMAIN
                   else ("the second text", str(second_text)))
     if not text:
         return None
-    ids = np.array(Tokenizer.from_dir(files.tokenizer_dir).encode(text)[:max(2, int(n_tokens))], np.int64)
+    n_tokens = max(2, int(n_tokens))
+    text = text[:64 * n_tokens]                                  # the head is all it uses (a token is ~4 chars)
+    ids = np.array(Tokenizer.from_dir(files.tokenizer_dir).encode(text)[:n_tokens], np.int64)
     rec = model.ffn
     rec.max_tokens = ids.size
     for i in range(0, ids.size, ctx):
         model.forward(ids[i:i + ctx], model.make_cache(len(ids[i:i + ctx])))
-    out = (name, *zip(*(rec.arrays(l, dtype=rec.dtype) for l in range(files.n_layers))))
+    out = (name, *zip(*(rec.arrays(l, dtype=rec.dtype) for l in range(files.n_layers))), ids)
     rec.clear()
     return out
 
@@ -157,14 +159,15 @@ def _quality_curves(model, dense, pset, report, held, keep, window, ctx, shares,
                 model.ffn = recorder
         return forward
 
+    base = dense_perplexity(make_forward, dense, down, held, ctx)          # one dense pass serves both curves
     curve = measure_quality_curve(make_forward, dense, down, lambda l, x, h: pset[l].scores_batch(x), held,
-                                  keep, window, ctx, shares, what)
+                                  keep, window, ctx, shares, what, base)
     pset.info["quality_curve"] = curve.to_dict()
     report.quality_curve = curve
     if pset.has_up_estimates:
         curve_g = measure_quality_curve(make_forward, dense, down,
                                         lambda l, x, h: pset[l].scores_batch(x, gate=x @ gates[l].T), held,
-                                        keep, window, ctx, shares, what + ", gate-first")
+                                        keep, window, ctx, shares, what + ", gate-first", base)
         pset.info["quality_curve_gate_first"] = curve_g.to_dict()
         report.quality_curve_gate_first = curve_g
 
@@ -222,7 +225,7 @@ def _sample_token(logits, rng, temperature=1.0):
 
 def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, progress=True, ctx=512,
               epochs=8, target_recall=0.95, allocate=False, dtype="float16", seed=0, save=True,
-              n_threads=None, prior_weight=0.0, second_text=SECOND_DOMAIN, n_second=512, curve_tokens=256,
+              n_threads=None, prior_weight=0.0, second_text=SECOND_DOMAIN, n_second=256, curve_tokens=128,
               curve_shares=DEFAULT_SHARES, window=5):
     """Record activations with the dense forward pass, fit, allocate, save predictors.npz.
 
@@ -237,9 +240,10 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
     tokens of it); the default is Python's own reference manual (pydoc_data, shipped with
     CPython), None for none.
     curve_tokens, curve_shares, window: the quality curve (gated models): perplexity ratio to
-    dense on the first curve_tokens held-out tokens for each neuron-cache share, with the
-    product predictor and with gate-first scoring, at 1 - sparsity selected and this window
-    (flashrt.predictor.quality; curve_tokens=0 skips it). Stored with the predictors.
+    dense on the first curve_tokens tokens of the second domain (else of the held-out
+    calibration tokens) for each neuron-cache share, with the product predictor and with
+    gate-first scoring, at 1 - sparsity selected and this window (flashrt.predictor.quality;
+    one teacher-forced pass per point; curve_tokens=0 skips it). Stored with the predictors.
     Returns the CalibrationReport (report.summary() prints the per-layer table).
     """
     if not 0.0 <= sparsity < 1.0:
@@ -305,10 +309,13 @@ def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, pro
                                   target_recall=target_recall, epochs=epochs, allocate=allocate,
                                   dtype=np.dtype(dtype), progress=progress, seed=seed, prior_weight=prior_weight,
                                   meta={"source": source, "ctx": ctx, "record_seconds": t_record}, second=second)
-    if dense.gated and curve_tokens and report.n_val >= 2:
-        held = ids[:X_layers[0].shape[0]][report.n_fit:][:int(curve_tokens)]
-        _quality_curves(model, dense, pset, report, held, 1.0 - sparsity, window, ctx, curve_shares,
-                        f"held-out {source['kind']} text")
+    if dense.gated and curve_tokens:
+        # the curve's text: the second domain's (real prose the fit never saw), else the held-out calibration tokens
+        held, what = ((second[3], second[0]) if second is not None and second[3].size >= 2 else
+                      (ids[:X_layers[0].shape[0]][report.n_fit:], f"held-out {source['kind']} text"))
+        held = held[:int(curve_tokens)]
+        if held.size >= 2:
+            _quality_curves(model, dense, pset, report, held, 1.0 - sparsity, window, ctx, curve_shares, what)
     report.seconds = time.perf_counter() - t0
     if save:
         report.path = str(pset.save(model_dir))

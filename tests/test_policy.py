@@ -3,6 +3,7 @@ policy's warning, gate-first scoring."""
 import os
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,105 @@ def test_gate_first_selector_matches_numpy(calibrated_llama):
         want = pset[layer].select(x, 0.5, gate=g.astype(np.float32))
         np.testing.assert_array_equal(np.sort(sel.select(layer, x)), np.sort(want))
     files.close()
+
+
+# -- quantized bundles: calibration fits the dequantized rows, gate-first runs the stored blocks -----------------
+@pytest.fixture(scope="module")
+def quantized_pair(tmp_path_factory):
+    """(q8_0 model, float32 model holding exactly its values dequantized), both with a byte tokenizer."""
+    import shutil
+    import warnings as w
+
+    from conftest import FIXTURES, byte_tokenizer_json
+    from flashrt.convert import convert
+    from flashrt.format.reader import ModelFiles
+    from flashrt.format.writer import ModelWriter
+    from flashrt.quant import QMatrix
+    root = tmp_path_factory.mktemp("qcal")
+    src = root / "src"
+    shutil.copytree(FIXTURES / "hf" / "llama", src)
+    (src / "tokenizer.json").write_text(byte_tokenizer_json())
+    with w.catch_warnings():
+        w.simplefilter("ignore")
+        q = convert(src, root / "q8", dtype="q8_0", progress=False)
+    files = ModelFiles.open(q)
+    with ModelWriter(root / "f32", files.architecture, files.config, "float32") as wr:
+        for name, a in files.load_resident().items():
+            wr.add_resident(name, a.dequantize() if isinstance(a, QMatrix) else a.astype(np.float32))
+        for l in range(files.n_layers):
+            B = files.read_ffn_layer(l)
+            n, d = B.shape[0], files.dim
+            wr.add_ffn_layer(l, _gguf_dequantize(B.reshape(n * 3, -1), "q8_0").reshape(n, 3 * d))
+        wr.add_tokenizer((files.tokenizer_dir / "tokenizer.json").read_text(), {})
+    files.close()
+    q, f = Path(q), root / "f32"
+    text = " ".join(f"the {a} of {b} is {i}" for i, (a, b) in enumerate(zip(["cat", "sea", "code"] * 60,
+                                                                              ["town", "rain", "ink"] * 60)))
+    from flashrt.calibration import calibrate
+    kw = dict(texts=text, n_tokens=1500, sparsity=0.5, rank=16, progress=False, ctx=64, epochs=3, curve_tokens=64)
+    return q, f, calibrate(q, **kw), calibrate(f, **kw)
+
+
+def _gguf_dequantize(blocks, qtype):
+    """The independent oracle: gguf's NumPy port of ggml's dequantization."""
+    from gguf import GGMLQuantizationType as G
+    from gguf.quants import dequantize
+    return dequantize(blocks, {"q8_0": G.Q8_0, "q4_0": G.Q4_0, "q4_1": G.Q4_1}[qtype]).astype(np.float32)
+
+
+def _dense(model):
+    from flashrt.api import model_args
+    from flashrt.ffn.dense import DenseFFN
+    from flashrt.format.reader import ModelFiles
+    files = ModelFiles.open(model)
+    fam, margs = model_args(files)
+    return files, DenseFFN.from_files(files, fam.ffn_spec(margs, files.load_resident()), n_threads=1)
+
+
+def test_calibration_fits_the_dequantized_rows_of_quantized_bundles(quantized_pair):
+    """The weights calibration fits with (gate, up, down per layer) are the quantized blocks'
+    values (gguf's dequantization), not the blocks' bytes; calibrated on the same text, the
+    q8_0 model and its float32 copy get the same per-layer recall and the same quality curve."""
+    from flashrt.calibration import FitWeights
+    q, f, rq, rf = quantized_pair
+    (fq, dq), (ff, df) = _dense(q), _dense(f)
+    for l in range(fq.n_layers):
+        for a, b in zip(FitWeights(dq)[l], FitWeights(df)[l]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
+    fq.close()
+    ff.close()
+    for a, b in zip(rq.layers, rf.layers):
+        assert a["topk_recall"] == pytest.approx(b["topk_recall"], abs=0.02)
+        assert a["gate_first_topk_recall"] == pytest.approx(b["gate_first_topk_recall"], abs=0.02)
+    for cq, cf in ((rq.quality_curve, rf.quality_curve), (rq.quality_curve_gate_first, rf.quality_curve_gate_first)):
+        assert cq is not None and len(cq.points) == len(cf.points)
+        for a, b in zip(cq.points, cf.points):
+            assert a["ratio"] == pytest.approx(b["ratio"], rel=0.02)
+
+
+def test_gate_first_on_quantized_bundles_keeps_the_blocks_and_matches_numpy(quantized_pair):
+    """Gate-first on a q8_0 model holds the gate rows as the stored blocks (34 bytes per 32
+    weights, not float16) and its gate.x is the dequantized gate rows times x, up to the int8
+    copy of x the quantized GEMV makes; its selection is the predictor's on that gate."""
+    import flashrt
+    from flashrt.ffn.selection import GateFirstSelector
+    from flashrt.policy import gate_bytes
+    q = quantized_pair[0]
+    files, dense = _dense(q)
+    pset = PredictorSet.load(q)
+    gates = GateFirstSelector.read_gates(files)
+    assert gates[0].dtype == np.uint8 and gates[0].shape == (files.n_neurons, files.dim // 32 * 34)
+    assert gate_bytes(files) == sum(g.nbytes for g in gates)
+    sel = GateFirstSelector(pset, gates, 0.5, 1, files.qtype)
+    rng = np.random.default_rng(1)
+    for layer in range(files.n_layers):
+        x = rng.standard_normal(files.dim).astype(np.float32)
+        want_g = dense.part_f32(layer, "gate") @ x
+        ids = sel.select(layer, x)
+        np.testing.assert_allclose(sel._g, want_g, rtol=0.02, atol=0.02 * np.abs(want_g).max())
+        want = pset[layer].select(x, 0.5, gate=sel._g.copy())
+        np.testing.assert_array_equal(np.sort(ids), np.sort(want))
+    files.close()
+    with flashrt.Generator(q, mode="flash", scoring="gate-first", sparsity=0.5, max_context=64,
+                           progress=False) as g:
+        assert g.policy.gate_first and g.generate("the cat", max_new_tokens=4) is not None

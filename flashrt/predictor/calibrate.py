@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import FlashrtError
-from .fit import fit_layer, fit_up_estimate
+from .fit import fit_layer, fit_up_estimate, input_sqrt_cov
 from .lowrank import LowRankPredictor, default_ranks, ffn_macs, n_keep, topk_mask
 from .store import PredictorSet
 
@@ -268,11 +268,12 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
         H = np.asarray(H_layers[l], np.float32)
         if gated:
             Wg, Wu, _ = weights[l]
+            S = input_sqrt_cov(X[:n_fit])                          # shared by the gate, up and up-estimate fits
             p, _hist = fit_layer(X[:n_fit], H[:n_fit], (Wg, Wu), ranks[l], kind="product", epochs=epochs,
-                                 seed=seed + l)
+                                 seed=seed + l, sqrt_cov=S)
             if up_estimates:
                 p = LowRankPredictor(p.kind, p.A, p.B, p.bias, p.bias_gate, p.r_gate,
-                                     up=fit_up_estimate(X[:n_fit], H[:n_fit], Wg, Wu, ranks[l], epochs=0))
+                                     up=fit_up_estimate(X[:n_fit], H[:n_fit], Wg, Wu, ranks[l], epochs=0, sqrt_cov=S))
         else:
             Wu, bu, _ = weights[l]
             p, _hist = fit_layer(X[:n_fit], H[:n_fit], Wu, ranks[l], kind="relu", bias_init=bu,

@@ -27,18 +27,24 @@ import numpy as np
 from .lowrank import LowRankPredictor, silu
 
 
-def data_aware_lowrank(X, W, rank):
+def input_sqrt_cov(X):
+    """C^(1/2) (d, d) float64 of the inputs' second moment C = X.T @ X / T (X (T, d))."""
+    X = np.asarray(X, dtype=np.float32)
+    C = (X.T @ X).astype(np.float64) / max(1, X.shape[0])            # (d, d)
+    ev, V = np.linalg.eigh(C)
+    return (V * np.sqrt(np.clip(ev, 0.0, None))) @ V.T
+
+
+def data_aware_lowrank(X, W, rank, sqrt_cov=None):
     """Rank-`rank` factors (A (r, d), B (n, r)) with X @ A.T @ B.T ~ X @ W.T in least squares.
 
     X (T, d) float32 inputs, W (n, d). B has orthonormal columns; A = B.T @ W.
+    sqrt_cov: input_sqrt_cov(X) when already computed (one per layer serves gate and up).
     """
-    X = np.asarray(X, dtype=np.float32)
     W = np.asarray(W, dtype=np.float32)
     n, d = W.shape
     r = int(min(rank, n, d))
-    C = (X.T @ X).astype(np.float64) / max(1, X.shape[0])            # (d, d)
-    ev, V = np.linalg.eigh(C)
-    S = (V * np.sqrt(np.clip(ev, 0.0, None))) @ V.T                  # (d, d) C^(1/2)
+    S = input_sqrt_cov(X) if sqrt_cov is None else sqrt_cov         # (d, d) C^(1/2)
     M = W.astype(np.float64) @ S                                      # (n, d)
     ev2, V2 = np.linalg.eigh(M.T @ M)                                 # right singular vectors of M
     order = np.argsort(ev2)[::-1][:r]
@@ -81,7 +87,7 @@ def _lr_at(lr, step, n_steps):
 
 
 def fit_layer(X, target, W_init, rank, kind=None, bias_init=None, r_gate=None, epochs=8, batch=256,
-              lr=2e-3, seed=0, dtype=np.float32, verbose=False):
+              lr=2e-3, seed=0, dtype=np.float32, verbose=False, sqrt_cov=None):
     """Fit one layer's predictor. Returns (LowRankPredictor, history: list of mean loss per epoch).
 
     X (T, d) float32 FFN inputs; target (T, n) recorded per-neuron outputs h.
@@ -89,6 +95,7 @@ def fit_layer(X, target, W_init, rank, kind=None, bias_init=None, r_gate=None, e
     kind: inferred from W_init when None (a pair -> "product").
     rank: total rank r (product: r_gate = r // 2 for the gate unless given).
     epochs=0 returns the data-aware SVD initialisation unfitted.
+    sqrt_cov: input_sqrt_cov(X), when the caller has it.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     Y = np.asarray(target, dtype=np.float32)
@@ -99,11 +106,11 @@ def fit_layer(X, target, W_init, rank, kind=None, bias_init=None, r_gate=None, e
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     if kind == "relu":
-        pred, history = _fit_relu(X, Y, W_init, int(rank), bias_init, epochs, batch, lr, rng, verbose)
+        pred, history = _fit_relu(X, Y, W_init, int(rank), bias_init, epochs, batch, lr, rng, verbose, sqrt_cov)
     elif kind == "product":
         Wg, Wu = W_init
         rg = int(rank) // 2 if r_gate is None else int(r_gate)
-        pred, history = _fit_product(X, Y, Wg, Wu, rg, int(rank) - rg, epochs, batch, lr, rng, verbose)
+        pred, history = _fit_product(X, Y, Wg, Wu, rg, int(rank) - rg, epochs, batch, lr, rng, verbose, sqrt_cov)
     else:
         raise ValueError(f"fit_layer: kind must be 'relu' or 'product', got {kind!r}")
     if dtype != np.float32:
@@ -137,10 +144,10 @@ def _minibatch_adam(params, loss_and_grads, T, epochs, batch, lr, rng, verbose, 
     return history
 
 
-def _fit_relu(X, H, W, rank, bias_init, epochs, batch, lr, rng, verbose):
+def _fit_relu(X, H, W, rank, bias_init, epochs, batch, lr, rng, verbose, sqrt_cov=None):
     T, d = X.shape
     n = H.shape[1]
-    A, B = data_aware_lowrank(X, W, rank)
+    A, B = data_aware_lowrank(X, W, rank, sqrt_cov)
     c = np.zeros(n, np.float32) if bias_init is None else np.array(bias_init, dtype=np.float32)  # (n,)
     labels = H > 0                                                        # (T, n) fires
     p = labels.mean(axis=0).clip(1.0 / T, 1.0 - 1.0 / T)                  # (n,) firing rate
@@ -166,11 +173,12 @@ def _fit_relu(X, H, W, rank, bias_init, epochs, batch, lr, rng, verbose):
     return LowRankPredictor("relu", A, B, bias=c, threshold=0.0), history
 
 
-def _fit_product(X, H, Wg, Wu, rg, ru, epochs, batch, lr, rng, verbose):
+def _fit_product(X, H, Wg, Wu, rg, ru, epochs, batch, lr, rng, verbose, sqrt_cov=None):
     T, d = X.shape
     n = H.shape[1]
-    Ag, Bg = data_aware_lowrank(X, Wg, rg)
-    Au, Bu = data_aware_lowrank(X, Wu, ru)
+    S = input_sqrt_cov(X) if sqrt_cov is None else sqrt_cov
+    Ag, Bg = data_aware_lowrank(X, Wg, rg, S)
+    Au, Bu = data_aware_lowrank(X, Wu, ru, S)
     bg = np.zeros(n, np.float32)
     bu = np.zeros(n, np.float32)
     inv = np.float32(1.0 / max(1e-30, float(np.mean(np.square(H)))))
@@ -207,7 +215,7 @@ def product_loss(pred, X, H):
     return float(np.mean(np.square(silu(g) * u - H)) / np.mean(np.square(H)))
 
 
-def fit_up_estimate(X, H, Wg, Wu, rank, epochs=4, batch=256, lr=2e-3, seed=0, verbose=False):
+def fit_up_estimate(X, H, Wg, Wu, rank, epochs=4, batch=256, lr=2e-3, seed=0, verbose=False, sqrt_cov=None):
     """The low-rank up estimate of gate-first scoring: (A_u (r, d), B_u (n, r), bias (n,)), float32.
 
     Gate-first scoring computes the gate exactly and estimates only up.x, so the estimate is
@@ -217,7 +225,7 @@ def fit_up_estimate(X, H, Wg, Wu, rank, epochs=4, batch=256, lr=2e-3, seed=0, ve
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     H = np.asarray(H, dtype=np.float32)
-    Au, Bu = data_aware_lowrank(X, Wu, rank)
+    Au, Bu = data_aware_lowrank(X, Wu, rank, sqrt_cov)
     bu = np.zeros(H.shape[1], np.float32)
     if epochs > 0:
         Wg32 = np.asarray(Wg, np.float32)

@@ -28,7 +28,7 @@ from .lowrank import n_keep
 
 WARN_RATIO = 1.10      # a budget measured above +10% perplexity warns
 GOOD_RATIO = 1.05      # ... naming the budget that reaches +5%
-DEFAULT_SHARES = (0.5, 0.7, 0.85, 0.95, 1.0)
+DEFAULT_SHARES = (0.5, 0.7, 0.9, 1.0)   # each point is one teacher-forced pass over the held-out tokens
 
 
 class CacheReplicaFFN:
@@ -181,16 +181,24 @@ def chunk_perplexity(forward, ids, ctx):
     return float(np.exp(nll / max(1, count)))
 
 
+def dense_perplexity(make_forward, dense, down, ids, ctx=512):
+    """Perplexity of ids with the dense FFN, through the same replica and chunks as the curve."""
+    ffn = CacheReplicaFFN(dense, down, None, 1.0, 1, mode="dense")
+    return chunk_perplexity(make_forward(ffn), np.asarray(ids, np.int64), ctx)
+
+
 def measure_quality_curve(make_forward, dense, down, scorer, ids, keep, window, ctx=512, shares=DEFAULT_SHARES,
-                          source=""):
+                          source="", base=None):
     """QualityCurve of a scorer: the replica's perplexity ratio to dense at each cache share.
 
     make_forward(ffn) -> forward(chunk ids) -> logits: the model built around an FFN.
     dense, down, scorer: see CacheReplicaFFN. ids: held-out token ids (int64).
+    base: the dense perplexity of ids when already measured (dense_perplexity).
     """
     ids = np.asarray(ids, np.int64)
     n = dense.n_neurons(0)
-    base = chunk_perplexity(make_forward(CacheReplicaFFN(dense, down, scorer, keep, window, mode="dense")), ids, ctx)
+    if base is None:
+        base = dense_perplexity(make_forward, dense, down, ids, ctx)
     points = []
     for share in shares:
         ffn = CacheReplicaFFN(dense, down, scorer, keep, window, capacity=max(1, int(round(share * n))))

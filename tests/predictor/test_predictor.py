@@ -484,7 +484,8 @@ def test_smollm2_flash_greedy_text_stays_coherent(smollm2_dir, tmp_path):
     for f in Path(smollm2_dir).iterdir():                       # calibrate a linked copy, not the cache
         if f.name != "predictors.npz":
             (model / f.name).symlink_to(f.resolve())
-    calibrate(model, texts=None, n_tokens=768, progress=False, ctx=256, epochs=4)
+    # no second domain, no quality curve: this test is about the text (tests/test_policy.py covers those)
+    calibrate(model, texts=None, n_tokens=768, progress=False, ctx=256, epochs=4, second_text=None, curve_tokens=0)
     messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
     def greedy_ids(**kw):
