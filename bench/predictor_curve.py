@@ -39,12 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import md_table, perplexity_plot  # noqa: E402
 from flashrt.api import model_args  # noqa: E402
+from flashrt.calibration import LayerParts  # noqa: E402
 from flashrt.ffn.dense import DenseFFN  # noqa: E402
 from flashrt.format.reader import ModelFiles  # noqa: E402
 from flashrt.linear import linear  # noqa: E402
 from flashrt.models import build_model  # noqa: E402
 from flashrt.predictor import PredictorSet  # noqa: E402
-from flashrt.predictor.calibrate import python_docs_text  # noqa: E402
+from flashrt.predictor.calibrate import python_docs_text, topk_recall  # noqa: E402
 from flashrt.predictor.quality import CacheReplicaFFN  # noqa: E402
 from flashrt.tokenizer import Tokenizer  # noqa: E402
 
@@ -54,8 +55,7 @@ def scorer_for(mode, pset, dense):
     if mode == "oracle":
         return None
     if mode == "gate-first":
-        d = dense.dim
-        gates = [np.ascontiguousarray(b[:, :d], dtype=np.float32) for b in dense.bundles]   # (n, d) per layer
+        gates = LayerParts(dense, "gate")                     # (n, d) float32 per layer (dequantized)
         return lambda layer, x, h: pset[layer].scores_batch(x, gate=x @ gates[layer].T)
     return lambda layer, x, h: pset[layer].scores_batch(x)
 
@@ -101,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--cache-share", type=float, nargs="+", default=[1.0],
                     help="neuron cache per layer as a share of its neurons (the budget's effect)")
     ap.add_argument("--skip-tokens", type=int, default=0)
+    ap.add_argument("--recall", type=float, default=None, metavar="KEEP",
+                    help="also report each layer's top-k recall at this fraction kept (on the dense pass)")
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png (with matplotlib)")
     args = ap.parse_args(argv)
 
@@ -108,15 +110,20 @@ def main(argv=None):
     weights = files.load_resident()
     family, margs = model_args(files)
     dense = DenseFFN.from_files(files, family.ffn_spec(margs, weights), n_threads=1)
-    d = dense.dim
-    down = [np.ascontiguousarray(b[:, 2 * d:], dtype=np.float32) for b in dense.bundles]   # (n, d) per layer
+    down = LayerParts(dense, "down")                          # (n, d) float32 per layer (dequantized)
     pset = PredictorSet.load(args.model_dir) if set(args.modes) - {"oracle"} else None
     text = python_docs_text() if args.text == "python-docs" else Path(args.text).read_text(encoding="utf-8")
     if args.tail_chars:
         text = text[-args.tail_chars:]
     ids = np.array(Tokenizer.from_dir(files.tokenizer_dir).encode(text), dtype=np.int64)
     ids = ids[args.skip_tokens:args.skip_tokens + args.tokens]
-    base = perplexity(files, weights, CacheReplicaFFN(dense, down, None, 1.0, 1, mode="dense"), ids, args.ctx)
+    base_ffn = CacheReplicaFFN(dense, down, None, 1.0, 1, mode="dense")
+    recall = None
+    if args.recall and pset is not None:
+        base_ffn = RecallFFN(base_ffn, {m: scorer_for(m, pset, dense) for m in args.modes if m != "oracle"},
+                             args.recall)
+        recall = base_ffn.recall
+    base = perplexity(files, weights, base_ffn, ids, args.ctx)
     head = (f"{args.model_dir.name}: {len(ids)} held-out tokens ({Path(args.text).name}"
             f"{f', from token {args.skip_tokens}' if args.skip_tokens else ''}"
             f"{f', last {args.tail_chars} chars' if args.tail_chars else ''}), ctx {args.ctx}; "
@@ -140,11 +147,42 @@ def main(argv=None):
                     print(f"{mode:10s} cache {share:.2f} keep {keep:.2f} window {w}  ppl {p:8.3f} "
                           f"({row['delta']:+6.1f}%)  computed {row['computed']:.3f} read {row['read']:.3f}  "
                           f"({time.perf_counter() - t:.0f} s)", flush=True)
+    if recall:
+        print(recall_table(recall, args.recall), flush=True)
     if args.out is not None:
-        write(args.out, head, base, rows)
+        write(args.out, head, base, rows, recall and recall_table(recall, args.recall))
 
 
-def write(out, head, base, rows):
+class RecallFFN:
+    """The dense replica, also summing per layer and scorer the top-k recall (the share of each
+    token's true top `keep` by |h| that the scorer's top `keep` finds), weighted by tokens."""
+
+    def __init__(self, inner, scorers, keep):
+        self.inner, self.scorers, self.keep = inner, scorers, keep
+        self.recall = {m: {} for m in scorers}               # mode -> layer -> [sum, tokens]
+
+    def n_neurons(self, layer):
+        return self.inner.n_neurons(layer)
+
+    def __call__(self, layer, x):
+        h = np.empty((x.shape[0], self.inner.n_neurons(layer)), np.float32)
+        y = self.inner.dense(layer, x, h_out=h)
+        for m, scorer in self.scorers.items():
+            acc = self.recall[m].setdefault(layer, [0.0, 0])
+            acc[0] += topk_recall(scorer(layer, x, h), h, self.keep) * x.shape[0]
+            acc[1] += x.shape[0]
+        return y
+
+
+def recall_table(recall, keep):
+    modes = list(recall)
+    layers = sorted(next(iter(recall.values())))
+    rows = [[l] + [f"{recall[m][l][0] / recall[m][l][1]:.3f}" for m in modes] for l in layers]
+    rows.append(["min"] + [f"{min(recall[m][l][0] / recall[m][l][1] for l in layers):.3f}" for m in modes])
+    return f"Top-k recall at {keep:.0%} kept, per layer:\n\n" + md_table(["layer"] + modes, rows)
+
+
+def write(out, head, base, rows, recall=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"head": head, "dense": base, "rows": rows}, indent=1))
     table = md_table(["selection", "cache share", "selected/token", "window", "perplexity", "vs dense", "computed",
@@ -154,7 +192,8 @@ def write(out, head, base, rows):
                       for r in sorted(rows, key=lambda r: (-r.get("cache_share", 1.0), r["keep"], r["mode"],
                                                            r["window"]))])
     out.with_suffix(".md").write_text(
-        f"# Perplexity vs neurons selected (teacher-forced replica of flash mode)\n\n{head}\n\n{table}\n")
+        f"# Perplexity vs neurons selected (teacher-forced replica of flash mode)\n\n{head}\n\n{table}\n"
+        + (f"\n{recall}\n" if recall else ""))
     full = [r for r in rows if r.get("cache_share", 1.0) == 1.0]
     groups = sorted({(r["mode"], r["window"]) for r in full}, key=lambda g: (-g[1], g[0]))
     curves = [(f"{m}, window {w}", "s--" if m == "oracle" else ("o-" if m == "predictor" else "^-"),
