@@ -1,7 +1,7 @@
 """Calibration's driver: record activations with the dense forward pass, fit each layer's
 predictor (flashrt.predictor), store predictors.npz.
 
-    report = calibrate("models/smollm2", texts=None, n_tokens=4096, sparsity=0.5)
+    report = calibrate("models/smollm2", texts=None, n_tokens=2048, sparsity=0.5)
     print(report.summary())
 
 With no texts the calibration text is sampled from the model itself (temperature 1).
@@ -223,7 +223,7 @@ def _sample_token(logits, rng, temperature=1.0):
     return int(rng.choice(len(p), p=p))
 
 
-def calibrate(model_dir, texts=None, n_tokens=4096, sparsity=0.5, rank=None, progress=True, ctx=512,
+def calibrate(model_dir, texts=None, n_tokens=2048, sparsity=0.5, rank=None, progress=True, ctx=512,
               epochs=8, target_recall=0.95, allocate=False, dtype="float16", seed=0, save=True,
               n_threads=None, prior_weight=0.0, second_text=SECOND_DOMAIN, n_second=256, curve_tokens=128,
               curve_shares=DEFAULT_SHARES, window=5):

@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="fit the FFN sparsity predictors of a model")
     p.add_argument("-m", "--model", default=None)
     p.add_argument("--text", default=None, help="calibration text (default: sampled from the model)")
-    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--rank", type=int, default=None,
                    help="one predictor rank for every layer (default: per-layer ranks, under 5%% of the FFN's MACs)")

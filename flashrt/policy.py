@@ -41,20 +41,28 @@ def gate_bytes(files) -> int:
 
 def _budget_for_share(files, plan, share: float, extra: int, replan) -> int:
     """The smallest budget (to 1 MB) whose plan caches `share` of every layer, with `extra` more bytes held.
-    replan(budget, extra) -> BudgetPlan (a larger budget may also plan a longer default context)."""
-    per_row = files.ffn_row_bytes * files.n_layers
+    replan(budget, extra) -> BudgetPlan (the default context, and so the fixed part, depends on the budget:
+    bisected, not estimated from `plan`)."""
     rows = int(-(-share * files.n_neurons // 1))
-    need = plan.total - plan.cache_bytes + extra + rows * per_row
-    budget = int(need / (1 - UNITEMIZED_SHARE)) + 1        # the planner keeps UNITEMIZED_SHARE back
-    for _ in range(8):
+
+    def enough(mb):
         try:
-            got_rows = replan(budget, extra).cache_rows
+            return replan(mb * 10 ** 6, extra).cache_rows >= rows
         except BudgetError:
-            got_rows = 0
-        if got_rows >= rows:
-            break
-        budget += (rows - got_rows) * per_row + (1 << 20)
-    return int(-(-budget // 10 ** 6) * 10 ** 6)
+            return False
+
+    per_row = files.ffn_row_bytes * files.n_layers
+    hi = int((plan.total - plan.cache_bytes + extra + rows * per_row) / (1 - UNITEMIZED_SHARE)) // 10 ** 6 + 1
+    while not enough(hi):
+        hi *= 2
+    lo = 0                                            # enough(lo) is False
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if enough(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi * 10 ** 6
 
 
 SCORINGS = ("product", "gate-first")
