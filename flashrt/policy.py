@@ -77,8 +77,15 @@ def choose_policy(files, args, mode, select, requested, memory_budget, max_conte
     scoring: "product", "gate-first" or None (the one measured better at this budget)."""
     if scoring is not None and scoring not in SCORINGS:
         raise FlashrtError(f"scoring must be one of {', '.join(SCORINGS)} or None; got {scoring!r}")
-    plan = plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model,
-                       predictor_bytes if select == "predictor" else 0, tokenizer_bytes)
+    try:
+        plan = plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model,
+                           predictor_bytes if select == "predictor" else 0, tokenizer_bytes)
+    except BudgetError:
+        if select != "predictor" or requested is not None or scoring is not None:
+            raise
+        # the default selection under a budget too small for the predictors: every neuron (exact)
+        return Policy("all", False, plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model, 0,
+                                                tokenizer_bytes), None)
     if scoring == "gate-first" and (select != "predictor" or pset is None or pset.kind != "product"):
         raise FlashrtError("scoring='gate-first' needs flash mode with the predictors of a gated FFN")
     if mode != "flash" or select != "predictor" or pset is None or pset.kind != "product":

@@ -173,6 +173,40 @@ def test_warning_fires_below_the_ten_percent_point_and_not_above(calibrated_llam
     files.close()
 
 
+def test_a_budget_too_small_for_the_predictors_computes_every_neuron(calibrated_llama, monkeypatch):
+    """Below what the predictors take in DRAM the default selection reads every neuron (exact)
+    instead of refusing a budget select='all' runs in; asked for, the predictors still refuse it."""
+    import flashrt
+    from flashrt.budget import plan_budget
+    from flashrt.errors import BudgetError
+    from flashrt.format.reader import ModelFiles
+    from flashrt.predictor.store import predictor_ram_bytes
+    monkeypatch.setattr("flashrt.api._tokenizer_bytes", lambda tokenizer_dir, measured: 100_000)
+    model = calibrated_llama[0]
+    files = ModelFiles.open(model)
+    from flashrt.api import model_args
+    margs = model_args(files)[1]
+    pred = predictor_ram_bytes(model / "predictors.npz", files.dim, files.n_neurons)
+    n_ctx = int(files.config["max_position_embeddings"])
+    budget = None
+    for mb in range(1, 200):                     # the smallest budget select='all' runs in
+        try:
+            plan_budget(files, margs, "flash", mb * 10 ** 5, 64, n_ctx, 0, 100_000)
+            budget = mb * 10 ** 5
+            break
+        except BudgetError:
+            pass
+    with pytest.raises(BudgetError):             # the predictors do not fit there
+        plan_budget(files, margs, "flash", budget, 64, n_ctx, pred, 100_000)
+    kw = dict(mode="flash", memory_budget=budget, max_context=64, progress=False)
+    with flashrt.Generator(model, **kw) as g:
+        assert g.select == "all" and g.plan.predictor_bytes == 0
+        g.generate("ab", max_new_tokens=2)
+    with pytest.raises(BudgetError):
+        flashrt.Generator(model, select="predictor", **kw)
+    files.close()
+
+
 def test_gate_first_selector_matches_numpy(calibrated_llama):
     from flashrt.ffn.selection import GateFirstSelector
     from flashrt.format.reader import ModelFiles
