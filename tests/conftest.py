@@ -69,7 +69,18 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """The default model, converted (float16) into FLASHRT_HOME on first use."""
+    """The default model, converted (its GGUF's own storage: q4_1) into FLASHRT_HOME on first use."""
     from flashrt.home import default_model_path
 
     return default_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_float16_dir(tmp_path_factory):
+    """The default model's GGUF converted to float16: the weights transformers' GGUF loader
+    dequantizes, stored without a second rounding (the reference logits' twin)."""
+    from flashrt.convert import convert
+    from flashrt.home import default_gguf_path
+
+    return convert(default_gguf_path(), tmp_path_factory.mktemp("smollm2") / "float16", dtype="float16",
+                   progress=False)

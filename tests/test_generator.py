@@ -97,7 +97,8 @@ def test_budget_plan_stays_under_the_budget(smollm2_dir):
     from flashrt.format import ModelFiles
 
     with ModelFiles.open(smollm2_dir) as files:
-        budget = int(0.75 * (files.resident_bytes + files.ffn_bytes))  # 75% of the model
+        # the model's own size: beside the tokenizer, KV cache and buffers the FFN cannot all fit
+        budget = files.resident_bytes + files.ffn_bytes
     with flashrt.Generator(smollm2_dir, mode="flash", memory_budget=budget, select="all") as g:
         plan = g.plan
         assert plan.total <= budget
@@ -112,19 +113,36 @@ def smol(smollm2_dir):
         yield g
 
 
-def test_smollm2_greedy_text_equals_transformers(smol):
-    ref = np.load(FIXTURES / "smollm2_reference.npz")
-    prompt = smol.tokenizer.decode(ref["input_ids"].ravel())
-    want = smol.tokenizer.decode(ref["greedy"].ravel())
-    assert smol.generate(prompt, max_new_tokens=ref["greedy"].size) == want
-    assert smol.generate(prompt, max_new_tokens=ref["greedy"].size) == want  # deterministic
+@pytest.fixture(scope="module")
+def smol_float16(smollm2_float16_dir):
+    with flashrt.Generator(smollm2_float16_dir) as g:
+        yield g
 
 
-def test_smollm2_float16_logits_close_to_transformers_float32(smol):
+def test_smollm2_greedy_text_equals_transformers(smol_float16):
     ref = np.load(FIXTURES / "smollm2_reference.npz")
-    logits = smol.logits(ref["input_ids"].ravel())
+    prompt = smol_float16.tokenizer.decode(ref["input_ids"].ravel())
+    want = smol_float16.tokenizer.decode(ref["greedy"].ravel())
+    assert smol_float16.generate(prompt, max_new_tokens=ref["greedy"].size) == want
+    assert smol_float16.generate(prompt, max_new_tokens=ref["greedy"].size) == want  # deterministic
+
+
+def test_smollm2_float16_logits_close_to_transformers_float32(smol_float16):
+    ref = np.load(FIXTURES / "smollm2_reference.npz")
+    logits = smol_float16.logits(ref["input_ids"].ravel())
     np.testing.assert_array_equal(logits.argmax(axis=1), ref["argmax"].ravel())
     np.testing.assert_allclose(logits[-1], ref["logits_last"].ravel(), atol=0.1)
+
+
+def test_smollm2_default_q4_1_logits_track_transformers_float32(smol):
+    """The default storage (the GGUF's q4_1 blocks, down re-blocked as q8_0, int8 activations
+    in the dot products) is not float32: measured 22/24 argmax positions agree and the last
+    position's logits differ by 0.45 rms (scale ~29); a wrong block layout or kernel gives noise."""
+    assert smol.files.storage == "q4_1" and smol.files.down_qtype == "q8_0"
+    ref = np.load(FIXTURES / "smollm2_reference.npz")
+    logits = smol.logits(ref["input_ids"].ravel())
+    assert (logits.argmax(axis=1) == ref["argmax"].ravel()).mean() >= 0.85
+    assert np.sqrt(np.mean((logits[-1] - ref["logits_last"].ravel()) ** 2)) < 0.7
 
 
 def test_stream_pieces_concatenate_to_generate(smol):

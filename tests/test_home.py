@@ -40,7 +40,7 @@ def hf_source(dst: Path, name="llama") -> Path:
 
 
 def gguf_source(path: Path, seed=0) -> Path:
-    from test_convert_gguf import tiny_hf_llama, write_llama_gguf
+    from gguf_writer import tiny_hf_llama, write_llama_gguf
 
     hp, t = tiny_hf_llama(seed=seed)
     write_llama_gguf(path, hp, t)
@@ -188,9 +188,10 @@ def test_models_command_lists_and_removes(tmp_path, cache):
     b = home.ensure_converted(hf_source(tmp_path / "src"), progress=False)
     listed = {m.name: m for m in home.list_models()}
     assert set(listed) == {a.name, b.name}
-    for path, kind in ((a, "gguf"), (b, "hf")):
+    # the default storage: the GGUF's own (its tensors are F32), float16 for a Hugging Face checkpoint
+    for path, kind, storage in ((a, "gguf", "float32"), (b, "hf", "float16")):
         m = listed[path.name]
-        assert m.storage == "float16" and m.source_kind == kind and m.architecture == "llama"
+        assert m.storage == storage and m.source_kind == kind and m.architecture == "llama"
         assert m.bytes >= sum(p.stat().st_size for p in path.iterdir())
     assert listed[a.name].source.startswith(str(tmp_path / "a.gguf"))
 
@@ -200,7 +201,7 @@ def test_models_command_lists_and_removes(tmp_path, cache):
     assert "2 cached model(s)" in lines[0]
     for m in listed.values():
         (line,) = [x for x in lines if x.startswith(m.name + " ")]
-        assert home.human_bytes(m.bytes) in line and "float16" in line and str(tmp_path) in line
+        assert home.human_bytes(m.bytes) in line and m.storage in line and str(tmp_path) in line
     r = cli("--json", home_dir=cache.parent)
     assert {d["name"]: d["bytes"] for d in json.loads(r.stdout)} == {k: m.bytes for k, m in listed.items()}
 
