@@ -201,6 +201,11 @@ def drop_page_cache(paths=()) -> str:
 
 
 # ----------------------------------------------------------------------------- models
+def dtype_suffix(dtype: str) -> str:
+    """How file names tell a storage type apart: nothing for float16 (the original tables)."""
+    return "" if dtype == "float16" else f"-{dtype}"
+
+
 def synthetic_path(shape: str, dtype: str = "float16") -> Path:
     return WORK_DIR / (f"synthetic-{shape}" + ("" if dtype == "float16" else f"-{dtype}"))
 

@@ -152,7 +152,8 @@ def bench_model(name, path, prompt_fn, args, bw_GBs):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="opt-6.7b", help="synthetic shape ('none' to skip)")
-    ap.add_argument("--model", default=None, help="synthetic model dir (default bench/work/synthetic-SHAPE)")
+    ap.add_argument("--model", default=None, help="synthetic model dir (default bench/work/synthetic-SHAPE[-DTYPE])")
+    ap.add_argument("--dtype", default="float16", help="the synthetic model's storage: float16 | float32 | q8_0 | q4_0 | q4_1")
     ap.add_argument("--no-smollm2", action="store_true")
     ap.add_argument("--tokens", type=int, default=12)
     ap.add_argument("--naive-tokens", type=int, default=3)
@@ -175,11 +176,11 @@ def main(argv=None):
     suffix = "-quick" if args.quick else ""
     out = {}
     if args.shape != "none":
-        path = ensure_synthetic(args.shape, args.model)
+        path = ensure_synthetic(args.shape, args.model, dtype=args.dtype)
         vocab = 256 if args.shape == "tiny" else 1024
         text, out[args.shape] = bench_model(f"synthetic {args.shape}", path,
                                             lambda s: synthetic_prompt(vocab, 16, seed=s), args, bw)
-        write_result(f"table_e2e_{args.shape}{suffix}.md", text + "\n\nThe synthetic model's activations are "
+        write_result(f"table_e2e_{args.shape}{common.dtype_suffix(args.dtype)}{suffix}.md", text + "\n\nThe synthetic model's activations are "
                      "constructed (bench/make_synthetic.py); sampling at temperature 1 from random prompts.")
     if not args.no_smollm2:
         path = smollm2_path(calibrated=True)

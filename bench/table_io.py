@@ -49,7 +49,8 @@ def open_flash(path, budget, threads, window, naive=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="opt-6.7b")
-    ap.add_argument("--model", default=None, help="synthetic model dir (default bench/work/synthetic-SHAPE)")
+    ap.add_argument("--model", default=None, help="synthetic model dir (default bench/work/synthetic-SHAPE[-DTYPE])")
+    ap.add_argument("--dtype", default="float16", help="the synthetic model's storage: float16 | float32 | q8_0 | q4_0 | q4_1")
     ap.add_argument("--tokens", type=int, default=12, help="decode tokens per flash run")
     ap.add_argument("--naive-tokens", type=int, default=3, help="decode tokens per naive run")
     ap.add_argument("--repeats", type=int, default=3)
@@ -65,7 +66,7 @@ def main(argv=None):
         args.tokens, args.naive_tokens, args.repeats = min(args.tokens, 4), min(args.naive_tokens, 2), 2
     common.RESULTS_DIR = type(common.RESULTS_DIR)(args.results)
 
-    path = ensure_synthetic(args.shape, args.model)
+    path = ensure_synthetic(args.shape, args.model, dtype=args.dtype)
     mb = model_bytes(path)
     budget, budget_note = budget_for(path, args.budget_share)
     cache_note = "left as is" if args.keep_page_cache else drop_page_cache([mb["ffn_path"]])
@@ -153,7 +154,7 @@ def main(argv=None):
     out = "\n".join(lines)
     print("\n" + "\n".join(lines[1:]))
     suffix = "-quick" if args.quick else ""
-    write_result(f"table_io_{args.shape}{suffix}.md", out)
+    write_result(f"table_io_{args.shape}{common.dtype_suffix(args.dtype)}{suffix}.md", out)
     return dict(results=results, model=mb, io_gain=gain)
 
 
