@@ -1,7 +1,8 @@
 """The memory budget is a promise, and the bytes really come from the disk (issue: flash path).
 
 Run in a fresh interpreter so the RSS figures belong to flashrt alone: the peak RSS after
-opening SmolLM2 in flash mode at 75% of its size and generating stays under the budget plus
+opening SmolLM2 in flash mode at a budget of its own size (the FFN cannot all be cached beside the
+tokenizer, KV cache and buffers) and generating stays under the budget plus
 the interpreter's baseline (measured before the model is opened); /proc/self/io shows the
 FFN bytes the loader reports were read from the block device (O_DIRECT, no page cache).
 """
@@ -26,7 +27,7 @@ SCRIPT = textwrap.dedent("""
 
     path = sys.argv[1]
     with ModelFiles.open(path) as files:
-        budget = int(0.75 * (files.resident_bytes + files.ffn_bytes))
+        budget = files.resident_bytes + files.ffn_bytes
     baseline = status("VmRSS")
     g = flashrt.Generator(path, mode="flash", memory_budget=budget, select="all")
     g.generate("The history of the printing press", max_new_tokens=2)
@@ -46,7 +47,7 @@ def test_flash_mode_peak_rss_stays_under_the_budget_and_reads_hit_the_disk(smoll
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["planned"] <= r["budget"]
-    assert 0 < r["cache_rows"] < 1536  # 75% of the model: the FFN cannot all be cached
+    assert 0 < r["cache_rows"] < 1536  # the model's size: the FFN cannot all be cached
     assert r["peak"] - r["baseline"] <= r["budget"], r
     assert r["text"].strip()
     if r["direct"]:  # O_DIRECT reads are block-device reads: /proc/self/io counts every one

@@ -659,7 +659,7 @@ LONG_PROMPT_RSS = """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which, mode, ctx", [("min", "flash", 256), ("0.75", "flash", 256), ("min", "naive", 256),
+@pytest.mark.parametrize("which, mode, ctx", [("min", "flash", 256), ("1.0", "flash", 256), ("min", "naive", 256),
                                              ("min", "flash", 2048)])
 def test_peak_rss_stays_under_the_budget_for_a_context_filling_prompt(smollm2_dir, which, mode, ctx):
     """Prefill computed logits for every prompt token: at the minimum flash budget a 250-token
