@@ -14,7 +14,9 @@ on the same GGUF converted with its default storage (q4_1 blocks copied, q8_0 do
 the same decode speed definition. Both start with the model's files evicted from the page
 cache. Per row: median tokens/s, the cgroup's peak charge above the baseline, failcnt (the
 limit was hit and the kernel had to reclaim) and major faults (pages read back from disk:
-thrashing). The runs alternate engines and limits inside each repeat, so machine noise
+thrashing). llama.cpp's OpenMP threads spin at their barriers: with other jobs on the cores its
+2-thread decode fell from ~20 to ~1.5 tok/s here (OMP_WAIT_POLICY=PASSIVE kept ~18), so run this on
+a quiet machine; the environment's OMP_WAIT_POLICY is printed. The runs alternate engines and limits inside each repeat, so machine noise
 spreads over all of them.
 """
 from __future__ import annotations
@@ -142,7 +144,9 @@ def main(argv=None):
     ap.add_argument("--n-ctx", type=int, default=256)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat")
+    ap.add_argument("--results", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
+    common.RESULTS_DIR = Path(args.results)
     if args.quick:
         args.tokens, args.repeats = 16, 1
     try:
@@ -204,7 +208,8 @@ def main(argv=None):
     text = common.header("Equal memory: llama.cpp (mmap) vs flashrt (flash mode) in the same memory cgroup limit",
                          dict(gguf=gguf, flashrt_model=model, flashrt_storage=storage, model_bytes=fmt_bytes(size),
                               flashrt_smallest_budget=fmt_bytes(smallest), threads=args.threads, n_ctx=args.n_ctx,
-                              tokens=args.tokens, repeats=args.repeats), gguf)
+                              tokens=args.tokens, repeats=args.repeats,
+                              OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "unset")), gguf)
     out = "\n".join([text, table, "", "tok/s: median decode tokens/s over the repeats; peak: the cgroup's peak "
                      "charge above the process's baseline (page cache included); failcnt: times the limit was hit; "
                      "majflt: major faults (pages read back from disk)."])
