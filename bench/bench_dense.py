@@ -44,13 +44,13 @@ def flashrt_runner(threads: int, path=None):
     return g, prefill, decode, touched
 
 
-def default_storage_model(gguf: str):
-    """The GGUF converted at its own storage type (cached in bench/work)."""
+def storage_model(gguf: str, dtype=None):
+    """The GGUF converted at `dtype` (None: its own storage type, as the model cache does), cached in bench/work."""
     from flashrt.convert import convert
 
-    out = WORK_DIR / "smollm2-default-storage"
+    out = WORK_DIR / f"smollm2-{dtype or 'default-storage'}"
     if not (out / "manifest.json").is_file():
-        convert(gguf, out, overwrite=out.exists(), progress=False)
+        convert(gguf, out, dtype=dtype, overwrite=out.exists(), progress=False)
     return out
 
 
@@ -129,10 +129,9 @@ def main(argv=None):
                   dict(threads=args.threads, decode_tokens=args.tokens, prompt_tokens=args.prompt_tokens,
                        repeats=args.repeats, gguf=os.path.basename(gguf)))
     runners = {}
-    qpath = default_storage_model(gguf)
-    gq, *rest = flashrt_runner(args.threads, qpath)
-    runners[f"flashrt dense ({gq.files.storage}, the GGUF's blocks)"] = rest
-    g, *rest = flashrt_runner(args.threads)
+    gq, *rest = flashrt_runner(args.threads, storage_model(gguf))
+    runners[f"flashrt dense ({gq.files.storage}, the GGUF's blocks: the default)"] = rest
+    g, *rest = flashrt_runner(args.threads, storage_model(gguf, "float16"))
     runners[f"flashrt dense ({g.files.storage})"] = rest
     ids = (g.tokenizer.encode(PROSE * 8))[: args.prompt_tokens]
     llama = llama_cpp_runner(gguf, args.threads, n_ctx=args.prompt_tokens + args.tokens + 8)
