@@ -515,7 +515,7 @@ def cpu_features():
 
     Returns {"path": "avx2" | "scalar", "avx2": bool, "fma": bool, "f16c": bool,
              "avx512f": bool, "avx2_available": bool, "forced_scalar_by_env": bool,
-             "omp_max_threads": int}
+             "default_threads": int (the kernel pool's size when a caller passes none)}
     """
     import os
     return {
