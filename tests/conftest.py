@@ -53,18 +53,40 @@ def tiny_model(name: str, out: Path, tokenizer_config: dict | None = None) -> Pa
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """name -> converted float32 flashrt model directory, for the transformers-made tiny checkpoints."""
+def convert_hf_fixtures(root: Path, dtypes) -> dict:
+    """(name, dtype) -> the transformers-made tiny checkpoint `name` converted to `dtype` under root."""
     from flashrt.convert import convert
 
-    root = tmp_path_factory.mktemp("tiny")
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny checkpoints have no tokenizer
         for name in HF_NAMES:
-            out[name] = convert(FIXTURES / "hf" / name, root / name, dtype="float32", progress=False)
-    return {k: Path(v) for k, v in out.items()}
+            for dtype in dtypes:
+                out[name, dtype] = Path(convert(FIXTURES / "hf" / name, root / f"{name}-{dtype}", dtype=dtype,
+                                                progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """name -> converted float32 flashrt model directory, for the transformers-made tiny checkpoints."""
+    models = convert_hf_fixtures(tmp_path_factory.mktemp("tiny"), ["float32"])
+    return {name: path for (name, _), path in models.items()}
+
+
+# A `flashrt` command line whose decode steps take 30 ms each, so that a test can act while
+# a reply is still being written (run as `python -c SLOW_CLI ARGS...`).
+SLOW_CLI = """
+import sys, time
+import flashrt.api as api
+decode_one = api.Generator._decode_one
+def slow(self, token, where="decode"):
+    time.sleep(0.03)
+    return decode_one(self, token, where)
+api.Generator._decode_one = slow
+from flashrt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture(scope="session")

@@ -12,22 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHAT_TEMPLATE, tiny_model
+from conftest import CHAT_TEMPLATE, SLOW_CLI, tiny_model
 
 pexpect = pytest.importorskip("pexpect")
 
 REPO = Path(__file__).resolve().parents[1]
-SLOW = """
-import sys, time
-import flashrt.api as api
-decode_one = api.Generator._decode_one
-def slow(self, token, where="decode"):
-    time.sleep(0.03)
-    return decode_one(self, token, where)
-api.Generator._decode_one = slow
-from flashrt.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def spawn(model, *args, code=None):
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_session(chat_model):
-    child = spawn(chat_model, "--stats", code=SLOW)  # 30 ms a token: a full reply takes ~3 s
+    child = spawn(chat_model, "--stats", code=SLOW_CLI)  # 30 ms a token: a full reply takes ~3 s
     child.expect("> ")
     child.sendline("tell me a story")
     child.expect_exact("tell me a story\r\n")  # the echo

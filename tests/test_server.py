@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import flashrt
-from conftest import CHAT_TEMPLATE, tiny_model
+from conftest import CHAT_TEMPLATE, SLOW_CLI, tiny_model
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
@@ -28,17 +28,6 @@ pytest.importorskip("uvicorn")
 
 REPO = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Hello there"}]
-SLOW = """
-import sys, time
-import flashrt.api as api
-decode_one = api.Generator._decode_one
-def slow(self, token, where="decode"):
-    time.sleep(0.03)
-    return decode_one(self, token, where)
-api.Generator._decode_one = slow
-from flashrt.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 class Served:
@@ -193,7 +182,7 @@ def test_api_key(chat_model):
 
 @pytest.fixture(scope="module")
 def slow(chat_model):
-    s = Served(chat_model, "--queue", "1", code=SLOW)
+    s = Served(chat_model, "--queue", "1", code=SLOW_CLI)
     yield s
     s.stop()
 
@@ -237,7 +226,7 @@ def test_a_client_that_disconnects_stops_its_generation(slow):
 
 
 def test_sigterm_drains_the_running_request_and_exits_0(chat_model):
-    s = Served(chat_model, code=SLOW)
+    s = Served(chat_model, code=SLOW_CLI)
     stream = s.client().completions.create(model=s.name, prompt="Once upon", max_tokens=30, stream=True)
     it = iter(stream)
     first = next(it)

@@ -11,26 +11,12 @@ from hypothesis import strategies as st
 from flashrt._core import _reference_kernels as ref
 from flashrt._core import kernels
 
+from kernel_paths import path, threaded  # noqa: F401  (fixtures)
+
 RTOL = 1e-5      # relative to the magnitude sum |w_j x_j| of each dot product
 
-PATHS = ["scalar"] + (["avx2"] if kernels.cpu_features()["avx2_available"] else [])
 HSET = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    assert kernels.set_path(request.param) == request.param
-    yield request.param
-    kernels.set_path("auto")
-
-
-@pytest.fixture
-def threaded():
-    """Let any problem size split across threads, so small odd shapes exercise the partitioning."""
-    kernels._set_chunk_elems(1)
-    yield
-    kernels._set_chunk_elems(0)
 
 
 def _rand(rng, shape, dtype, scale=1.0):

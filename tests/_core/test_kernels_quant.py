@@ -13,26 +13,13 @@ from hypothesis import strategies as st
 from flashrt._core import _reference_kernels as ref
 from flashrt._core import kernels
 
+from kernel_paths import path, threaded  # noqa: F401  (fixtures)
+
 RTOL = 1e-5      # relative to the magnitude sum |w_j xq_j| of each dot product
 QTYPES = ["q8_0", "q4_0", "q4_1"]
 GGUF_TYPE = {"q8_0": GQ.Q8_0, "q4_0": GQ.Q4_0, "q4_1": GQ.Q4_1}
-PATHS = ["scalar"] + (["avx2"] if kernels.cpu_features()["avx2_available"] else [])
 HSET = settings(max_examples=30, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    assert kernels.set_path(request.param) == request.param
-    yield request.param
-    kernels.set_path("auto")
-
-
-@pytest.fixture
-def threaded():
-    kernels._set_chunk_elems(1)
-    yield
-    kernels._set_chunk_elems(0)
 
 
 def _quant(values, qtype):

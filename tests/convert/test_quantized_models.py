@@ -24,7 +24,7 @@ from flashrt.quant import QMatrix, dequantize, quantize
 
 from flashrt.format.writer import ModelWriter
 
-from conftest import FIXTURES, HF_NAMES
+from conftest import FIXTURES, HF_NAMES, convert_hf_fixtures
 
 QTYPES = ["q8_0", "q4_0", "q4_1"]
 # Errors as max |logit - reference| / std(reference logits) over every fixture and position.
@@ -45,15 +45,7 @@ def expected(name):
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """(name, qtype) -> converted model directory."""
-    root = tmp_path_factory.mktemp("quant")
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tiny checkpoints have no tokenizer
-        for name in HF_NAMES:
-            for q in QTYPES:
-                out[name, q] = convert(FIXTURES / "hf" / name, root / f"{name}-{q}", dtype=q,
-                                       progress=False)
-    return out
+    return convert_hf_fixtures(tmp_path_factory.mktemp("quant"), QTYPES)
 
 
 def dequantized_copy(files, out):

@@ -3,7 +3,6 @@ the background while the kernel computes over the rows already cached. Oracle: t
 path (read, then compute) on the same model and the same selections, which must give the same
 logits bit for bit, on every tiny model and every storage type; and the kernel with a wait
 against the kernel without one."""
-import warnings
 
 import numpy as np
 import pytest
@@ -11,9 +10,8 @@ import pytest
 import flashrt
 from flashrt._core import PURE, kernels
 from flashrt._core import loader as cloader
-from flashrt.convert import convert
 
-from conftest import FIXTURES, HF_NAMES
+from conftest import HF_NAMES, convert_hf_fixtures
 
 STORAGE = ["float32", "float16", "q8_0", "q4_0", "q4_1"]
 
@@ -33,14 +31,7 @@ def small_chunks():
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     """(name, storage) -> converted model directory."""
-    root = tmp_path_factory.mktemp("overlap")
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tiny checkpoints have no tokenizer
-        for name in HF_NAMES:
-            for st in STORAGE:
-                out[name, st] = convert(FIXTURES / "hf" / name, root / f"{name}-{st}", dtype=st, progress=False)
-    return out
+    return convert_hf_fixtures(tmp_path_factory.mktemp("overlap"), STORAGE)
 
 
 def decode(g, ids, overlap):
