@@ -39,8 +39,10 @@ def tiny_hf_llama(seed=0, n_layers=2, d=32, n_ff=48, heads=4, kv=2, vocab=40):
 
 def write_llama_gguf(path, hp, t, arch="llama", untied_head=None, q8_names=(), extra=None,
                      qtypes=None):
-    """What llama.cpp's converter does: GGUF names, Q/K rows permuted, F32 (or Q8_0) data;
-    qtypes: {HF name: GGMLQuantizationType} for tensors stored quantized."""
+    """What llama.cpp's converter does: GGUF names, Q/K rows permuted (the llama architecture
+    only: qwen2/qwen3 keep HF's rows), F32 (or Q8_0) data; q/k/v biases and q/k norms when `t`
+    has them; qtypes: {HF name: GGMLQuantizationType} for tensors stored quantized.
+    hp may also give head_dim, rope_theta and rms_norm_eps."""
     w = gguf.GGUFWriter(str(path), arch=arch)
     if extra:
         extra(w)
@@ -50,8 +52,11 @@ def write_llama_gguf(path, hp, t, arch="llama", untied_head=None, q8_names=(), e
     w.add_feed_forward_length(hp["n_ff"])
     w.add_head_count(hp["heads"])
     w.add_head_count_kv(hp["kv"])
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(20000.0)
+    if "head_dim" in hp:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-5))
+    w.add_rope_freq_base(hp.get("rope_theta", 20000.0))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     names = {"model.embed_tokens.weight": "token_embd.weight",
@@ -60,14 +65,22 @@ def write_llama_gguf(path, hp, t, arch="llama", untied_head=None, q8_names=(), e
                  "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    optional = {"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                "self_attn.v_proj.bias": "attn_v.bias",                                   # qwen2
+                "self_attn.q_norm.weight": "attn_q_norm.weight",
+                "self_attn.k_norm.weight": "attn_k_norm.weight"}                          # qwen3
     for i in range(hp["n_layers"]):
         for hf, g in per_layer.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{g}.weight"
+        for hf, g in optional.items():
+            if f"model.layers.{i}.{hf}" in t:
+                names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{g}"
+    permute = arch == "llama"
     for hf, g in names.items():
         a = t[hf]
-        if hf.endswith("q_proj.weight"):
+        if permute and hf.endswith("q_proj.weight"):
             a = llamacpp_permute(a, hp["heads"], hp["heads"])
-        elif hf.endswith("k_proj.weight"):
+        elif permute and hf.endswith("k_proj.weight"):
             a = llamacpp_permute(a, hp["heads"], hp["kv"])
         qt = gguf.GGMLQuantizationType.Q8_0 if hf in q8_names else (qtypes or {}).get(hf)
         if qt is not None:
@@ -80,3 +93,23 @@ def write_llama_gguf(path, hp, t, arch="llama", untied_head=None, q8_names=(), e
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_hf_fixture_gguf(path, src_dir, arch):
+    """A transformers-made checkpoint (tests/fixtures/hf/<name>: config.json + model.safetensors)
+    written as a float32 GGUF of llama.cpp architecture `arch`; no tokenizer."""
+    import json
+    import os
+
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(src_dir, "config.json")))
+    t = load_file(os.path.join(src_dir, "model.safetensors"))
+    heads = cfg["num_attention_heads"]
+    hp = dict(n_layers=cfg["num_hidden_layers"], d=cfg["hidden_size"], n_ff=cfg["intermediate_size"],
+              heads=heads, kv=cfg.get("num_key_value_heads", heads), vocab=cfg["vocab_size"],
+              head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, rms_norm_eps=cfg["rms_norm_eps"],
+              rope_theta=(cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    head = None if cfg.get("tie_word_embeddings") else t["lm_head.weight"]
+    write_llama_gguf(path, hp, t, arch=arch, untied_head=head)
+    return cfg

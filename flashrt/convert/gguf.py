@@ -1,9 +1,11 @@
-"""GGUF (llama.cpp) file -> flashrt model directory. Llama architecture only.
+"""GGUF (llama.cpp) file -> flashrt model directory, for the GGUF architectures the families
+name (models.GGUF_ARCHITECTURES: llama, qwen2, qwen3).
 
 Weights are dequantized to float32 with `gguf.quants.dequantize` (llama.cpp's own
 reference code), GGUF's innermost-first shapes are reversed for NumPy, and llama.cpp's
-rotary row permutation of the Q and K projections is undone, giving exactly the
-tensors (and names) of the Hugging Face checkpoint.
+rotary row permutation of the Q and K projections is undone where its converter applied
+one (the `llama` architecture; qwen2 and qwen3 keep Hugging Face's rotate-half rows),
+giving exactly the tensors (and names) of the Hugging Face checkpoint.
 
 Storage (`dtype`): by default the type matching the GGUF's FFN tensors (Q8_0 -> q8_0,
 Q4_0 -> q4_0, Q4_1 -> q4_1, other 4/5-bit and K-quants -> q4_1 or q8_0, F16 -> float16; see
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..ffn.layout import bundle
 from ..format.writer import ModelWriter
-from ..models import family
+from ..models import GGUF_ARCHITECTURES, family, family_for
 from ..models.base import check_config_values
 from ..quant import GGUF_DEFAULT, GGUF_EXACT, QMatrix, fits, is_quantized, quantize
 from ..tokenizer import tokenizer_from_gguf
@@ -41,6 +43,9 @@ SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"
 # GGUF tensors that carry nothing flashrt needs (precomputed rotary tables).
 GGUF_IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd$")
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+# GGUF architectures whose Q/K rows llama.cpp's converter permutes (rope type "norm": adjacent
+# pairs); the others (qwen2, qwen3: rope type "neox") store Hugging Face's rows as they are.
+PERMUTED_QK = ("llama",)
 
 
 def gguf_to_hf(name: str, names: dict):
@@ -94,13 +99,14 @@ def _f32(v) -> float:
 
 
 def gguf_config(reader, tensor_names) -> dict:
-    """An HF-style LlamaConfig dict from GGUF metadata."""
+    """An HF-style config dict (model_type by models.GGUF_ARCHITECTURES) from GGUF metadata."""
     arch = _get(reader, "general.architecture")
-    if arch != "llama":
+    if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"GGUF architecture {arch!r} is not supported; flashrt converts 'llama' GGUF "
-            f"files (convert other models from their Hugging Face checkpoint)")
-    p = "llama."
+            f"GGUF architecture {arch!r} is not supported; flashrt converts "
+            f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} GGUF files (convert other models "
+            f"from their Hugging Face checkpoint)")
+    p = arch + "."
     if (_get(reader, p + "expert_count", 0) or 0) > 0:
         raise UnsupportedModelError("mixture-of-experts GGUF models are not supported")
     kind = _get(reader, p + "rope.scaling.type", "none")
@@ -131,8 +137,7 @@ def gguf_config(reader, tensor_names) -> dict:
     bos = _get(reader, "tokenizer.ggml.bos_token_id")
     eos = _get(reader, "tokenizer.ggml.eos_token_id")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "model_type": GGUF_ARCHITECTURES[arch],
         "hidden_size": d,
         "intermediate_size": int(_get(reader, p + "feed_forward_length", required=True)),
         "num_hidden_layers": int(_get(reader, p + "block_count", required=True)),
@@ -146,7 +151,7 @@ def gguf_config(reader, tensor_names) -> dict:
         "vocab_size": None,  # filled from token_embd by the caller
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "hidden_act": "silu",
-        "attention_bias": False,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,  # qwen2
         "mlp_bias": False,
         "bos_token_id": None if bos is None else int(bos),
         "eos_token_id": None if eos is None else int(eos),
@@ -210,7 +215,7 @@ def _blocks(t, f):
 
 def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, *,
                  reader=None) -> Path:
-    """Convert a llama-architecture GGUF file into a flashrt model directory.
+    """Convert a GGUF file (a llama, qwen2 or qwen3 architecture) into a flashrt model directory.
 
     dtype: the storage type (float16 | float32 | q8_0 | q4_0 | q4_1), or None for the type
     matching the file's FFN tensors (see the module docstring for what is copied exactly).
@@ -229,20 +234,20 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     by_gguf = {t.name: t for t in reader.tensors}
     config = gguf_config(reader, by_gguf)
     config["vocab_size"] = int(by_gguf["token_embd.weight"].shape[1])
-    llama = family("llama")
-    args = llama.ModelArgs.from_dict(config, str(src_file), warn=True)
+    fam = family_for(config, str(src_file))
+    args = fam.ModelArgs.from_dict(config, str(src_file), warn=True)
     check_config_values(config, f"{src_file} (GGUF metadata)", count_layers(by_gguf, r"blk\.(\d+)\."))
 
     tensors = {}  # HF name -> GGUF tensor
     for name, t in by_gguf.items():
-        hf = gguf_to_hf(name, llama.GGUF_NAMES)
+        hf = gguf_to_hf(name, fam.GGUF_NAMES)
         if hf is None:
             if GGUF_IGNORED.match(name):
                 continue
             raise UnsupportedModelError(f"{src_file}: GGUF tensor {name!r} has no meaning in "
-                                        f"flashrt's llama model; this variant is not supported")
+                                        f"flashrt's {args.model_type} model; this variant is not supported")
         tensors[hf] = t
-    resident, ffn = llama.tensors(args)
+    resident, ffn = fam.tensors(args)
     for name, shape in list(resident.items()) + [nv for layer in ffn for nv in layer.values()]:
         if name not in tensors:
             raise ModelFormatError(f"{src_file}: tensor for {name!r} is missing")
@@ -252,10 +257,13 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
                                    f"metadata implies {tuple(shape)}")
 
     n_head, n_kv = args.num_attention_heads, args.num_key_value_heads
+    permuted = _get(reader, "general.architecture") in PERMUTED_QK
 
     f = open(src_file, "rb")
 
     def unpermute(name, w):
+        if not permuted:
+            return w
         if name.endswith("self_attn.q_proj.weight"):
             return unpermute_qk(w, n_head)
         if name.endswith("self_attn.k_proj.weight"):
@@ -312,7 +320,7 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     source = {"kind": "gguf", "path": str(src_file.absolute()),
               "quantization": _quantization(reader), "storage": storage,
               "down_storage": down_storage}
-    with f, ModelWriter(out_dir, llama.ARCHITECTURE, config, storage, overwrite=overwrite, source=source,
+    with f, ModelWriter(out_dir, fam.ARCHITECTURE, config, storage, overwrite=overwrite, source=source,
                         down_dtype=down_storage if is_quantized(storage) else None) as w:
         layer_prefix = "model.layers."
         for name in resident:

@@ -8,7 +8,8 @@ registry that maps a config's model_type to its family.
     logits = model.forward(np.array(ids), kv)     # (T, vocab) float32
 
 A family module provides ARCHITECTURE (the manifest's name for it), MODEL_TYPES (the HF
-model_types it runs), FFN_PARTS (its bundle parts), EMBED_NAME, GGUF_NAMES (or None),
+model_types it runs), FFN_PARTS (its bundle parts), EMBED_NAME, GGUF_NAMES (or None) and
+GGUF_ARCHITECTURES (llama.cpp's general.architecture -> model_type; optional),
 ModelArgs (from_dict, to_config, n_neurons, head_dim, num_key_value_heads), tensors(args),
 sanitize(weights), ffn_spec(args, weights) and Model. Adding a family is one new module and
 its name in FAMILY_MODULES.
@@ -19,10 +20,12 @@ import importlib
 from flashrt.errors import UnsupportedModelError
 from flashrt.models.base import Linear, numpy_linear
 
-FAMILY_MODULES = ("llama", "opt")  # the registry: one module of flashrt.models per family
+FAMILY_MODULES = ("llama", "opt", "qwen3")  # the registry: one module of flashrt.models per family
 
 FAMILIES = {m.ARCHITECTURE: m for m in (importlib.import_module(f"{__name__}.{name}") for name in FAMILY_MODULES)}
 MODEL_TYPES = {mt: arch for arch, m in FAMILIES.items() for mt in m.MODEL_TYPES}  # HF model_type -> family
+GGUF_ARCHITECTURES = {g: mt for m in FAMILIES.values()                      # GGUF architecture -> HF model_type
+                      for g, mt in getattr(m, "GGUF_ARCHITECTURES", {}).items()}
 
 
 def family(architecture):
@@ -62,5 +65,5 @@ def build_model(architecture, config, weights, ffn, linear=numpy_linear):
     return family(architecture).Model(model_args(architecture, config), weights, ffn, linear)
 
 
-__all__ = ["FAMILIES", "FAMILY_MODULES", "MODEL_TYPES", "Linear", "architecture_for", "build_model", "family",
+__all__ = ["FAMILIES", "FAMILY_MODULES", "GGUF_ARCHITECTURES", "MODEL_TYPES", "Linear", "architecture_for", "build_model", "family",
            "family_for", "model_args", "numpy_linear", "parts_for"]

@@ -27,6 +27,7 @@ from flashrt.models.base import Rope, attention, check_config_values, config_int
 
 ARCHITECTURE = "llama"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # llama.cpp's general.architecture -> HF model_type
 FFN_PARTS = GATED_PARTS
 EMBED_NAME = "model.embed_tokens.weight"
 ACTIVATIONS = ("silu",)
@@ -86,7 +87,7 @@ class ModelArgs:
         rope_theta, scaling = rope_config(config, where)
         max_pos = config_int(config, "max_position_embeddings", where, 2048)
         window = config.get("sliding_window")
-        if model_type == "qwen2" and not config.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
             window = None
         if window is not None and config_int(config, "sliding_window", where) >= max_pos:
             window = None
@@ -171,6 +172,9 @@ GGUF_NAMES = {
     "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
     "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
     "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",   # qwen2
+    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
     "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
@@ -199,10 +203,18 @@ class _Layer:
     bk: Optional[np.ndarray]
     bv: Optional[np.ndarray]
     bo: Optional[np.ndarray]
+    q_norm: Optional[np.ndarray] = None  # (head_dim,) float32 | None: RMSNorm of each q head (qwen3)
+    k_norm: Optional[np.ndarray] = None  # (head_dim,) float32 | None: RMSNorm of each k head (qwen3)
 
 
 class Model:
-    """forward(ids (T,), kv) -> logits (T, vocab) float32; positions come from kv.length."""
+    """forward(ids (T,), kv) -> logits (T, vocab) float32; positions come from kv.length.
+
+    QK_NORM: the attention normalises each head of q and k (RMSNorm over head_dim) before
+    RoPE (Qwen3 sets it; its checkpoints then must hold self_attn.{q,k}_norm.weight).
+    """
+
+    QK_NORM: ClassVar[bool] = False
 
     def __init__(self, args, weights, ffn, linear):
         self.args = args
@@ -225,6 +237,8 @@ class Model:
                 wv=get(a + "v_proj.weight"), wo=get(a + "o_proj.weight"),
                 bq=get(a + "q_proj.bias", True, True), bk=get(a + "k_proj.bias", True, True),
                 bv=get(a + "v_proj.bias", True, True), bo=get(a + "o_proj.bias", True, True),
+                q_norm=get(a + "q_norm.weight", True) if self.QK_NORM else None,
+                k_norm=get(a + "k_norm.weight", True) if self.QK_NORM else None,
             ))
         self.rope = Rope(args.head_dim, args.rope_theta, args.rope_scaling,
                          n_positions=min(args.max_position_embeddings, 4096))
@@ -241,6 +255,9 @@ class Model:
         q = lin(L.wq, x, L.bq).reshape(T, a.num_attention_heads, a.head_dim)
         k = lin(L.wk, x, L.bk).reshape(T, a.num_key_value_heads, a.head_dim)
         v = lin(L.wv, x, L.bv).reshape(T, a.num_key_value_heads, a.head_dim)
+        if L.q_norm is not None:  # per head, over head_dim, before RoPE (qwen3)
+            q = rms_norm(q, L.q_norm, a.rms_norm_eps)
+            k = rms_norm(k, L.k_norm, a.rms_norm_eps)
         self.rope.apply_(q, start)
         self.rope.apply_(k, start)
         keys, values = kv.append(i, k, v)

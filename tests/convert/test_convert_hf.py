@@ -11,6 +11,7 @@ from flashrt.convert import convert
 from flashrt.convert.hf import convert_hf
 from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.format import ModelFiles
+from flashrt.models import architecture_for
 from flashrt.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -101,7 +102,7 @@ def save_checkpoint(path, cfg, tensors, shards=1):
 
 def ffn_parts(name_prefix, arch):
     return (("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-            if arch == "llama" else ("fc1.weight", "fc2.weight"))
+            if arch != "opt" else ("fc1.weight", "fc2.weight"))
 
 
 def check_converted(out, tensors, arch, dtype, n_layers, layer_prefix):
@@ -368,7 +369,7 @@ def test_hf_fixture(tmp_path, name):
     with safe_open(str(src / "model.safetensors"), framework="np") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     cfg = json.loads((src / "config.json").read_text())
-    arch = "opt" if cfg["model_type"] == "opt" else "llama"
+    arch = architecture_for(cfg)
     convert_hf(src, tmp_path / "out", dtype="float32", progress=False)
     prefix = "model.decoder.layers." if arch == "opt" else "model.layers."
     check_converted(tmp_path / "out", tensors, arch, "float32", cfg["num_hidden_layers"], prefix)
