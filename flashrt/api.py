@@ -110,7 +110,7 @@ def flash_ffn(files: ModelFiles, spec, plan: BudgetPlan, mode: str, select: str,
         selector = AllSelector(files.n_neurons)
     elif select == "oracle":
         selector = OracleSelector(files, spec.gated, spec.act_code, spec.up_bias, keep if keep is not None else 0.5,
-                                  n_threads)
+                                  n_threads, spec.act_param, spec.relu_sparse)
     else:
         pset = (predictors if predictors is not None
                 else PredictorSet.load(files.path, files.dim, files.n_neurons, files.n_layers))

@@ -14,7 +14,7 @@ input x and every neuron's output h (the calibration data for the predictors):
     X, H = rec.arrays(layer)                        # (T, d), (T, n) float32
 
 The wrapped FFN must accept `h_out=` (flashrt.ffn.dense.DenseFFN does) and fill it with
-the (T, n) per-neuron outputs: gated h = silu(gate.x) * (up.x); ReLU h = act(up.x + b).
+the (T, n) per-neuron outputs: gated h = act(gate.x) * (up.x); ReLU h = act(up.x + b).
 The same token subset is recorded at every layer of one forward call (drawn at layer 0),
 so rows line up across layers. Stored as float16 by default to halve the memory.
 """
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .api import load_model
 from .errors import FlashrtError, ModelFormatError
+from .ffn.base import RELU_KINDS
 from .ffn.dense import DenseFFN
 from .format.reader import ModelFiles
 from .predictor.calibrate import (MIN_CALIBRATION_TOKENS, SECOND_DOMAIN, fit_predictors, python_docs_text,
@@ -105,6 +106,27 @@ class RecordingFFN:
     def nbytes(self):
         return sum(a.nbytes for v in self._x.values() for a in v) + sum(a.nbytes for v in self._h.values() for a in v)
 
+
+
+def measure_ffn_sparsity(model_dir, n_tokens=64, n_threads=None):
+    """The share of FFN neurons whose output h is exactly zero, per layer, over n_tokens of
+    Python's reference manual (shipped with CPython; token ids 3, 4, ... when the model has
+    no tokenizer or the manual is absent), computed with the dense FFN (every layer's bundles
+    are read into DRAM). Returns {"tokens", "zero_fraction" (the mean), "per_layer"}."""
+    files = ModelFiles.open(model_dir)
+    model = load_model(files, lambda spec, w: RecordingFFN(DenseFFN.from_files(files, spec, n_threads),
+                                                           max_tokens=n_tokens, dtype=np.float32), n_threads)
+    n_tokens = int(min(n_tokens, files.config.get("max_position_embeddings") or n_tokens))
+    ids = None
+    text = python_docs_text()
+    if files.tokenizer_dir is not None and text:
+        ids = Tokenizer.from_dir(files.tokenizer_dir).encode(text[20000:20000 + 16 * n_tokens])[:n_tokens]
+    if ids is None or len(ids) < n_tokens:
+        ids = 3 + np.arange(n_tokens) % max(1, int(files.config["vocab_size"]) - 3)
+    ids = np.asarray(ids, dtype=np.int64)
+    model.forward(ids, model.make_cache(len(ids)))
+    per_layer = [float(np.mean(model.ffn.arrays(l)[1] == 0.0)) for l in range(files.n_layers)]
+    return {"tokens": int(len(ids)), "zero_fraction": float(np.mean(per_layer)), "per_layer": per_layer}
 
 def check_writable(model_dir) -> None:
     """Fail now, not after minutes of recording and fitting, when predictors.npz (and the
@@ -305,11 +327,13 @@ def calibrate(model_dir, texts=None, n_tokens=2048, sparsity=0.5, rank=None, pro
         H_layers.append(H)
     rec.clear()
     second = _record_second_domain(model, files, second_text, n_second, ctx)
+    relu_gate = dense.gated and dense.act in RELU_KINDS   # exact zeros: fire / no-fire predictors, as for OPT
     pset, report = fit_predictors(X_layers, H_layers, FitWeights(dense), dense.gated, sparsity=sparsity, rank=rank,
                                   target_recall=target_recall, epochs=epochs, allocate=allocate,
                                   dtype=np.dtype(dtype), progress=progress, seed=seed, prior_weight=prior_weight,
-                                  meta={"source": source, "ctx": ctx, "record_seconds": t_record}, second=second)
-    if dense.gated and curve_tokens:
+                                  meta={"source": source, "ctx": ctx, "record_seconds": t_record}, second=second,
+                                  relu_gate=relu_gate)
+    if dense.gated and not relu_gate and curve_tokens:
         # the curve's text: the second domain's (real prose the fit never saw), else the held-out calibration tokens
         held, what = ((second[3], second[0]) if second is not None and second[3].size >= 2 else
                       (ids[:X_layers[0].shape[0]][report.n_fit:], f"held-out {source['kind']} text"))

@@ -222,6 +222,7 @@ def cmd_info(args) -> int:
             "path": str(files.path),
             "architecture": files.architecture,
             "model_type": files.config.get("model_type"),
+            **_ffn_kind(files, args.measure),
             "dtype": files.storage,
             "ffn_down_dtype": files.manifest.ffn.get("down_dtype", files.storage),
             "resident_quantized": dict(sorted(Counter(m.tensor_dtypes.values()).items())),
@@ -249,6 +250,43 @@ def cmd_info(args) -> int:
             for name, c, budgets in curves:
                 print(f"{name} scoring, {c.summary(budgets)}")
     return 0
+
+
+def _ffn_kind(files, measure_tokens):
+    """The FFN's family, activation and sparsity class; its measured share of exactly-zero
+    neurons from `--measure N` (a dense pass over N tokens) or else from calibration (ReLU-kind
+    predictors record it), None when neither."""
+    from .api import model_args  # start-up cost: a command loads only what it runs
+    from .ffn.base import sparsity_class
+
+    _, margs = model_args(files)
+    act = getattr(margs, "ffn_act", None)
+    gated = "gate" in files.ffn_parts
+    zero, source = None, None
+    if measure_tokens:
+        from .calibration import measure_ffn_sparsity  # start-up cost
+
+        got = measure_ffn_sparsity(files.path, measure_tokens)
+        zero, source = got["zero_fraction"], f"measured on {got['tokens']} tokens (dense pass)"
+    elif (files.path / "predictors.npz").is_file():
+        from .errors import ModelFormatError
+        from .predictor import PredictorSet  # start-up cost
+
+        try:
+            pset = PredictorSet.load(files.path)
+            if pset.kind == "relu":
+                fires = [r["true_fraction"] for r in pset.info.get("layers", []) if "true_fraction" in r]
+                if fires:
+                    zero, source = 1.0 - sum(fires) / len(fires), "calibration (held-out tokens)"
+        except ModelFormatError:
+            pass
+    out = {"family": files.architecture, "activation": act, "ffn_gated": gated}
+    if act == "fatrelu":
+        out["activation_threshold"] = getattr(margs, "hidden_act_param", None)
+    out.update({"ffn_sparsity_class": sparsity_class(act, gated, zero),
+                "ffn_zero_fraction": None if zero is None else round(zero, 4),
+                "ffn_zero_fraction_source": source})
+    return out
 
 
 def _quality_curves(files):
@@ -407,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = new_parser("info", help="describe a converted model")
     p.add_argument("-m", "--model", default=None, help="the model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--verify", action="store_true", help="check full checksums of every file")
+    p.add_argument("--measure", type=int, nargs="?", const=64, default=0, metavar="N",
+                   help="measure the share of exactly-zero FFN neurons with a dense pass over N tokens "
+                        "(default 64; reads the whole FFN into DRAM)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 

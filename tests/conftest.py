@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-HF_NAMES = ("opt", "llama", "qwen2", "mistral", "qwen3")
+HF_NAMES = ("opt", "llama", "qwen2", "mistral", "qwen3", "llama_relu")
 
 
 def smollm2_gguf():

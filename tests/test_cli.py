@@ -80,6 +80,28 @@ def test_info(tiny):
     assert r.returncode == 0 and "architecture: llama" in r.stdout and "tokenizer: True" in r.stdout
 
 
+def test_info_shows_the_ffn_kind(tiny, tmp_path):
+    """family, activation and the sparsity class; --measure counts the exactly-zero neurons of a
+    dense pass (oracle: the definition -- a SiLU gate is never exactly 0, ReLU's about half on
+    these random weights)."""
+    relu = tiny_model("llama_relu", tmp_path / "relu")
+    got = {}
+    for name, path in (("llama", tiny["llama"]), ("llama_relu", relu), ("opt", tiny["opt"])):
+        r = flashrt_cli("info", "--model", path, "--json", "--measure", "12")
+        assert r.returncode == 0, r.stderr
+        got[name] = json.loads(r.stdout)
+    assert (got["llama"]["family"], got["llama"]["activation"], got["llama"]["ffn_gated"]) == ("llama", "silu", True)
+    assert got["llama"]["ffn_sparsity_class"] == "dense-gated" and got["llama"]["ffn_zero_fraction"] == 0.0
+    zero = got["llama_relu"]["ffn_zero_fraction"]
+    assert got["llama_relu"]["activation"] == "relu" and 0.3 < zero < 0.8
+    assert got["llama_relu"]["ffn_sparsity_class"] == ("relu-sparse" if zero >= 0.5 else "relu, weakly sparse")
+    assert got["opt"]["activation"] == "relu" and not got["opt"]["ffn_gated"]
+    assert 0.2 < got["opt"]["ffn_zero_fraction"] < 0.8
+    assert "measured on 12 tokens" in got["opt"]["ffn_zero_fraction_source"]
+    r = flashrt_cli("info", "--model", relu)
+    assert "ffn_sparsity_class: relu-sparse" in r.stdout and "ffn_zero_fraction: None" in r.stdout
+
+
 def test_info_default_model(smollm2_dir):
     r = flashrt_cli("info")
     assert r.returncode == 0, r.stderr

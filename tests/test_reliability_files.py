@@ -278,7 +278,7 @@ def test_manifest_checksum_catches_a_silent_edit(copy_llama):
     (lambda m: m["config"].update(head_dim="16"), "config|shape"),
     (lambda m: m["config"].pop("vocab_size"), "vocab_size"),
     (lambda m: m["config"].update(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "yarn"),
-    (lambda m: m["config"].update(hidden_act="gelu"), "hidden_act"),
+    (lambda m: m["config"].update(hidden_act="quick_gelu"), "hidden_act"),
 ])
 def test_consistent_but_wrong_manifest_is_refused(copy_llama, edit, match):
     """A manifest with a valid checksum whose config disagrees with the tensors."""
@@ -426,7 +426,7 @@ def test_sharded_checkpoint_with_a_missing_shard(tmp_path):
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn'"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope scaling 'longrope'"),
-    ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act"),
+    ({"hidden_act": "quick_gelu"}, "hidden_act"),
     ({"model_type": "gemma"}, "model_type 'gemma'"),
     ({"mlp_bias": True}, "mlp_bias"),
 ])

@@ -16,8 +16,12 @@ import numpy as np
 
 ACT_SILU = 0
 ACT_RELU = 1
-ACT_GELU = 2
-ACT_CODES = {"silu": ACT_SILU, "relu": ACT_RELU, "gelu": ACT_GELU}
+ACT_GELU = 2          # exact (erf)
+ACT_GELU_TANH = 3     # tanh approximation (HF gelu_pytorch_tanh)
+ACT_FATRELU = 4       # v > act_param ? v : 0
+ACT_DRELU = 5         # gated: relu(gate . x) * relu(up . x); not gated: relu
+ACT_CODES = {"silu": ACT_SILU, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH,
+             "fatrelu": ACT_FATRELU, "drelu": ACT_DRELU}
 
 STORAGE_CODES = {"float32": 0, "float16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
 QUANT_TYPES = ("q8_0", "q4_0", "q4_1")
@@ -41,21 +45,43 @@ def _act_code(fn, act):
         if act not in ACT_CODES:
             raise ValueError(f"{fn}: unknown activation {act!r}; use one of {sorted(ACT_CODES)}")
         return ACT_CODES[act]
-    if isinstance(act, (int, np.integer)) and int(act) in (ACT_SILU, ACT_RELU, ACT_GELU):
+    if isinstance(act, (int, np.integer)) and int(act) in ACT_CODES.values():
         return int(act)
-    raise ValueError(f"{fn}: act must be 0 (silu), 1 (relu), 2 (gelu) or its name, got {act!r}")
+    raise ValueError(f"{fn}: act must be one of {sorted(ACT_CODES.items(), key=lambda kv: kv[1])} "
+                     f"(a name or its code), got {act!r}")
 
 
-def activation(v, act):
-    """act(v) in float64: silu, relu or exact (erf) gelu. v: any float array."""
+def _act_param(fn, act_param):
+    if not np.isfinite(act_param):
+        raise ValueError(f"{fn}: act_param must be a finite number, got {act_param!r}")
+    return float(np.float32(act_param))
+
+
+def activation(v, act, act_param=0.0):
+    """act(v) in float64 for one input (drelu: relu; see glu for the gated form). v: any float array.
+    silu v / (1 + e^-v); relu max(v, 0); gelu (erf) v/2 (1 + erf(v / sqrt 2)); gelu_tanh
+    v/2 (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))); fatrelu v where v > act_param, else 0."""
     v = np.asarray(v, dtype=np.float64)
     code = _act_code("activation", act)
-    if code == ACT_RELU:
-        return np.maximum(v, 0.0)
+    if code in (ACT_RELU, ACT_DRELU):
+        return np.where(v > 0.0, v, 0.0)
+    if code == ACT_FATRELU:
+        return np.where(v > act_param, v, 0.0)
     if code == ACT_GELU:
         return 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0)).astype(np.float64))
+    if code == ACT_GELU_TANH:
+        return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
     with np.errstate(over="ignore"):
         return v / (1.0 + np.exp(-v))
+
+
+def glu(g, u, act, act_param=0.0):
+    """A gated neuron's h in float64: act(g) * u, or for drelu relu(g) * relu(u)."""
+    code = _act_code("glu", act)
+    u = np.asarray(u, dtype=np.float64)
+    if code == ACT_DRELU:
+        return activation(g, ACT_RELU) * np.where(u > 0.0, u, 0.0)
+    return activation(g, code, act_param) * u
 
 
 def row_bytes(qtype, k):
@@ -150,7 +176,7 @@ def ffn_ready_rows(n, d, gated, n_ready):
 
 
 def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qtype=None,
-             down_qtype=None, n_ready=-1, wait=None):
+             down_qtype=None, n_ready=-1, wait=None, act_param=0.0):
     """out (d,) = sum_i h_i * down_i over bundle rows (n, n_parts * d), in float64 (quantized
     rows: gate/up dot products against the per-block quantized x, as the kernel; the down
     parts may be another quantized type, down_qtype). wait (a callable here): called first."""
@@ -158,6 +184,7 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qt
         wait()
     gated = bool(gated)
     code = _act_code("ffn_rows", act)
+    act_param = _act_param("ffn_rows", act_param)
     _need("ffn_rows", "x", x, (np.float32,), 1)
     _need("ffn_rows", "out", out, (np.float32,), 1, writeable=True)
     n, d = rows.shape[0] if isinstance(rows, np.ndarray) else -1, x.shape[0]
@@ -185,7 +212,7 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qt
     if gated:
         if up_bias is not None:
             raise ValueError("ffn_rows: up_bias is only supported for non-gated FFNs")
-        h = activation(R[:, :d] @ x64, code) * (R[:, d:2 * d] @ x64)
+        h = glu(R[:, :d] @ x64, R[:, d:2 * d] @ x64, code, act_param)
     else:
         u = R[:, :d] @ x64
         if up_bias is not None:
@@ -193,7 +220,7 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, n_threads=0, qt
             if up_bias.shape[0] != n:
                 raise ValueError("ffn_rows: up_bias must have length rows.shape[0]")
             u = u + up_bias.astype(np.float64)
-        h = activation(u, code)
+        h = activation(u, code, act_param)
     if h_out is not None:
         _need("ffn_rows", "h_out", h_out, (np.float32,), 1, writeable=True)
         if h_out.shape[0] != n:
@@ -234,12 +261,13 @@ def f16_to_f32(src, out, n_threads=0):
     return out
 
 
-def activation_inplace(a, act, n_threads=0):
-    """a = act(a) elementwise (float64 math) for a C-contiguous float32 array."""
+def activation_inplace(a, act, n_threads=0, act_param=0.0):
+    """a = act(a) elementwise (float64 math) for a C-contiguous float32 array (drelu: relu)."""
     code = _act_code("activation_inplace", act)
+    act_param = _act_param("activation_inplace", act_param)
     if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
         raise ValueError("activation_inplace: a must be a C-contiguous float32 array")
-    a[...] = activation(a, code)
+    a[...] = activation(a, code, act_param)
     return a
 
 

@@ -6,6 +6,11 @@
 # quantized types need k (or d) a multiple of 32.
 from libc.stdint cimport int64_t, uint16_t
 
+cdef extern from "simd.h" nogil:
+    ctypedef struct frt_act_t:  # an activation: its kind (kernels.ACT_CODES) and parameter
+        int kind
+        float param
+
 # out (n,) = W (n, k) @ x (k,). Returns 0, or -1 when scratch memory could not be allocated.
 cdef int gemv_ptr(const void* W, int type, const float* x, float* out,
                   int64_t n, int64_t k, int n_threads) noexcept nogil
@@ -18,12 +23,12 @@ cdef void gemv_f16_ptr(const uint16_t* W, const float* x, float* out,
 # stored as type_down, == type for float types); h_out (n,) or NULL; up_bias (n,) or NULL.
 # Returns 0, or -1 when scratch memory could not be allocated.
 cdef int ffn_rows_ptr(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated,
-                      int act, const float* x, const float* up_bias, float* h_out, float* out,
+                      frt_act_t act, const float* x, const float* up_bias, float* h_out, float* out,
                       int n_threads) noexcept nogil
-cdef int ffn_rows_f32_ptr(const float* rows, int64_t n, int64_t d, int gated, int act,
+cdef int ffn_rows_f32_ptr(const float* rows, int64_t n, int64_t d, int gated, frt_act_t act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads) noexcept nogil
-cdef int ffn_rows_f16_ptr(const uint16_t* rows, int64_t n, int64_t d, int gated, int act,
+cdef int ffn_rows_f16_ptr(const uint16_t* rows, int64_t n, int64_t d, int gated, frt_act_t act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads) noexcept nogil
 

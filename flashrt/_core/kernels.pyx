@@ -48,22 +48,26 @@ cdef extern from "simd.h" nogil:
     int64_t frt_set_chunk_elems(int64_t elems)
     int frt_gemv_par(const void* W, int type, const float* x, float* out,
                      int64_t n, int64_t k, int n_threads)
-    int frt_ffn_rows_par(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated, int act,
+    int frt_ffn_rows_par(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated, frt_act_t act,
                          const float* x, const float* up_bias, float* h_out, float* out,
                          int n_threads)
-    int frt_ffn_rows_wait(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated, int act,
+    int frt_ffn_rows_wait(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated, frt_act_t act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads, int64_t n_ready, void (*wait)(void*) noexcept nogil, void* wait_ctx)
     int64_t frt_ffn_ready_rows(int64_t n, int64_t d, int gated, int64_t n_ready)
     void frt_to_f32_par(const void* src, int type, float* out, int64_t n, int n_threads)
     void frt_f16_to_f32_par(const uint16_t* src, float* out, int64_t n, int n_threads)
-    void frt_act_inplace_par(float* a, int64_t n, int act, int n_threads)
+    void frt_act_inplace_par(float* a, int64_t n, frt_act_t act, int n_threads)
     void frt_quantize_x(const float* x, int64_t k, int8_t* q, float* d, float* s)
 
 ACT_SILU = 0
 ACT_RELU = 1
-ACT_GELU = 2
-ACT_CODES = {"silu": ACT_SILU, "relu": ACT_RELU, "gelu": ACT_GELU}
+ACT_GELU = 2          # exact (erf)
+ACT_GELU_TANH = 3     # tanh approximation (HF gelu_pytorch_tanh)
+ACT_FATRELU = 4       # v > act_param ? v : 0
+ACT_DRELU = 5         # gated: relu(gate . x) * relu(up . x); not gated: relu
+ACT_CODES = {"silu": ACT_SILU, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH,
+             "fatrelu": ACT_FATRELU, "drelu": ACT_DRELU}
 
 # Storage types: name -> code (the codes of simd.h / quant.h).
 STORAGE_CODES = {"float32": FRT_T_F32, "float16": FRT_T_F16, "q8_0": FRT_T_Q8_0,
@@ -107,18 +111,18 @@ cdef void gemv_f16_ptr(const uint16_t* W, const float* x, float* out,
 
 
 cdef int ffn_rows_ptr(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated,
-                      int act, const float* x, const float* up_bias, float* h_out, float* out,
+                      frt_act_t act, const float* x, const float* up_bias, float* h_out, float* out,
                       int n_threads) noexcept nogil:
     return frt_ffn_rows_par(rows, type, type_down, n, d, gated, act, x, up_bias, h_out, out, n_threads)
 
 
-cdef int ffn_rows_f32_ptr(const float* rows, int64_t n, int64_t d, int gated, int act,
+cdef int ffn_rows_f32_ptr(const float* rows, int64_t n, int64_t d, int gated, frt_act_t act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads) noexcept nogil:
     return frt_ffn_rows_par(rows, FRT_T_F32, FRT_T_F32, n, d, gated, act, x, up_bias, h_out, out, n_threads)
 
 
-cdef int ffn_rows_f16_ptr(const uint16_t* rows, int64_t n, int64_t d, int gated, int act,
+cdef int ffn_rows_f16_ptr(const uint16_t* rows, int64_t n, int64_t d, int gated, frt_act_t act,
                           const float* x, const float* up_bias, float* h_out, float* out,
                           int n_threads) noexcept nogil:
     return frt_ffn_rows_par(rows, FRT_T_F16, FRT_T_F16, n, d, gated, act, x, up_bias, h_out, out, n_threads)
@@ -157,14 +161,23 @@ cdef _need_len(str fn, str name, a, Py_ssize_t n, str what):
         raise ValueError(f"{fn}: {name} has length {a.shape[0]} but must have {what} = {n}")
 
 
-cdef int _act_code(str fn, act) except -1:
+cdef frt_act_t _act(str fn, act, act_param) except *:
+    """The activation `act` (a name of ACT_CODES or its code) with its parameter (FATReLU's
+    threshold, a finite float; 0 for the others)."""
+    cdef frt_act_t a
     if isinstance(act, str):
         if act not in ACT_CODES:
             raise ValueError(f"{fn}: unknown activation {act!r}; use one of {sorted(ACT_CODES)}")
-        return ACT_CODES[act]
-    if isinstance(act, (int, np.integer)) and int(act) in (ACT_SILU, ACT_RELU, ACT_GELU):
-        return int(act)
-    raise ValueError(f"{fn}: act must be 0 (silu), 1 (relu), 2 (gelu) or its name, got {act!r}")
+        a.kind = ACT_CODES[act]
+    elif isinstance(act, (int, np.integer)) and int(act) in ACT_CODES.values():
+        a.kind = int(act)
+    else:
+        raise ValueError(f"{fn}: act must be one of {sorted(ACT_CODES.items(), key=lambda kv: kv[1])} "
+                         f"(a name or its code), got {act!r}")
+    if not np.isfinite(act_param):
+        raise ValueError(f"{fn}: act_param must be a finite number, got {act_param!r}")
+    a.param = float(act_param)
+    return a
 
 
 _F16 = np.dtype(np.float16)
@@ -312,15 +325,16 @@ def ffn_ready_rows(int64_t n, int64_t d, gated, int64_t n_ready):
 
 
 def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0, qtype=None,
-             down_qtype=None, int64_t n_ready=-1, wait=None):
+             down_qtype=None, int64_t n_ready=-1, wait=None, act_param=0.0):
     """The FFN over n bundle rows: out (d,) = sum_i h_i * down_i.
 
     rows: (n, n_parts * d) float16|float32, or uint8 (n, (n_parts - 1) * row_bytes(qtype, d)
           + row_bytes(down_qtype, d)); parts gate, up, down (gated) or up, down, each d weights  # IN
     x: (d,) float32 (d % 32 == 0 for quantized rows)                                    # IN
     out: (d,) float32, overwritten                                                     # OUT
-    gated: bool; act: 0/"silu", 1/"relu", 2/"gelu" (exact erf gelu)
-      gated:     h_i = act(gate_i . x) * (up_i . x)
+    gated: bool; act: a name of ACT_CODES or its code: "silu", "relu", "gelu" (exact erf),
+      "gelu_tanh", "fatrelu" (v > act_param ? v : 0), "drelu"
+      gated:     h_i = act(gate_i . x) * (up_i . x)   (drelu: relu(gate_i . x) * relu(up_i . x))
       otherwise: h_i = act(up_i . x + up_bias[i])
     up_bias: (n,) float32 or None (not gated only)                                      # IN
     h_out: (n,) float32 or None, receives h                                             # OUT
@@ -336,7 +350,7 @@ def ffn_rows(rows, x, out, gated, act, up_bias=None, h_out=None, int n_threads=0
     cdef _waiter* wt = NULL
     if wait is not None:
         wt = <_waiter*>PyCapsule_GetPointer(wait, b"flashrt.frt_waiter")
-    cdef int a = _act_code("ffn_rows", act)
+    cdef frt_act_t a = _act("ffn_rows", act, act_param)
     cdef int n_parts = 3 if g else 2
     cdef int t = _wtype(rows, qtype)
     cdef int td = t if down_qtype is None else _down_type(t, down_qtype)
@@ -488,13 +502,14 @@ def quantize_activation(x):
     return q, d, s
 
 
-def activation_inplace(a, act, int n_threads=0):
-    """a = act(a) elementwise for a C-contiguous float32 array of any shape (silu, relu, gelu).
+def activation_inplace(a, act, int n_threads=0, act_param=0.0):
+    """a = act(a) elementwise for a C-contiguous float32 array of any shape (the activations
+    of ffn_rows; "drelu" is relu here: the caller applies it to both gate and up).
 
     a: float32, C-contiguous      # IN/OUT
     Returns a.
     """
-    cdef int code = _act_code("activation_inplace", act)
+    cdef frt_act_t code = _act("activation_inplace", act, act_param)
     if not isinstance(a, np.ndarray) or a.dtype != _F32 or not a.flags.c_contiguous:
         raise ValueError(f"activation_inplace: a must be a C-contiguous float32 array, got {_describe(a)}")
     if not a.flags.writeable:

@@ -503,7 +503,7 @@ static void frt_gemv_q(int t, const uint8_t *W, const int8_t *xq, const float *x
    nb blocks): acc (32 nb) += sum_i h_i down_i; see frt_ffn_rows_f16 for h. Rows with h == 0
    skip down. (td may differ from t: a 4-bit bundle with a q8_0 down column.) */
 static void frt_ffn_rows_q(int t, int td, const uint8_t *rows, int64_t n, int64_t nb, int gated,
-                           int act, const int8_t *xq, const float *xd, const float *xs,
+                           frt_act_t act, const int8_t *xq, const float *xd, const float *xs,
                            const float *up_bias, float *h_out, float *acc) {
     const int64_t n_parts = gated ? 3 : 2, pb = nb * frt_type_unit_bytes(t);
     const int64_t rb = (n_parts - 1) * pb + nb * frt_type_unit_bytes(td);
@@ -520,7 +520,7 @@ static void frt_ffn_rows_q(int t, int td, const uint8_t *rows, int64_t n, int64_
             const uint8_t *r1 = m == 2 ? r + rb : r;
             w[0] = r; w[1] = r + pb; w[2] = r1; w[3] = r1 + pb;
             dot4(w, xq, xd, xs, nb, d4);
-            for (int64_t u = 0; u < m; u++) h[u] = frt_act(d4[2 * u], act) * d4[2 * u + 1];
+            for (int64_t u = 0; u < m; u++) h[u] = frt_glu(d4[2 * u], d4[2 * u + 1], act);
         } else {
             for (int u = 0; u < 4; u++) w[u] = r + (u < m ? u : m - 1) * rb;
             dot4(w, xq, xd, xs, nb, d4);

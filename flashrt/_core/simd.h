@@ -32,9 +32,15 @@
 #define FRT_PATH_SCALAR 0
 #define FRT_PATH_AVX2 1
 
+/* Activations: a kind and its parameter (FATReLU's threshold; 0 for the others). */
 #define FRT_ACT_SILU 0
 #define FRT_ACT_RELU 1
-#define FRT_ACT_GELU 2
+#define FRT_ACT_GELU 2       /* exact (erf) */
+#define FRT_ACT_GELU_TANH 3  /* tanh approximation (gelu_pytorch_tanh) */
+#define FRT_ACT_FATRELU 4    /* v > param ? v : 0 (ProSparse) */
+#define FRT_ACT_DRELU 5      /* gated: relu(gate) * relu(up) (TurboSparse, Bamboo); one input: relu */
+
+typedef struct { int kind; float param; } frt_act_t;
 
 static int frt_path = FRT_PATH_SCALAR;
 
@@ -94,24 +100,35 @@ static inline float frt_half_to_float(uint16_t h) {
     return o.f;
 }
 
-static inline float frt_act(float v, int act) {
-    switch (act) {
-    case FRT_ACT_RELU: return v > 0.0f ? v : 0.0f;
-    case FRT_ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    default:           return v / (1.0f + expf(-v));   /* silu; -v large => v/inf = -0 */
+static inline float frt_act(float v, frt_act_t act) {
+    switch (act.kind) {
+    case FRT_ACT_RELU:
+    case FRT_ACT_DRELU:     return v > 0.0f ? v : 0.0f;
+    case FRT_ACT_FATRELU:   return v > act.param ? v : 0.0f;
+    case FRT_ACT_GELU:      return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case FRT_ACT_GELU_TANH: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default:                return v / (1.0f + expf(-v));   /* silu; -v large => v/inf = -0 */
     }
 }
 
-static void frt_act_inplace(float *a, int64_t n, int act) {
-    switch (act) {
+/* A gated neuron's h from its gate and up dot products: act(gate) * up, or for dReLU
+   relu(gate) * relu(up) (exactly 0 unless both are positive). */
+static inline float frt_glu(float g, float u, frt_act_t act) {
+    if (act.kind == FRT_ACT_DRELU) return (g > 0.0f && u > 0.0f) ? g * u : 0.0f;
+    return frt_act(g, act) * u;
+}
+
+static void frt_act_inplace(float *a, int64_t n, frt_act_t act) {
+    switch (act.kind) {
+    case FRT_ACT_SILU:
+        for (int64_t j = 0; j < n; j++) a[j] = a[j] / (1.0f + expf(-a[j]));
+        break;
     case FRT_ACT_RELU:
+    case FRT_ACT_DRELU:
         for (int64_t j = 0; j < n; j++) a[j] = a[j] > 0.0f ? a[j] : 0.0f;
         break;
-    case FRT_ACT_GELU:
-        for (int64_t j = 0; j < n; j++) a[j] = 0.5f * a[j] * (1.0f + erff(a[j] * 0.70710678118654752f));
-        break;
     default:
-        for (int64_t j = 0; j < n; j++) a[j] = a[j] / (1.0f + expf(-a[j]));
+        for (int64_t j = 0; j < n; j++) a[j] = frt_act(a[j], act);
     }
 }
 
@@ -369,20 +386,20 @@ static void frt_f16_to_f32(const uint16_t *src, float *out, int64_t n) {
 }
 
 /* The FFN over one block of n bundle rows (row i = [gate_i,] up_i, down_i, each d long).
-     gated:     h_i = act(gate_i . x) * (up_i . x)
+     gated:     h_i = act(gate_i . x) * (up_i . x)      (dReLU: relu(gate_i . x) * relu(up_i . x))
      otherwise: h_i = act(up_i . x + up_bias[i])       (up_bias may be NULL)
    acc (d,) += sum_i h_i * down_i   (acc is NOT cleared here)
    h_out (n,) receives h when not NULL.  Rows with h_i == 0 skip the down pass. */
 #define FRT_DEFINE_FFN(SUF, WT)                                                               \
 static void frt_ffn_rows_##SUF##_scalar(const WT *rows, int64_t n, int64_t d, int gated,     \
-                                        int act, const float *x, const float *up_bias,        \
+                                        frt_act_t act, const float *x, const float *up_bias,  \
                                         float *h_out, float *acc) {                           \
     const int64_t n_parts = gated ? 3 : 2, row_elems = n_parts * d;                           \
     for (int64_t i = 0; i < n; i++) {                                                         \
         const WT *r = rows + i * row_elems;                                                   \
         float h;                                                                              \
         if (gated) {                                                                          \
-            h = frt_act(frt_dot_##SUF##_scalar(r, x, d), act) * frt_dot_##SUF##_scalar(r + d, x, d); \
+            h = frt_glu(frt_dot_##SUF##_scalar(r, x, d), frt_dot_##SUF##_scalar(r + d, x, d), act); \
         } else {                                                                              \
             float u = frt_dot_##SUF##_scalar(r, x, d);                                        \
             if (up_bias != NULL) u += up_bias[i];                                             \
@@ -393,7 +410,7 @@ static void frt_ffn_rows_##SUF##_scalar(const WT *rows, int64_t n, int64_t d, in
     }                                                                                         \
 }                                                                                             \
 FRT_AVX2_FFN(SUF, WT)                                                                         \
-static void frt_ffn_rows_##SUF(const WT *rows, int64_t n, int64_t d, int gated, int act,      \
+static void frt_ffn_rows_##SUF(const WT *rows, int64_t n, int64_t d, int gated, frt_act_t act,\
                                const float *x, const float *up_bias, float *h_out,            \
                                float *acc) {                                                  \
     FRT_AVX2_ONLY(if (frt_path == FRT_PATH_AVX2) {                                            \
@@ -407,7 +424,7 @@ static void frt_ffn_rows_##SUF(const WT *rows, int64_t n, int64_t d, int gated, 
    down rows in pairs so acc is loaded/stored once per two rows; rows with h == 0 skip down. */
 #define FRT_AVX2_FFN(SUF, WT)                                                                 \
 FRT_TARGET static void frt_ffn_rows_##SUF##_avx2(const WT *rows, int64_t n, int64_t d,        \
-                                                 int gated, int act, const float *x,          \
+                                                 int gated, frt_act_t act, const float *x,    \
                                                  const float *up_bias, float *h_out,          \
                                                  float *acc) {                                \
     const int64_t n_parts = gated ? 3 : 2, row_elems = n_parts * d;                           \
@@ -423,7 +440,7 @@ FRT_TARGET static void frt_ffn_rows_##SUF##_avx2(const WT *rows, int64_t n, int6
             } else {                                                                          \
                 frt_dot2_##SUF##_avx2(r, r + d, x, d, &d4[0], &d4[1]);                        \
             }                                                                                 \
-            for (int64_t t = 0; t < m; t++) h[t] = frt_act(d4[2 * t], act) * d4[2 * t + 1];   \
+            for (int64_t t = 0; t < m; t++) h[t] = frt_glu(d4[2 * t], d4[2 * t + 1], act);   \
         } else {                                                                              \
             if (m == 4) {                                                                     \
                 frt_dot4_##SUF##_avx2(r, r + row_elems, r + 2 * row_elems, r + 3 * row_elems, \
@@ -753,7 +770,9 @@ typedef struct {
     const void *rows; const float *x; const float *up_bias; float *h_out; float *acc;
     frt_xq_t xq;
     int64_t n, d, rows_per_chunk;
-    int gated, act, type, type_down;
+    int gated;
+    frt_act_t act;
+    int type, type_down;
     int64_t c0;                    /* chunk index offset (chunks run after a wait) */
 } frt_ffn_job;
 
@@ -818,7 +837,7 @@ static int64_t frt_ffn_ready_rows(int64_t n, int64_t d, int gated, int64_t n_rea
    the one without a wait (wait NULL: every row is ready). Returns 0, or -1 if scratch memory
    could not be allocated (then wait has been called, too). */
 static int frt_ffn_rows_wait(const void *rows, int type, int type_down, int64_t n, int64_t d,
-                             int gated, int act,
+                             int gated, frt_act_t act,
                              const float *x, const float *up_bias, float *h_out, float *out,
                              int n_threads, int64_t n_ready, void (*wait)(void *), void *wait_ctx) {
     int64_t n_chunks, rows_per_chunk;
@@ -858,14 +877,14 @@ static int frt_ffn_rows_wait(const void *rows, int type, int type_down, int64_t 
 }
 
 static int frt_ffn_rows_par(const void *rows, int type, int type_down, int64_t n, int64_t d,
-                            int gated, int act,
+                            int gated, frt_act_t act,
                             const float *x, const float *up_bias, float *h_out, float *out,
                             int n_threads) {
     return frt_ffn_rows_wait(rows, type, type_down, n, d, gated, act, x, up_bias, h_out, out,
                              n_threads, n, NULL, NULL);
 }
 
-typedef struct { const void *src; float *out; int64_t n; int act, type; } frt_conv_job;
+typedef struct { const void *src; float *out; int64_t n; frt_act_t act; int type; } frt_conv_job;
 
 /* Elements per conversion chunk: a whole number of blocks. */
 static inline int64_t frt_conv_per_chunk(void) {
@@ -889,7 +908,7 @@ static void frt_conv_chunk(void *p, int64_t c) {
 /* out (n,) float32 = the n elements stored in src with storage type `type` (n % 32 == 0 for
    quantized types; quantized results bit-exact with gguf.quants.dequantize). */
 static void frt_to_f32_par(const void *src, int type, float *out, int64_t n, int n_threads) {
-    frt_conv_job j = {src, out, n, 0, type};
+    frt_conv_job j = {src, out, n, {0, 0.0f}, type};
     int64_t per = frt_conv_per_chunk();
     frt_parallel_for(frt_conv_chunk, &j, (n + per - 1) / per, frt_resolve_threads(n_threads));
 }
@@ -906,7 +925,7 @@ static void frt_act_chunk(void *p, int64_t c) {
     if (r1 > r0) frt_act_inplace(j->out + r0, r1 - r0, j->act);
 }
 
-static void frt_act_inplace_par(float *a, int64_t n, int act, int n_threads) {
+static void frt_act_inplace_par(float *a, int64_t n, frt_act_t act, int n_threads) {
     frt_conv_job j = {NULL, a, n, act, 0};
     int64_t per = FRT_CONV_CHUNK_ELEMS / 8 > 0 ? FRT_CONV_CHUNK_ELEMS / 8 : 1;
     frt_parallel_for(frt_act_chunk, &j, (n + per - 1) / per, frt_resolve_threads(n_threads));

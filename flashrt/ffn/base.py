@@ -11,19 +11,42 @@ from typing import Protocol
 
 import numpy as np
 
-ACT_CODES = {"silu": 0, "relu": 1, "gelu": 2}  # the `act` argument of _core.kernels.ffn_rows
+# the `act` argument of _core.kernels.ffn_rows (its act_param: FATReLU's threshold)
+ACT_CODES = {"silu": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "fatrelu": 4, "drelu": 5}
+# activations that make most neurons exactly zero (gated or not): the fire / no-fire kind of
+# predictor applies, and flash mode reads only the neurons predicted to fire
+RELU_KINDS = ("relu", "fatrelu", "drelu")
+
+
+def sparsity_class(act: str, gated: bool, zero_fraction: float | None = None) -> str:
+    """What kind of FFN this is for flash mode: "relu-sparse" (a ReLU-type activation, most
+    neurons exactly zero: the fire / no-fire predictor and the window read a few percent of the
+    FFN per token), "relu, weakly sparse" (ReLU-type, but under half the neurons measured zero),
+    "dense-gated" (a smooth gate: every neuron contributes a little; selection by estimated
+    |h| trades quality for reads, and small models gain little) or "dense" (smooth, not gated)."""
+    if act in RELU_KINDS:
+        return "relu-sparse" if zero_fraction is None or zero_fraction >= 0.5 else "relu, weakly sparse"
+    return "dense-gated" if gated else "dense"
 
 
 @dataclass
 class FFNSpec:
+    """gated: h = act(gate.x) * (up.x) (drelu: relu(gate.x) * relu(up.x)); otherwise
+    h = act(up.x + up_bias). act: a name of ACT_CODES; act_param: fatrelu's threshold."""
     gated: bool
     act: str
     up_bias: list | None  # per layer (n_neurons,) float32, or None
     down_bias: list | None  # per layer (d,) float32, or None
+    act_param: float = 0.0
 
     @property
     def act_code(self) -> int:
         return ACT_CODES[self.act]
+
+    @property
+    def relu_sparse(self) -> bool:
+        """Neurons are exactly zero wherever the ReLU-type activation cuts them."""
+        return self.act in RELU_KINDS
 
 
 class FFN(Protocol):

@@ -15,7 +15,7 @@ from flashrt.threads import default_threads
 
 __all__ = ["DenseFFN", "ffn_blocks", "ACTIVATIONS"]
 
-ACTIVATIONS = ("silu", "relu", "gelu")
+ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh", "fatrelu", "drelu")  # kernels.ACT_CODES
 SCRATCH_ELEMS = 1 << 19          # float32 elements per converted block of bundle rows
 MIN_BLOCK_ROWS = 32
 MAX_BLOCK_ROWS = 1024
@@ -45,7 +45,8 @@ class DenseFFN:
     bundles: list over layers of (n_neurons, n_parts * d) float16|float32 C-contiguous, or
              (n_neurons, n_parts * row_bytes(qtype, d)) uint8 for a quantized qtype
     gated: bool, or the parts tuple ("gate", "up", "down") / ("up", "down")
-    act: "silu" | "relu" | "gelu" (exact erf gelu). Gated: h = act(gate.x) * (up.x);
+    act: "silu" | "relu" | "gelu" (exact erf gelu) | "gelu_tanh" | "fatrelu" (v > act_param ? v : 0)
+         | "drelu". Gated: h = act(gate.x) * (up.x) (drelu: relu(gate.x) * relu(up.x));
          otherwise h = act(up.x + up_bias).
     up_bias: list over layers of (n_neurons,) float32 (or None entries), or None
     down_bias: list over layers of (d,) float32 (or None entries), or None; added once
@@ -57,11 +58,11 @@ class DenseFFN:
     """
 
     def __init__(self, bundles, gated, act, up_bias=None, down_bias=None, n_threads=None,
-                 qtype=None, down_qtype=None):
+                 qtype=None, down_qtype=None, act_param=0.0):
         self.gated = _is_gated(gated)
         if act not in ACTIVATIONS:
             raise ValueError(f"DenseFFN: act must be one of {ACTIVATIONS}, got {act!r}")
-        self.act = act
+        self.act, self.act_param = act, float(act_param)
         self.n_parts = 3 if self.gated else 2
         bundles = list(bundles)
         if not bundles:
@@ -154,7 +155,8 @@ class DenseFFN:
         if T == 1:
             kernels.ffn_rows(B, x[0], y[0], self.gated, self.act, self.up_bias[layer],
                              None if h_out is None else h_out[0], n_threads, self.qtype,
-                             self.down_qtype if self.down_qtype != self.qtype else None)
+                             self.down_qtype if self.down_qtype != self.qtype else None,
+                             act_param=self.act_param)
         elif T > 1:
             self._blocks(layer, x, y, h_out, n_threads)
         if self.down_bias[layer] is not None:
@@ -189,7 +191,7 @@ class DenseFFN:
 
     def _blocks(self, layer, x, y, h_out, n_threads):
         ffn_blocks(self.bundles[layer], x, y, self.gated, self.act, self.up_bias[layer], h_out,
-                   n_threads, self.qtype, self.down_qtype)
+                   n_threads, self.qtype, self.down_qtype, self.act_param)
 
     @classmethod
     def from_files(cls, files, spec, n_threads=None):
@@ -197,11 +199,11 @@ class DenseFFN:
         spec: the family's FFNSpec (models/<family>.py: ffn_spec)."""
         bundles = [files.read_ffn_layer(l) for l in range(files.n_layers)]
         return cls(bundles, spec.gated, spec.act, spec.up_bias, spec.down_bias, n_threads=n_threads,
-                   qtype=files.qtype, down_qtype=files.down_qtype)
+                   qtype=files.qtype, down_qtype=files.down_qtype, act_param=spec.act_param)
 
 
 def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None, qtype=None,
-               down_qtype=None):
+               down_qtype=None, act_param=0.0):
     """y (T, d) = FFN of the rows of B (n, n_parts * d) for x (T, d), with float32 BLAS over
     row blocks (float16 or quantized (qtype) blocks converted into a reused scratch).
     Overwrites y; h_out (T, n) optionally receives each neuron's h. Shared by dense prefill
@@ -232,13 +234,16 @@ def ffn_blocks(B, x, y, gated, act, up_bias=None, h_out=None, n_threads=None, qt
                 blk[:, (P - 1) * d:] = buf3[: (r1 - r0) * d].reshape(r1 - r0, d)
         if gated:
             h = np.matmul(x, blk[:, :d].T)                           # (T, b) gate . x
-            kernels.activation_inplace(h, act, n_threads)
-            h *= np.matmul(x, blk[:, d:2 * d].T)                     # * (up . x)
+            kernels.activation_inplace(h, act, n_threads, act_param)
+            u = np.matmul(x, blk[:, d:2 * d].T)                      # (T, b) up . x
+            if act == "drelu":
+                kernels.activation_inplace(u, "relu", n_threads)
+            h *= u
         else:
             h = np.matmul(x, blk[:, :d].T)                           # (T, b) up . x
             if up_bias is not None:
                 h += up_bias[r0:r1]
-            kernels.activation_inplace(h, act, n_threads)
+            kernels.activation_inplace(h, act, n_threads, act_param)
         if h_out is not None:
             h_out[:, r0:r1] = h
         y += np.matmul(h, blk[:, (P - 1) * d:])                      # (T, d)

@@ -251,11 +251,11 @@ class FlashFFN:
                 bias = None if up_bias is None else up_bias[start:start + m]
                 if T == 1:
                     kernels.ffn_rows(chunk, x[0], self._part, self.spec.gated, self.spec.act_code, bias, None,
-                                     self.n_threads, self.qtype, self.down_qtype)
+                                     self.n_threads, self.qtype, self.down_qtype, act_param=self.spec.act_param)
                     out[0] += self._part
                 else:
                     ffn_blocks(chunk, x, part, self.spec.gated, self.spec.act, bias, None, self.n_threads,
-                               self.qtype, self.down_qtype)
+                               self.qtype, self.down_qtype, self.spec.act_param)
                     out += part
         except BaseException:
             _settle(ld)
@@ -370,7 +370,7 @@ class FlashFFN:
         try:
             kernels.ffn_rows(rows, x, y[0], self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype,
                              self.down_qtype, n_ready=first if pending else -1,
-                             wait=self.loader.waiter() if pending else None)
+                             wait=self.loader.waiter() if pending else None, act_param=self.spec.act_param)
         finally:
             if pending:  # the reads have landed (the kernel waited); collect their errors and times
                 ns_flight, ns_waited = self.loader.wait()
@@ -420,7 +420,8 @@ class FlashFFN:
                 t2 = time.perf_counter_ns()
                 bias = None if up_bias is None else up_bias[part_ids]
                 kernels.ffn_rows(self._chunks[i % 2][:part_ids.size], x, self._part, self.spec.gated,
-                                 self.spec.act_code, bias, None, self.n_threads, self.qtype, self.down_qtype)
+                                 self.spec.act_code, bias, None, self.n_threads, self.qtype, self.down_qtype,
+                                 act_param=self.spec.act_param)
                 y += self._part
                 cost.ns_io += ns_flight
                 cost.ns_io_wait += t2 - t1 + (t1 - t0 if i == 0 else 0)

@@ -35,16 +35,21 @@ class AllSelector:
 
 
 class OracleSelector:
-    """The neurons whose true output is non-zero (ReLU) or among the largest |h| (gated).
+    """The neurons whose true output is non-zero (ReLU-type activations, gated or not) or
+    among the largest |h| (smooth gated FFNs).
 
-    keep_fraction: gated FFNs only -- the share of neurons kept per token, by |act(gate.x)*(up.x)|.
+    keep_fraction: smooth gated FFNs only -- the share of neurons kept per token, by |act(gate.x)*(up.x)|.
+    act_param: the activation's parameter (FATReLU's threshold); relu_sparse: neurons are
+    exactly zero where the activation cuts them (FFNSpec.relu_sparse), so the set is exact.
     """
 
     name = "oracle"
     uses_prior = False
 
-    def __init__(self, files, gated: bool, act: int, up_bias, keep_fraction: float | None, n_threads: int):
+    def __init__(self, files, gated: bool, act: int, up_bias, keep_fraction: float | None, n_threads: int,
+                 act_param: float = 0.0, relu_sparse: bool = False):
         self.gated, self.act, self.up_bias = gated, act, up_bias
+        self.act_param, self.relu_sparse = act_param, relu_sparse
         self.keep_fraction = keep_fraction
         self.n_threads = n_threads
         self.qtype = files.qtype
@@ -62,7 +67,7 @@ class OracleSelector:
         bias = None if self.up_bias is None else self.up_bias[layer]
         self._loader.read_range(self._offsets[layer], self._rows)
         kernels.ffn_rows(self._rows, x, self._y, self.gated, self.act, bias, self._h, self.n_threads,
-                         qtype=self.qtype, down_qtype=self.down_qtype)
+                         qtype=self.qtype, down_qtype=self.down_qtype, act_param=self.act_param)
         return self._h
 
     def close(self) -> None:
@@ -71,7 +76,7 @@ class OracleSelector:
 
     def select(self, layer: int, x: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
         mag = np.abs(self.true_outputs(layer, x))
-        if self.keep_fraction is None or not self.gated:
+        if self.keep_fraction is None or not self.gated or self.relu_sparse:
             ids = np.flatnonzero(mag > 0)
             return ids[np.argsort(-mag[ids], kind="stable")]
         k = max(1, int(round(self.keep_fraction * mag.size)))

@@ -1,16 +1,21 @@
-"""The Llama family (model_type llama, mistral, qwen2; SmolLM is llama): everything
+"""The Llama family (model_type llama, mistral, qwen2, bamboo; SmolLM is llama): everything
 flashrt knows about it.
 
     ModelArgs.from_dict   the one validator of a config (converters and the runtime call it)
     tensors(args)         the tensor-name table: resident tensors and FFN parts, with shapes
     GGUF_NAMES            llama.cpp's tensor names -> Hugging Face's
     sanitize(weights)     drop tensors the forward pass does not use
-    ffn_spec(args, w)     the FFN's kind (gated SiLU, no biases); FFN_PARTS its bundle parts
+    ffn_spec(args, w)     the FFN's kind (gated, its activation, no biases); FFN_PARTS its bundle parts
     Model                 the forward pass
 
 RMSNorm -> attention (RoPE, GQA, optional q/k/v biases, optional sliding window) ->
-residual -> RMSNorm -> FFN (the injected interface, gated SiLU) -> residual; final
+residual -> RMSNorm -> FFN (the injected interface, gated) -> residual; final
 RMSNorm; head. Weights use Hugging Face state-dict names and layouts.
+
+The FFN is down(act(gate.x) * up.x) with `hidden_act` one of ACTIVATIONS: silu (SwiGLU),
+relu (ReLU-fied Llama: ReluLLaMA), gelu (erf) / gelu_pytorch_tanh (GeGLU), fatrelu
+(ProSparse: act(v) = v if v > hidden_act_param else 0). model_type "bamboo" (TurboSparse-
+Mistral, Bamboo: their config says hidden_act "relu") is dReLU: relu(gate.x) * relu(up.x).
 """
 
 import warnings
@@ -26,11 +31,14 @@ from flashrt.kv_cache import KVCache
 from flashrt.models.base import Rope, attention, check_config_values, config_int, embed, rms_norm, rope_config, weight_getter
 
 ARCHITECTURE = "llama"
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "bamboo")
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # llama.cpp's general.architecture -> HF model_type
 FFN_PARTS = GATED_PARTS
 EMBED_NAME = "model.embed_tokens.weight"
-ACTIVATIONS = ("silu",)
+# HF hidden_act -> the FFN's activation (ffn.base.ACT_CODES); "bamboo" turns relu into drelu
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "fatrelu": "fatrelu"}
+DRELU_MODEL_TYPES = ("bamboo",)  # relu on both gate and up (PowerInfer's modeling_bamboo.py)
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 
 
@@ -52,8 +60,9 @@ class ModelArgs:
     attention_bias: bool = False
     sliding_window: Optional[int] = None
     hidden_act: str = "silu"
+    hidden_act_param: float = 0.0   # fatrelu's threshold
     MODEL_TYPES: ClassVar[tuple] = MODEL_TYPES  # a variant family subclasses ModelArgs and sets these two
-    ACTIVATIONS: ClassVar[tuple] = ACTIVATIONS
+    ACTIVATIONS: ClassVar[dict] = ACTIVATIONS
 
     @classmethod
     def from_dict(cls, config, where="config", warn=False):
@@ -69,11 +78,19 @@ class ModelArgs:
         if missing:
             raise ModelFormatError(f"{where}: missing required key(s) {missing} (a {model_type} config needs them)")
         check_config_values(config, where)  # bounds, token ids, finite positive eps/theta
-        hidden_act = config.get("hidden_act", cls.ACTIVATIONS[0])
-        if hidden_act not in cls.ACTIVATIONS:
+        hidden_act = config.get("hidden_act", next(iter(cls.ACTIVATIONS)))
+        if not isinstance(hidden_act, str) or hidden_act not in cls.ACTIVATIONS:
             raise UnsupportedModelError(
                 f"{where}: hidden_act {hidden_act!r} is not supported for {model_type} (flashrt implements "
                 f"{', '.join(cls.ACTIVATIONS)})")
+        if model_type in DRELU_MODEL_TYPES and hidden_act != "relu":
+            raise UnsupportedModelError(f"{where}: a {model_type} model is dReLU, its hidden_act must be 'relu', "
+                                        f"got {hidden_act!r}")
+        act_param = config.get("hidden_act_param", 0.0) if hidden_act == "fatrelu" else 0.0
+        if (isinstance(act_param, bool) or not isinstance(act_param, (int, float))
+                or not np.isfinite(act_param)):
+            raise ModelFormatError(f"{where}: hidden_act_param (fatrelu's threshold) must be a finite number, "
+                                   f"got {act_param!r}")
         if config.get("mlp_bias"):
             raise UnsupportedModelError(f"{where}: mlp_bias=True is not supported")
         if config.get("attention_bias") and model_type != "qwen2":
@@ -111,6 +128,7 @@ class ModelArgs:
             attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
             sliding_window=None if window is None else int(window),
             hidden_act=hidden_act,
+            hidden_act_param=float(act_param),
         )
 
     def to_config(self, config):
@@ -121,6 +139,8 @@ class ModelArgs:
         cfg["head_dim"] = self.head_dim
         cfg["rope_theta"], cfg["rope_scaling"] = self.rope_theta, self.rope_scaling
         cfg["hidden_act"] = self.hidden_act
+        if self.hidden_act == "fatrelu":
+            cfg["hidden_act_param"] = self.hidden_act_param
         cfg.setdefault("rms_norm_eps", 1e-6)
         cfg.setdefault("max_position_embeddings", 2048)
         cfg.setdefault("tie_word_embeddings", False)
@@ -131,6 +151,14 @@ class ModelArgs:
     @property
     def n_neurons(self):
         return self.intermediate_size
+
+    @property
+    def ffn_act(self):
+        """The FFN's activation (a name of ffn.base.ACT_CODES): drelu for bamboo."""
+        if self.model_type in DRELU_MODEL_TYPES:
+            return "drelu"
+        acts = self.ACTIVATIONS  # a dict (HF name -> FFN name), or a tuple of FFN names (a variant family)
+        return acts[self.hidden_act] if isinstance(acts, dict) else self.hidden_act
 
 
 def tensors(args):
@@ -187,8 +215,8 @@ def sanitize(weights):
 
 
 def ffn_spec(args, weights):
-    """A gated SiLU FFN without biases."""
-    return FFNSpec(gated=True, act=args.hidden_act, up_bias=None, down_bias=None)
+    """A gated FFN without biases, with the config's activation (and fatrelu's threshold)."""
+    return FFNSpec(gated=True, act=args.ffn_act, up_bias=None, down_bias=None, act_param=args.hidden_act_param)
 
 
 @dataclass

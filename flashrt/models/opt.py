@@ -111,6 +111,11 @@ class ModelArgs:
     def n_neurons(self):
         return self.ffn_dim
 
+    @property
+    def ffn_act(self):
+        """The FFN's activation (a name of ffn.base.ACT_CODES)."""
+        return self.activation_function
+
 
 def tensors(args):
     """The tensor-name table: (resident {HF name: shape}, ffn [per layer {part: (HF name, shape)}])."""

@@ -17,8 +17,10 @@ each FFN's own output) made perplexity worse than a uniform keep fraction (79 vs
 50% kept, no window), because that error says nothing of how much the residual stream,
 and so the loss, feels a layer's error.
 
-ReLU FFNs: a neuron fires when its pre-activation is > 0; the score threshold is set on
-held-out tokens to reach `target_recall`, and the report gives recall, precision and
+ReLU FFNs, and gated FFNs whose gate is ReLU-type (relu, FATReLU, dReLU: relu_gate=True):
+a neuron fires when its h is non-zero (exactly zero otherwise); the fire / no-fire
+predictor (kind "relu", started from the gate for gated FFNs) gets a score threshold set
+on held-out tokens to reach `target_recall`, and the report gives recall, precision and
 false-positive rate.
 """
 from __future__ import annotations
@@ -238,7 +240,7 @@ def resolve_ranks(rank, gated, n_layers, dim, n_neurons):
 
 def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, val_fraction=0.2,
                    target_recall=0.95, epochs=8, allocate=False, dtype=np.float32, progress=False, seed=0,
-                   meta=None, prior_weight=0.0, second=None, up_estimates=True):
+                   meta=None, prior_weight=0.0, second=None, up_estimates=True, relu_gate=False):
     """Fit, allocate and report on recorded activations (the model-free core of `calibrate`).
 
     X_layers: per layer (T, d) FFN inputs; H_layers: per layer (T, n) recorded h.
@@ -251,8 +253,12 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
     up_estimates: gated models also get the separate up estimate of gate-first scoring (the
     data-aware SVD of up at the layer's rank, fit_up_estimate epochs=0: fitting it to the
     calibration text did not transfer better to other text).
+    relu_gate: a gated FFN whose neurons are exactly zero where a ReLU-type gate cuts them
+    (FFNSpec.relu_sparse): fire / no-fire predictors (kind "relu") started from the gate,
+    thresholded for target_recall, as for ReLU FFNs; `sparsity` does not apply.
     Returns (PredictorSet, CalibrationReport).
     """
+    product = gated and not relu_gate
     t0 = time.perf_counter()
     L = len(X_layers)
     d = X_layers[0].shape[1]
@@ -266,7 +272,7 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
     for l in range(L):
         X = np.asarray(X_layers[l], np.float32)
         H = np.asarray(H_layers[l], np.float32)
-        if gated:
+        if product:
             Wg, Wu, _ = weights[l]
             S = input_sqrt_cov(X[:n_fit])                          # shared by the gate, up and up-estimate fits
             p, _hist = fit_layer(X[:n_fit], H[:n_fit], (Wg, Wu), ranks[l], kind="product", epochs=epochs,
@@ -275,8 +281,8 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
                 p = LowRankPredictor(p.kind, p.A, p.B, p.bias, p.bias_gate, p.r_gate,
                                      up=fit_up_estimate(X[:n_fit], H[:n_fit], Wg, Wu, ranks[l], epochs=0, sqrt_cov=S))
         else:
-            Wu, bu, _ = weights[l]
-            p, _hist = fit_layer(X[:n_fit], H[:n_fit], Wu, ranks[l], kind="relu", bias_init=bu,
+            Wu, bu, _ = weights[l]        # gated: (gate, up, down); the gate decides
+            p, _hist = fit_layer(X[:n_fit], H[:n_fit], Wu, ranks[l], kind="relu", bias_init=None if gated else bu,
                                  epochs=epochs, seed=seed + l)
         preds.append(p)
         val_scores.append(p.scores_batch(X[n_fit:]))
@@ -287,7 +293,7 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
     cal, rep_ = slice(0, n_cal), slice(n_cal if n_val >= 2 else 0, n_val)
     H_val = [np.asarray(H_layers[l][n_fit:], np.float32) for l in range(L)]
     layers = []
-    if gated:
+    if product:
         target_keep = 1.0 - sparsity
         if allocate and L > 1:
             curves = np.stack([output_error_curve(val_scores[l][cal], H_val[l][cal], weights[l][2])
@@ -315,19 +321,19 @@ def fit_predictors(X_layers, H_layers, weights, gated, sparsity=0.5, rank=None, 
             layers.append(rep)
     else:
         for l in range(L):
-            fires = H_val[l] > 0
+            fires = H_val[l] != 0
             t = relu_threshold_for_recall(val_scores[l][cal], fires[cal], target_recall)
             preds[l].threshold = t
             preds[l].keep_fraction = None
             rep = relu_layer_report(val_scores[l][rep_], fires[rep_], t)
             if second is not None:
                 X2 = np.asarray(second[1][l], np.float32)
-                r2 = relu_layer_report(preds[l].scores_batch(X2), np.asarray(second[2][l], np.float32) > 0, t)
+                r2 = relu_layer_report(preds[l].scores_batch(X2), np.asarray(second[2][l], np.float32) != 0, t)
                 rep["second_recall"], rep["second_fp_rate"] = r2["recall"], r2["fp_rate"]
             layers.append(rep)
     if dtype != np.float32:
         preds = [_cast(p, dtype) for p in preds]
-    kind = "product" if gated else "relu"
+    kind = "product" if product else "relu"
     info = {"sparsity": float(sparsity), "n_tokens": int(T), "n_fit": int(n_fit), "n_val": int(n_val),
             "epochs": int(epochs), "target_recall": float(target_recall), "layers": layers}
     if second is not None:

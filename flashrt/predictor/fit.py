@@ -2,11 +2,12 @@
 
     pred, history = fit_layer(X, target, W_init, rank)
 
-ReLU FFNs (kind "relu"): `target` is the recorded h (or the pre-activation) (T, n); a
-neuron fires when it is > 0. W_init is the up projection (n, d) and bias_init its bias:
-the predictor starts as a data-aware truncated SVD of the up projection (so its score
-starts as an estimate of the pre-activation) and is fitted with a class-balanced
-logistic loss (per neuron, positives and negatives weigh the same in total).
+ReLU FFNs (kind "relu"): `target` is the recorded h (T, n); a neuron fires when it is
+non-zero. W_init is the projection whose ReLU decides (the up projection and bias_init its
+bias; the gate for gated FFNs with a ReLU-type gate: relu, FATReLU, dReLU): the predictor
+starts as a data-aware truncated SVD of it (so its score starts as an estimate of the
+pre-activation) and is fitted with a class-balanced logistic loss (per neuron, positives
+and negatives weigh the same in total).
 
 Gated FFNs (kind "product"): `target` is the recorded h = silu(gate.x) * (up.x) (T, n);
 W_init = (gate (n, d), up (n, d)). The rank is split between a low-rank gate estimate
@@ -149,7 +150,7 @@ def _fit_relu(X, H, W, rank, bias_init, epochs, batch, lr, rng, verbose, sqrt_co
     n = H.shape[1]
     A, B = data_aware_lowrank(X, W, rank, sqrt_cov)
     c = np.zeros(n, np.float32) if bias_init is None else np.array(bias_init, dtype=np.float32)  # (n,)
-    labels = H > 0                                                        # (T, n) fires
+    labels = H != 0                                                       # (T, n) fires
     p = labels.mean(axis=0).clip(1.0 / T, 1.0 - 1.0 / T)                  # (n,) firing rate
     w_pos = (0.5 / p).astype(np.float32)                                  # class-balanced weights
     w_neg = (0.5 / (1.0 - p)).astype(np.float32)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from flashrt._core import _reference_kernels as ref
 from flashrt._core import kernels
 
-from kernel_paths import path, threaded  # noqa: F401  (fixtures)
+from kernel_paths import fatrelu_threshold, path, threaded  # noqa: F401  (fixtures)
 
 RTOL = 1e-5      # relative to the magnitude sum |w_j x_j| of each dot product
 
@@ -90,9 +90,14 @@ def _check_ffn(n, d, dtype, gated, act, with_bias, n_threads, seed):
     bias = _rand(rng, n, np.float32) if with_bias else None
     out = np.full(d, np.nan, np.float32)
     h = np.full(n, np.nan, np.float32)
-    assert kernels.ffn_rows(rows, x, out, gated, act, bias, h, n_threads) is out
+    p = 0.0
+    if act == "fatrelu":
+        R0, x0 = rows.astype(np.float64), x.astype(np.float64)
+        pre = R0[:, :d] @ x0 + (0 if bias is None else bias)
+        p = fatrelu_threshold(pre, _dot_abs(R0[:, :d], x0) + 1.0)
+    assert kernels.ffn_rows(rows, x, out, gated, act, bias, h, n_threads, act_param=p) is out
     want_h = np.empty(n, np.float32)
-    want = ref.ffn_rows(rows, x, np.empty(d, np.float32), gated, act, bias, want_h)
+    want = ref.ffn_rows(rows, x, np.empty(d, np.float32), gated, act, bias, want_h, act_param=p)
 
     # Error scale of h: |act'| <= 1.13 times the error of its argument, plus the up error.
     R = rows.astype(np.float64)
@@ -101,7 +106,7 @@ def _check_ffn(n, d, dtype, gated, act, with_bias, n_threads, seed):
         g = R[:, :d] @ x64
         u = R[:, d:2 * d] @ x64
         h_scale = 1.13 * _dot_abs(R[:, :d], x64) * np.abs(u) \
-            + np.abs(ref.activation(g, act)) * _dot_abs(R[:, d:2 * d], x64)
+            + np.abs(ref.activation(g, act, p)) * _dot_abs(R[:, d:2 * d], x64)
     else:
         h_scale = 1.13 * (_dot_abs(R[:, :d], x64) + (0 if bias is None else np.abs(bias)))
     _close(h, want_h, h_scale)
@@ -112,7 +117,9 @@ def _check_ffn(n, d, dtype, gated, act, with_bias, n_threads, seed):
 @HSET
 @given(n=st.integers(0, 60), d=st.integers(1, 150), dtype=st.sampled_from([np.float16, np.float32]),
        kind=st.sampled_from([(True, "silu", False), (True, "gelu", False), (False, "relu", True),
-                             (False, "relu", False), (False, "gelu", True), (False, "silu", True)]),
+                             (False, "relu", False), (False, "gelu", True), (False, "silu", True),
+                             (True, "relu", False), (True, "gelu_tanh", False), (True, "fatrelu", False),
+                             (True, "drelu", False), (False, "gelu_tanh", True), (False, "fatrelu", True)]),
        n_threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**32 - 1))
 def test_ffn_rows_matches_twin(path, threaded, n, d, dtype, kind, n_threads, seed):
     gated, act, with_bias = kind
@@ -124,6 +131,9 @@ def test_ffn_rows_matches_twin(path, threaded, n, d, dtype, kind, n_threads, see
     (777, 203, True, "silu", False),
     (2049, 96, False, "relu", True),         # OPT-like, odd row count
     (301, 257, False, "gelu", True),
+    (1024, 256, True, "drelu", False),       # dReLU (TurboSparse), FATReLU (ProSparse), GeGLU
+    (515, 96, True, "fatrelu", False),
+    (300, 128, True, "gelu_tanh", False),
 ])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("n_threads", [1, 2])
@@ -136,10 +146,31 @@ def test_ffn_rows_act_codes_equal_names(path):
     rows = _rand(rng, (20, 3 * 24), np.float16)
     x = _rand(rng, 24, np.float32)
     a, b = np.empty(24, np.float32), np.empty(24, np.float32)
-    for code, name in [(0, "silu"), (1, "relu"), (2, "gelu")]:
-        kernels.ffn_rows(rows, x, a, True, code)
-        kernels.ffn_rows(rows, x, b, True, name)
+    for code, name in [(0, "silu"), (1, "relu"), (2, "gelu"), (3, "gelu_tanh"), (4, "fatrelu"), (5, "drelu")]:
+        kernels.ffn_rows(rows, x, a, True, code, act_param=0.1)
+        kernels.ffn_rows(rows, x, b, True, name, act_param=0.1)
         np.testing.assert_array_equal(a, b)
+        assert kernels.ACT_CODES[name] == ref.ACT_CODES[name] == code
+
+
+@pytest.mark.parametrize("act", ["relu", "fatrelu", "drelu"])
+def test_ffn_rows_relu_gated_neurons_are_exactly_zero(path, act):
+    """A gated neuron the ReLU-type activation cuts has h exactly 0 (and its down column, even
+    inf, is never read): relu/fatrelu when gate.x <= threshold, drelu also when up.x <= 0."""
+    d = 8
+    rows = np.zeros((4, 3 * d), np.float32)
+    rows[:, :d] = np.array([-1.0, 0.05, 1.0, 1.0])[:, None]   # gate.x = -8, 0.4, 8, 8
+    rows[:, d:2 * d] = np.array([1.0, 1.0, 1.0, -1.0])[:, None]  # up.x = 8, 8, 8, -8
+    rows[:, 2 * d:] = 1.0
+    rows[0, 2 * d:] = np.inf
+    x = np.ones(d, np.float32)
+    h = np.empty(4, np.float32)
+    out = np.empty(d, np.float32)
+    kernels.ffn_rows(rows, x, out, True, act, None, h, act_param=0.5)
+    want = {"relu": [0, 0.4 * 8, 64, -64], "fatrelu": [0, 0, 64, -64], "drelu": [0, 0.4 * 8, 64, 0]}[act]
+    np.testing.assert_allclose(h, want, rtol=1e-6)
+    assert h[0] == 0.0 and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, np.full(d, sum(want)), rtol=1e-6)
 
 
 def test_ffn_rows_relu_skips_dead_neurons_exactly(path):
@@ -240,12 +271,24 @@ def test_f16_to_f32_shapes_may_differ():
     np.testing.assert_array_equal(out.ravel(), np.arange(24))
 
 
-@pytest.mark.parametrize("act", ["silu", "relu", "gelu"])
+@pytest.mark.parametrize("act", ["silu", "relu", "gelu", "gelu_tanh", "fatrelu", "drelu"])
 def test_activation_inplace(threaded, act):
     a = np.linspace(-30, 30, 2001, dtype=np.float32).reshape(3, 667)
-    want = ref.activation(a, act)
-    kernels.activation_inplace(a, act, 2)
+    want = ref.activation(a, act, 0.7)
+    kernels.activation_inplace(a, act, 2, act_param=0.7)
     np.testing.assert_allclose(a, want, rtol=2e-6, atol=1e-7)
+
+
+def test_activation_definitions():
+    """The twin's activations are the published formulas (HF's ACT2FN; FATReLU: vLLM's
+    F.threshold(x, t, 0); dReLU gated: relu on gate and up)."""
+    v = np.array([-3.0, -0.5, 0.0, 0.1, 0.5, 0.70001, 3.0])
+    np.testing.assert_allclose(ref.activation(v, "gelu_tanh"),
+                               0.5 * v * (1 + np.tanh(0.7978845608028654 * (v + 0.044715 * v ** 3))), rtol=1e-12)
+    np.testing.assert_array_equal(ref.activation(v, "fatrelu", 0.5), [0, 0, 0, 0, 0, 0.70001, 3.0])
+    np.testing.assert_array_equal(ref.activation(v, "relu"), [0, 0, 0, 0.1, 0.5, 0.70001, 3.0])
+    np.testing.assert_array_equal(ref.glu(v, -v, "drelu"), np.zeros_like(v))
+    np.testing.assert_allclose(ref.glu(v, np.ones_like(v), "drelu"), np.maximum(v, 0))
 
 
 # ------------------------------------------------------------------ bad input
@@ -287,7 +330,8 @@ BAD_FFN = [
     (dict(rows=np.zeros((4, 48), np.float16)[:, ::2]), "non-contiguous"),
     (dict(x=np.zeros(8, np.float16)), "x must be"),
     (dict(out=np.zeros(7, np.float32)), "out has length 7"),
-    (dict(act=5), "act must be"),
+    (dict(act=6), "act must be"),
+    (dict(act="fatrelu", act_param=float("nan")), "act_param must be"),
     (dict(act="tanh"), "unknown activation"),
     (dict(up_bias=np.zeros(4, np.float32)), "only supported for non-gated"),
     (dict(gated=False, rows=np.zeros((4, 16), np.float16), up_bias=np.zeros(3, np.float32)),

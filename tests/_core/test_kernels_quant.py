@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from flashrt._core import _reference_kernels as ref
 from flashrt._core import kernels
 
-from kernel_paths import path, threaded  # noqa: F401  (fixtures)
+from kernel_paths import fatrelu_threshold, path, threaded  # noqa: F401  (fixtures)
 
 RTOL = 1e-5      # relative to the magnitude sum |w_j xq_j| of each dot product
 QTYPES = ["q8_0", "q4_0", "q4_1"]
@@ -172,17 +172,20 @@ def _check_ffn(n, d, qtype, gated, act, with_bias, n_threads, seed):
     bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
     out = np.full(d, np.nan, np.float32)
     h = np.full(n, np.nan, np.float32)
-    assert kernels.ffn_rows(rows, x, out, gated, act, bias, h, n_threads, qtype) is out
-    want_h = np.empty(n, np.float32)
-    want = ref.ffn_rows(rows, x, np.empty(d, np.float32), gated, act, bias, want_h, qtype=qtype)
-
     R = ref.dequantize(rows.reshape(n, n_parts, kernels.row_bytes(qtype, d)), qtype).reshape(n, n_parts * d).astype(np.float64)
     x64 = _xq64(x)
     dot_abs = lambda A: np.abs(A) @ np.abs(x64)  # noqa: E731
+    p = 0.0
+    if act == "fatrelu":
+        p = fatrelu_threshold(R[:, :d] @ x64 + (0 if bias is None else bias), dot_abs(R[:, :d]) + 1.0)
+    assert kernels.ffn_rows(rows, x, out, gated, act, bias, h, n_threads, qtype, act_param=p) is out
+    want_h = np.empty(n, np.float32)
+    want = ref.ffn_rows(rows, x, np.empty(d, np.float32), gated, act, bias, want_h, qtype=qtype, act_param=p)
+
     if gated:
         u = R[:, d:2 * d] @ x64
         h_scale = 1.13 * dot_abs(R[:, :d]) * np.abs(u) \
-            + np.abs(ref.activation(R[:, :d] @ x64, act)) * dot_abs(R[:, d:2 * d])
+            + np.abs(ref.activation(R[:, :d] @ x64, act, p)) * dot_abs(R[:, d:2 * d])
     else:
         h_scale = 1.13 * (dot_abs(R[:, :d]) + (0 if bias is None else np.abs(bias)))
     _close(h, want_h, h_scale)
@@ -190,7 +193,8 @@ def _check_ffn(n, d, qtype, gated, act, with_bias, n_threads, seed):
 
 
 KINDS = [(True, "silu", False), (True, "gelu", False), (False, "relu", True),
-         (False, "relu", False), (False, "gelu", True)]
+         (False, "relu", False), (False, "gelu", True), (True, "relu", False), (True, "gelu_tanh", False),
+         (True, "fatrelu", False), (True, "drelu", False), (False, "fatrelu", True)]
 
 
 @HSET

@@ -247,7 +247,7 @@ def test_missing_tensor_and_bad_shape(tmp_path):
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
     ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "longrope"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
-    ({"hidden_act": "gelu"}, "gelu"),
+    ({"hidden_act": "quick_gelu"}, "quick_gelu"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"attention_bias": True}, "attention_bias"),
 ])
