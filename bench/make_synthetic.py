@@ -3,6 +3,8 @@
     python bench/make_synthetic.py OUT --shape opt-6.7b     # 32 layers, d 4096, FFN 16384, fp16, ~13 GB
     python bench/make_synthetic.py OUT --shape opt-1.3b     # 24 layers, d 2048, FFN 8192, ~3 GB
     python bench/make_synthetic.py OUT --shape tiny         # 2 layers, d 128 (tests)
+    python bench/make_synthetic.py OUT --shape drelu-llama-7b   # Llama-2-7B shape with a dReLU FFN, ~13 GB
+    python bench/make_synthetic.py OUT --shape drelu-tiny       # its 2-layer miniature (tests)
 
 How the activations are made (the numbers every result quotes):
 
@@ -32,6 +34,19 @@ How the activations are made (the numbers every result quotes):
   for speed); vocab is small (1024) and the LM head is untied with small weights, so
   sampling at temperature 1 wanders over the vocabulary instead of repeating a token.
 
+The dReLU-Llama shapes (a TurboSparse / Bamboo FFN, h = relu(gate.x) * relu(up.x), on Llama-2-7B's
+dims; model_type "bamboo" in the Llama family, see build_drelu_llama) reuse that construction:
+* No learned positions (RoPE): the latent walk runs over the vocabulary instead, c_v = S[v]
+  (AR(1) in v), and the untied LM head row w is the normalised embedding of token w - 1, scaled
+  so that sampling at temperature 1 nearly always continues v -> v + 1. Decoding walks the
+  vocabulary, and consecutive tokens share most of their latent state as in the OPT shape.
+* No FFN biases: every embedding carries a constant component along a unit direction m
+  orthogonal to Q, so x . m is ~ the same mu for every token; a gate row adds (b_i / mu) m,
+  which acts as the bias b_i. The gate fires with rate_i (mean GATE_RATE); the up rows are
+  noise plus a small m component (P(up.x > 0) ~ UP_POSITIVE), so ~90% of the neurons are exactly
+  zero per token (TurboSparse-Mistral's figure). The predictor is the gate's exact low-rank part
+  (kind "relu": it predicts the gate firing; the up sign it cannot see costs reads).
+
 Writing is streamed layer by layer through flashrt.format.writer.ModelWriter (one layer's
 float32 work arrays in RAM at a time; the resident tensors, ~1/3 of the model, are held
 until commit as the writer requires).
@@ -57,7 +72,12 @@ SHAPES = {
     "opt-6.7b": dict(n_layers=32, dim=4096, n_neurons=16384, n_heads=32, vocab=1024, rank=64),
     "opt-1.3b": dict(n_layers=24, dim=2048, n_neurons=8192, n_heads=32, vocab=1024, rank=64),
     "tiny": dict(n_layers=2, dim=128, n_neurons=512, n_heads=4, vocab=256, rank=16),
+    "drelu-llama-7b": dict(n_layers=32, dim=4096, n_neurons=11008, n_heads=32, vocab=1024, rank=64),
+    "drelu-tiny": dict(n_layers=2, dim=128, n_neurons=512, n_heads=4, vocab=256, rank=16),
 }
+GATE_RATE = 0.18         # dReLU shapes: mean gate firing rate
+UP_POSITIVE = 0.55       # dReLU shapes: share of tokens with up.x > 0, per neuron
+HEAD_GAP = 12.0          # dReLU shapes: logit of the next token (v + 1) above its own row
 ACTIVATION = dict(mean_rate=0.03, rate_spread=1.0, rho=0.9, position_share=0.8, noise=0.5,
                   noise_energy=1.0, target_recall=0.95)
 EMBED_SCALE = 400.0     # residual stream size: attention and FFN outputs are ~1e-5 of it
@@ -115,6 +135,8 @@ def window_stats(sel, ks=(1, 5)):
 
 
 def build(out, shape="opt-6.7b", seed=0, overwrite=False, act=None, quiet=False, dtype="float16"):
+    if shape.startswith("drelu"):
+        return build_drelu_llama(out, shape, seed, overwrite, act, quiet, dtype)
     sh = SHAPES[shape]
     a = dict(ACTIVATION, **(act or {}))
     L, d, n, H, V, r = (sh[k] for k in ("n_layers", "dim", "n_neurons", "n_heads", "vocab", "rank"))
@@ -234,6 +256,138 @@ def build(out, shape="opt-6.7b", seed=0, overwrite=False, act=None, quiet=False,
     register_file(out, "predictors.npz")
     (Path(out) / "synthetic.json").write_text(json.dumps(info, indent=1) + "\n")
     try:  # the file just written sits in the page cache: ask the kernel to drop it
+        fd = os.open(Path(out) / "ffn.bin", os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    except OSError:
+        pass
+    log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s; designed statistics (mean over layers): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    return Path(out)
+
+
+def _rms_norm(h):
+    return h / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + 1e-5)
+
+
+def build_drelu_llama(out, shape="drelu-llama-7b", seed=0, overwrite=False, act=None, quiet=False,
+                      dtype="float16"):
+    """A Llama-family model (model_type bamboo: dReLU FFN) with designed sparsity; see the module
+    docstring. Same latent construction as build(); predictors constructed, not fitted."""
+    sh = SHAPES[shape]
+    a = dict(ACTIVATION, **(act or {}))
+    L, d, n, H, V, r = (sh[k] for k in ("n_layers", "dim", "n_neurons", "n_heads", "vocab", "rank"))
+    rng = np.random.default_rng(seed)
+    log = (lambda *x: None) if quiet else (lambda *x: print(*x, flush=True))
+    t_start = time.perf_counter()
+
+    Q = np.linalg.qr(rng.standard_normal((d, r + 1)))[0].astype(np.float32)      # (d, r + 1) orthonormal
+    Q, m = np.ascontiguousarray(Q[:, :r]), Q[:, r]                                # latent space, bias direction
+    g = a["noise_energy"]
+    gamma = np.sqrt(g * r / (d - r - 1))
+
+    def perp(M):
+        M = M - (M @ Q) @ Q.T
+        return M - np.outer(M @ m, m)
+
+    S = _ar_walk(rng, V, r, a["rho"])                                             # (V, r) latent walk over v
+    M = perp(rng.standard_normal((V, d)).astype(np.float32))                      # (V, d) full-rank part
+    beta = 0.5                                                                    # the constant part along m
+    embed = EMBED_SCALE * (S @ Q.T + gamma * M + beta * np.sqrt(r) * m)           # (V, d)
+    X_all = _rms_norm(embed).astype(np.float32)                                   # (V, d) FFN inputs, ~exact
+    kappa = float(np.mean(np.linalg.norm(X_all @ Q, axis=1)) / np.sqrt(r))        # Q^T x ~ kappa * latent
+    mu = float(np.mean(X_all @ m))                                                # x . m, ~ the same for all v
+    unit = embed / np.linalg.norm(embed, axis=1, keepdims=True)
+    head = np.roll(unit, 1, axis=0) * np.float32(HEAD_GAP / np.sqrt(d) / (1 - a["rho"]))   # row w: token w - 1
+
+    pool_n = int(max(d * d, n * d) * 5 // 4)
+    pool = rng.standard_normal(pool_n, dtype=np.float32)
+
+    def noise(shape_, scale):
+        k = int(np.prod(shape_))
+        off = int(rng.integers(0, pool_n - k))
+        return pool[off:off + k].reshape(shape_) * np.float32(scale)
+
+    attn16 = (pool[: 2 * d * d] / np.sqrt(d)).astype(np.float16)                   # (2 d^2,) N(0, 1/d)
+    out16 = (attn16 * np.float16(ATTN_OUT_SCALE)).astype(np.float16)
+
+    def attn_matrix(src):
+        off = int(rng.integers(0, d * d))
+        return src[off:off + d * d].reshape(d, d)
+
+    config = {"model_type": "bamboo", "architectures": ["BambooForCausalLM"], "hidden_size": d,
+              "intermediate_size": n, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": H,
+              "vocab_size": V, "max_position_embeddings": MAX_POSITIONS, "hidden_act": "relu",
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+              "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float16"}
+    source = {"kind": "synthetic", "shape": shape, "seed": seed, "rank": r, **a, "gate_rate": GATE_RATE,
+              "up_positive": UP_POSITIVE, "embed_scale": EMBED_SCALE, "attn_out_scale": ATTN_OUT_SCALE,
+              "down_scale": DOWN_SCALE, "storage": dtype}
+
+    # calibration tokens: a stretch of the walk the decode follows (v, v + 1, ...)
+    T_cal = 64
+    v0 = int(rng.integers(0, V - T_cal))
+    X = X_all[v0:v0 + T_cal]                                                      # (T, d)
+    A_pred = np.ascontiguousarray(Q.T / kappa, np.float32)                        # (r, d)
+    z_up = NormalDist().inv_cdf(UP_POSITIVE)
+
+    preds, layer_report = [], []
+    margin = None
+    ones = np.ones(d, np.float32)
+    with ModelWriter(out, "llama", config, dtype, overwrite=overwrite, source=source) as w:
+        w.add_resident("model.embed_tokens.weight", embed)
+        w.add_resident("lm_head.weight", head)
+        w.add_resident("model.norm.weight", ones)
+        bundle = np.empty((n, 3 * d), np.float16)                                  # (n_neurons, 3 * dim)
+        for l in range(L):
+            t0 = time.perf_counter()
+            p = f"model.layers.{l}."
+            for name in ("q_proj", "k_proj", "v_proj"):
+                w.add_resident(p + f"self_attn.{name}.weight", attn_matrix(attn16))
+            w.add_resident(p + "self_attn.o_proj.weight", attn_matrix(out16))
+            w.add_resident(p + "input_layernorm.weight", ones)
+            w.add_resident(p + "post_attention_layernorm.weight", ones)
+
+            U = rng.standard_normal((n, r), dtype=np.float32)
+            U /= np.linalg.norm(U, axis=1, keepdims=True)                          # (n, r) unit rows
+            rate = np.exp(rng.normal(0.0, a["rate_spread"], n))
+            rate = np.clip(rate * (GATE_RATE / rate.mean()), 1e-4, 0.6)
+            b = (-np.sqrt(1 + a["noise"] ** 2) * _inv_cdf(1.0 - rate)).astype(np.float32)   # (n,) gate "bias"
+            Wg = (U / np.float32(kappa)) @ Q.T + np.outer(b / mu, m)               # (n, d)
+            Wg += noise((n, d), a["noise"] / np.sqrt(d))
+            Wu = noise((n, d), 1.0 / np.sqrt(d)) + np.float32(z_up / mu) * m       # P(up.x > 0) ~ UP_POSITIVE
+            bundle[:, :d] = Wg
+            bundle[:, d:2 * d] = Wu
+            bundle[:, 2 * d:] = noise((n, d), DOWN_SCALE)                          # down.weight.T (n, d)
+
+            g_true, u_true = X @ Wg.T, X @ Wu.T                                    # (T, n)
+            fires = (g_true > 0) & (u_true > 0)                                    # dReLU: both
+            score0 = (X @ A_pred.T) @ U.T + b                                      # (T, n) margin 0
+            if margin is None:
+                margin = float(-np.quantile(score0[fires], 1.0 - a["target_recall"]))
+            sel = score0 + margin > 0
+            tp = (sel & fires).sum()
+            rep = dict(active=float(fires.mean()), gate_fires=float((g_true > 0).mean()),
+                       selected=float(sel.mean()), recall=float(tp / max(fires.sum(), 1)),
+                       fp_rate=float((sel & ~fires).sum() / max((~fires).sum(), 1)))
+            ws = window_stats(sel)
+            rep.update(held_k5=ws[5][0], new_k5=ws[5][1], new_k1=ws[1][1])
+            layer_report.append(rep)
+            preds.append(LowRankPredictor("relu", A_pred, U, bias=b + np.float32(margin), threshold=0.0))
+            w.add_ffn_layer(l, bundle)
+            log(f"layer {l + 1}/{L}: active {rep['active']:.3f} (gate {rep['gate_fires']:.3f}), predictor selects "
+                f"{rep['selected']:.3f} (recall {rep['recall']:.3f}), k=5 holds {rep['held_k5']:.3f} reads "
+                f"{rep['new_k5']:.4f}; {time.perf_counter() - t0:.1f} s")
+        w.add_tokenizer(*_tokenizer(V))
+        w.commit()
+    del pool, attn16, out16, bundle
+    summary = {k: float(np.mean([rep[k] for rep in layer_report])) for k in layer_report[0]}
+    info = {"source": "bench/make_synthetic.py (constructed, not fitted)", "margin": margin,
+            "summary_on_64_designed_tokens": summary, "layers": layer_report, **source}
+    PredictorSet(preds, info=info).save(out)
+    register_file(out, "predictors.npz")
+    (Path(out) / "synthetic.json").write_text(json.dumps(info, indent=1) + "\n")
+    try:
         fd = os.open(Path(out) / "ffn.bin", os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)

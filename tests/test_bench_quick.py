@@ -79,3 +79,32 @@ def test_predictor_curve_replica_matches_the_real_flash_path(tmp_path, monkeypat
     assert "| " + mode + " |" in out.with_suffix(".md").read_text()
     if importlib.util.find_spec("matplotlib") is not None:             # bench-only dependency
         assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_drelu_synthetic_tiny_is_a_sparse_bamboo_model(tmp_path, monkeypatch):
+    """make_synthetic.py's dReLU-Llama miniature (the drelu-llama-7b bench at 2 layers): a Llama-
+    family model (model_type bamboo, relu on gate and up) whose decode walks the vocabulary
+    (v -> v + 1: consecutive tokens share their latent state, so the window pays), with most of
+    its neurons exactly zero per token (the oracle's exact set, through the runtime) and
+    constructed fire / no-fire predictors that find >= 94% of the firing neurons."""
+    import json
+
+    import flashrt
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("make_synthetic", None)
+    out = importlib.import_module("make_synthetic").build(tmp_path / "m", "drelu-tiny", quiet=True)
+    with flashrt.Generator(out, progress=False) as g:
+        assert g.files.architecture == "llama" and g.files.config["model_type"] == "bamboo"
+        ids = list(g.stream_tokens(g.tokenizer.encode("w10 w11 w12"), max_new_tokens=16, temperature=1.0, seed=0))
+    assert np.mean(np.diff(ids) == 1) > 0.8
+    with flashrt.Generator(out, mode="flash", select="oracle", progress=False) as g:
+        g.generate("w10 w11 w12", max_new_tokens=16, temperature=1.0, seed=0)
+        active = g.stats.ffn["neurons_selected_per_token"]
+    assert 0.03 < active < 0.2
+    design = json.loads((out / "synthetic.json").read_text())["summary_on_64_designed_tokens"]
+    assert design["recall"] >= 0.94 and design["active"] < 0.15 and design["selected"] < 0.5
+    with flashrt.Generator(out, mode="flash", progress=False) as g:      # the predictors, by default
+        assert g.select == "predictor"
+        g.generate("w10 w11 w12", max_new_tokens=8, temperature=1.0, seed=0)
+        assert active < g.stats.ffn["neurons_selected_per_token"] < 0.6
