@@ -13,6 +13,11 @@ The storage section times gemv, ffn_rows and the prefill product (x (T, k) @ W.T
 row blocks of W to float32 and BLAS, what flashrt.linear does) for float16 and each quantized
 type on the same weights, rotating the order every round; GB/s counts each type's own bytes,
 "speed" is float16's time / this type's time (> 1: faster than float16).
+
+The prefetch section (--only prefetch) streams a whole SmolLM2-sized FFN (30 layers, 1536
+neurons, d 576; bigger than the L3 cache, so every layer comes from DRAM as in a decode step)
+through ffn_rows with the kernels' software prefetch on and off (kernels._set_prefetch),
+alternating, for each storage type.
 """
 import argparse
 import os
@@ -258,12 +263,39 @@ def bench_storage(rounds, n_threads, quick):
         _print_storage_row(f"{name} {n}x{k}", variants, times)
 
 
+def bench_prefetch(rounds, n_threads):
+    print("\n== software prefetch: ffn_rows over 30 SmolLM2-sized layers in turn (DRAM-bound), "
+          "prefetch off vs on")
+    rng = np.random.default_rng(4)
+    n, d, layers = 1536, 576, 30
+    R32 = (rng.standard_normal((n * 3, d)) * 0.05).astype(np.float32)
+    x = rng.standard_normal(d).astype(np.float32)
+    out = np.empty(d, np.float32)
+    default = kernels._set_prefetch(0)
+    kernels._set_prefetch(default)
+    for name, W, q in _storage_variants(R32):
+        bundle = W.reshape(n, -1)
+        copies = [bundle.copy() for _ in range(layers)]       # distinct memory per layer
+        nbytes = sum(c.nbytes for c in copies)
+
+        def step(ahead):
+            def run():
+                kernels._set_prefetch(ahead)
+                for c in copies:
+                    kernels.ffn_rows(c, x, out, True, "silu", None, None, n_threads, q)
+            return run
+        t_off, t_on = ab(step(0), step(default), rounds, target_s=0.05)
+        kernels._set_prefetch(default)
+        print(f"{name:>8} {nbytes / 1e6:6.1f} MB  off {t_off * 1e3:6.2f} ms {nbytes / t_off / 1e9:5.1f} GB/s   "
+              f"on {t_on * 1e3:6.2f} ms {nbytes / t_on / 1e9:5.1f} GB/s   x{t_off / t_on:4.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15, help="alternating A/B rounds (median)")
     ap.add_argument("--threads", type=int, default=None, help="kernel threads (default: policy)")
     ap.add_argument("--quick", action="store_true", help="skip the big shapes")
-    ap.add_argument("--only", choices=["storage"], help="run only the storage-type section")
+    ap.add_argument("--only", choices=["storage", "prefetch"], help="run only this section")
     args = ap.parse_args()
     n_threads = default_threads() if args.threads is None else args.threads
     machine_facts()
@@ -271,10 +303,14 @@ def main():
     if args.only == "storage":
         bench_storage(args.rounds, n_threads, args.quick)
         return
+    if args.only == "prefetch":
+        bench_prefetch(args.rounds, n_threads)
+        return
     g = bench_gemv(args.rounds, n_threads, args.quick)
     f = bench_ffn(args.rounds, n_threads, args.quick)
     bench_convert(args.rounds, n_threads)
     bench_storage(args.rounds, n_threads, args.quick)
+    bench_prefetch(args.rounds, n_threads)
     print(f"\nsummary: gemv ratio min {min(g):.2f} median {np.median(g):.2f}; "
           f"ffn_rows ratio min {min(f):.2f}; target >= {TARGET}")
 

@@ -46,6 +46,7 @@ cdef extern from "simd.h" nogil:
     int64_t frt_type_unit_bytes(int t)
     int frt_default_threads()
     int64_t frt_set_chunk_elems(int64_t elems)
+    int FRT_PF_AHEAD
     int frt_gemv_par(const void* W, int type, const float* x, float* out,
                      int64_t n, int64_t k, int n_threads)
     int frt_ffn_rows_par(const void* rows, int type, int type_down, int64_t n, int64_t d, int gated, frt_act_t act,
@@ -549,6 +550,15 @@ def _set_chunk_elems(int64_t elems):
     """Set the minimum elements per work chunk (<= 0: the defaults); returns the old gemv value.
     Tests set 1 so tiny problems split into many chunks across threads."""
     return frt_set_chunk_elems(elems)
+
+
+def _set_prefetch(int ahead):
+    """Set how many loop iterations ahead gemv/ffn_rows prefetch their rows (0: off); returns
+    the old value. For bench/bench_kernels.py --only prefetch and the tests."""
+    global FRT_PF_AHEAD
+    old = FRT_PF_AHEAD
+    FRT_PF_AHEAD = ahead
+    return old
 
 
 def set_path(str path):

@@ -487,6 +487,7 @@ static void frt_gemv_q(int t, const uint8_t *W, const int8_t *xq, const float *x
     frt_qdot4_fn dot4 = frt_qdot4_for(t);
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
+        if (FRT_PF_AHEAD && i + (FRT_PF_AHEAD + 1) * 4 <= n) frt_prefetch(W + (i + FRT_PF_AHEAD * 4) * rb, 4 * rb);
         const uint8_t *w[4] = {W + i * rb, W + (i + 1) * rb, W + (i + 2) * rb, W + (i + 3) * rb};
         dot4(w, xq, xd, xs, nb, out + i);
     }
@@ -515,6 +516,7 @@ static void frt_ffn_rows_q(int t, int td, const uint8_t *rows, int64_t n, int64_
     for (int64_t i = 0; i < n; i += group) {
         const uint8_t *r = rows + i * rb;
         int64_t m = n - i < group ? n - i : group;
+        if (FRT_PF_AHEAD && i + (FRT_PF_AHEAD + 1) * group <= n) frt_prefetch(r + FRT_PF_AHEAD * group * rb, group * rb);
         const uint8_t *w[4];
         if (gated) {
             const uint8_t *r1 = m == 2 ? r + rb : r;

@@ -83,6 +83,19 @@ static int frt_init_path(void) {
 /* ------------------------------------------------------------------ scalar helpers */
 
 /* Exact binary16 -> binary32 (normals, subnormals, inf, NaN payloads kept). */
+/* Prefetch [p, p + bytes) into the caches. One thread streaming many short rows from DRAM
+   outruns the hardware prefetcher (3.1 GB/s measured on SmolLM2's FFN, bench/bench_kernels.py
+   --cold); asking for the rows a few iterations ahead keeps the loads in flight. */
+static int FRT_PF_AHEAD = 2;      /* loop iterations (4-row dot groups, or 2 gated neurons) ahead;
+                                      kernels._set_prefetch(0) turns it off to measure */
+static inline void frt_prefetch(const uint8_t *p, int64_t bytes) {
+#if defined(__GNUC__)
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 0);
+#else
+    (void)p; (void)bytes;
+#endif
+}
+
 static inline float frt_half_to_float(uint16_t h) {
     union { uint32_t u; float f; } o, magic;
     const uint32_t shifted_exp = 0x7c00u << 13;
@@ -247,6 +260,8 @@ FRT_TARGET static void frt_gemv_##SUF##_avx2(const WT *W, const float *x, float 
     int64_t i = 0;                                                                          \
     for (; i + 4 <= n; i += 4) {                                                            \
         const WT *w0 = W + i * k;                                                           \
+        if (FRT_PF_AHEAD && i + (FRT_PF_AHEAD + 1) * 4 <= n)                                \
+            frt_prefetch((const uint8_t *)(w0 + FRT_PF_AHEAD * 4 * k), 4 * k * sizeof(WT)); \
         frt_dot4_##SUF##_avx2(w0, w0 + k, w0 + 2 * k, w0 + 3 * k, x, k, out + i);           \
     }                                                                                       \
     for (; i < n; i++) {                                                                    \
@@ -434,6 +449,9 @@ FRT_TARGET static void frt_ffn_rows_##SUF##_avx2(const WT *rows, int64_t n, int6
     for (int64_t i = 0; i < n; i += group) {                                                  \
         const WT *r = rows + i * row_elems;                                                   \
         int64_t m = n - i < group ? n - i : group;                                            \
+        if (FRT_PF_AHEAD && i + (FRT_PF_AHEAD + 1) * group <= n)                              \
+            frt_prefetch((const uint8_t *)(r + FRT_PF_AHEAD * group * row_elems),             \
+                         group * row_elems * sizeof(WT));                                     \
         if (gated) {                                                                          \
             if (m == 2) {                                                                     \
                 frt_dot4_##SUF##_avx2(r, r + d, r + row_elems, r + row_elems + d, x, d, d4);  \

@@ -259,6 +259,31 @@ def test_quantized_results_do_not_depend_on_thread_count(path, qtype):
         np.testing.assert_array_equal(g, got_g[0])
 
 
+@pytest.mark.parametrize("qtype", QTYPES + [None])
+def test_prefetch_changes_no_result(path, qtype):
+    # The software prefetch is a hint ahead of the loops: on or off, every result is the same
+    # bit for bit, also for row counts around the prefetch distance (where it stops early).
+    rng = np.random.default_rng(12)
+    d = 96
+    old = kernels._set_prefetch(0)
+    try:
+        for n in (1, 3, 4, 7, 9, 12, 13, 40, 301):
+            R = rng.standard_normal((3 * n, d)).astype(np.float32) * 0.2
+            rows = (R.astype(np.float16) if qtype is None else _quant(R, qtype)).reshape(n, -1)
+            W = rows.reshape(3 * n, -1)
+            x = rng.standard_normal(d).astype(np.float32)
+            got = []
+            for ahead in (0, 1, old, 8):
+                kernels._set_prefetch(ahead)
+                got.append((kernels.ffn_rows(rows, x, np.empty(d, np.float32), True, "silu", qtype=qtype),
+                            kernels.gemv(W, x, np.empty(3 * n, np.float32), 1, qtype)))
+            for f, g in got[1:]:
+                np.testing.assert_array_equal(f, got[0][0])
+                np.testing.assert_array_equal(g, got[0][1])
+    finally:
+        kernels._set_prefetch(old)
+
+
 def test_relu_skips_dead_neurons_exactly(path):
     # A dead neuron's down blocks are never read: an inf scale there changes nothing.
     up = np.full((2, 32), 1.0, np.float32)
