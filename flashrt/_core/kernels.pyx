@@ -61,6 +61,12 @@ cdef extern from "simd.h" nogil:
     void frt_act_inplace_par(float* a, int64_t n, frt_act_t act, int n_threads)
     void frt_quantize_x(const float* x, int64_t k, int8_t* q, float* d, float* s)
 
+cdef extern from "step.h" nogil:
+    void frt_rms_norm(const float* x, const float* w, float eps, float* out, int64_t T, int64_t d)
+    void frt_rope(float* x, const float* cos_t, const float* sin_t, int64_t T, int64_t H, int64_t hd)
+    int frt_attend_one(const float* q, const float* K, const float* V, int64_t S, int64_t first,
+                       int64_t n_heads, int64_t n_kv, int64_t hd, float scale, float* out)
+
 ACT_SILU = 0
 ACT_RELU = 1
 ACT_GELU = 2          # exact (erf)
@@ -525,6 +531,73 @@ def activation_inplace(a, act, int n_threads=0, act_param=0.0):
 
 
 # ---------------------------------------------------------------- code path
+
+# ---------------------------------------------------------------- one decode step (step.h)
+# The fused forms of models/base.py's rms_norm, Rope.apply_ and attention for the shapes a
+# decode step has; base.py calls them and keeps its NumPy code as the definition (the twin).
+
+def rms_norm(x, w, float eps, out):
+    """out (T, d) float32 = x (T, d) float32 RMS-normed and scaled by w (d,) float32; out may be x."""
+    if not (_f32(x, 2, False) and _f32(w, 1, False) and _f32(out, 2, True)):
+        _need("rms_norm", "x", x, (_F32,), 2)
+        _need("rms_norm", "w", w, (_F32,), 1)
+        _need("rms_norm", "out", out, (_F32,), 2, writeable=True)
+    cdef int64_t T = _dim(x, 0), d = _dim(x, 1)
+    if _dim(w, 0) != d or _dim(out, 0) != T or _dim(out, 1) != d:
+        raise ValueError(f"rms_norm: x {x.shape}, w {w.shape} and out {out.shape} do not match")
+    cdef const float* xp = <const float*>_data(x)
+    cdef const float* wp = <const float*>_data(w)
+    cdef float* op = <float*>_data(out)
+    with nogil:
+        frt_rms_norm(xp, wp, eps, op, T, d)
+    return out
+
+
+def rope_(x, cos, sin):
+    """Rotate x (T, H, hd) float32 in place (rotate_half pairing) by cos, sin (T, hd/2) float32."""
+    if not (_f32(x, 3, True) and _f32(cos, 2, False) and _f32(sin, 2, False)):
+        _need("rope_", "x", x, (_F32,), 3, writeable=True)
+        _need("rope_", "cos", cos, (_F32,), 2)
+        _need("rope_", "sin", sin, (_F32,), 2)
+    cdef int64_t T = _dim(x, 0), H = _dim(x, 1), hd = _dim(x, 2)
+    if hd % 2 or cos.shape != (T, hd // 2) or sin.shape != (T, hd // 2):
+        raise ValueError(f"rope_: x {x.shape} needs cos and sin of shape ({T}, {hd // 2}), "
+                         f"got {cos.shape} and {sin.shape}")
+    cdef float* xp = <float*>_data(x)
+    cdef const float* cp = <const float*>_data(cos)
+    cdef const float* sp = <const float*>_data(sin)
+    with nogil:
+        frt_rope(xp, cp, sp, T, H, hd)
+    return x
+
+
+def attend_one(q, keys, values, float scale, int64_t first, out):
+    """Attention of one query at the last cached position: q (n_heads, hd) over keys, values
+    (S, n_kv, hd) float32 from position `first` on (a sliding window's left edge, else 0);
+    out (n_heads * hd,) float32. Query head h reads kv head h // (n_heads // n_kv)."""
+    if not (_f32(q, 2, False) and _f32(keys, 3, False) and _f32(values, 3, False) and _f32(out, 1, True)):
+        _need("attend_one", "q", q, (_F32,), 2)
+        _need("attend_one", "keys", keys, (_F32,), 3)
+        _need("attend_one", "values", values, (_F32,), 3)
+        _need("attend_one", "out", out, (_F32,), 1, writeable=True)
+    cdef int64_t H = _dim(q, 0), hd = _dim(q, 1), S = _dim(keys, 0), n_kv = _dim(keys, 1)
+    if (keys.shape != values.shape or _dim(keys, 2) != hd or n_kv < 1 or H % n_kv
+            or _dim(out, 0) != H * hd):
+        raise ValueError(f"attend_one: q {q.shape}, keys {keys.shape}, values {values.shape} and out "
+                         f"{out.shape} do not match (n_heads a multiple of n_kv, out n_heads * hd)")
+    if not 0 <= first < S:
+        raise ValueError(f"attend_one: first {first} must be in [0, {S})")
+    cdef const float* qp = <const float*>_data(q)
+    cdef const float* kp = <const float*>_data(keys)
+    cdef const float* vp = <const float*>_data(values)
+    cdef float* op = <float*>_data(out)
+    cdef int rc
+    with nogil:
+        rc = frt_attend_one(qp, kp, vp, S, first, H, n_kv, hd, scale, op)
+    if rc != 0:
+        raise MemoryError(f"attend_one: no memory for {S} attention scores")
+    return out
+
 
 def cpu_features():
     """Which CPU features exist and which kernel path is active.

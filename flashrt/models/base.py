@@ -1,5 +1,10 @@
 """Pieces shared by the forward passes: the linear interface, norms, softmax, the
-rotary config and tables, and attention over the KV cache. Pure NumPy, float32.
+rotary config and tables, and attention over the KV cache. NumPy, float32.
+
+rms_norm, Rope.apply_ and attention run the fused kernels of flashrt/_core/step.h for the
+float32 shapes of a decode step (NumPy's per-call cost over 30 small layers was a quarter of
+a token); their NumPy code here (rms_norm_numpy, Rope.apply_numpy_, attention_numpy) is the
+definition, the oracle in tests/_core/test_step_kernels.py and the path for everything else.
 """
 
 import math
@@ -7,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from flashrt._core import kernels
 from flashrt.errors import GenerationError, ModelFormatError, UnsupportedModelError
 
 
@@ -22,8 +28,19 @@ def numpy_linear(W, x, bias=None):
     return y
 
 
+def _f32c(a):
+    return a.dtype == np.float32 and a.flags.c_contiguous
+
+
 def rms_norm(x, weight, eps):
     """x (T, d) float32, weight (d,) -> (T, d) float32 (HF: x * rsqrt(mean(x^2) + eps) * w)."""
+    if x.ndim == 2 and _f32c(x) and weight.ndim == 1 and _f32c(weight):
+        return kernels.rms_norm(x, weight, eps, np.empty_like(x))
+    return rms_norm_numpy(x, weight, eps)
+
+
+def rms_norm_numpy(x, weight, eps):
+    """rms_norm in NumPy (any shape and dtype NumPy broadcasts)."""
     ms = np.mean(np.square(x), axis=-1, keepdims=True)
     ms += eps
     return (x / np.sqrt(ms)) * weight
@@ -165,6 +182,13 @@ class Rope:
         T = x.shape[0]
         if start + T > self.cos.shape[0]:
             self._build(max(2 * self.cos.shape[0], start + T))
+        if x.ndim == 3 and _f32c(x) and x.flags.writeable:
+            return kernels.rope_(x, self.cos[start:start + T], self.sin[start:start + T])
+        return self.apply_numpy_(x, start)
+
+    def apply_numpy_(self, x, start):
+        """apply_ in NumPy (the tables must already cover the positions)."""
+        T = x.shape[0]
         half = self.head_dim // 2
         c = self.cos[start:start + T, None, :]  # (T, 1, half)
         s = self.sin[start:start + T, None, :]
@@ -186,6 +210,17 @@ def attention(q, keys, values, start, scale, sliding_window=None):
     sliding_window: a query at p sees keys at (p - window, p] (HF Mistral) or all if None.
     Returns (T, n_heads * head_dim) float32.
     """
+    T, n_heads, head_dim = q.shape
+    S = keys.shape[0]
+    if T == 1 and S == start + 1 and _f32c(q) and _f32c(keys) and _f32c(values):   # a decode step
+        first = S - sliding_window if sliding_window is not None and S > sliding_window else 0
+        out = np.empty(n_heads * head_dim, np.float32)
+        return kernels.attend_one(q[0], keys, values, scale, first, out).reshape(1, -1)
+    return attention_numpy(q, keys, values, start, scale, sliding_window)
+
+
+def attention_numpy(q, keys, values, start, scale, sliding_window=None):
+    """attention in NumPy (any T, float16 or float32 caches)."""
     T, n_heads, head_dim = q.shape
     S, n_kv_heads, _ = keys.shape
     group = n_heads // n_kv_heads

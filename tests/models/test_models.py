@@ -300,6 +300,7 @@ def test_smollm2_from_transformers_gguf_loader():
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
     torch = pytest.importorskip("torch")
+    pytest.importorskip("accelerate")  # transformers needs it to load a GGUF
     from transformers import AutoModelForCausalLM
 
     path = smollm2_gguf()

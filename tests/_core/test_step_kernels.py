@@ -1,0 +1,132 @@
+"""The fused decode-step kernels (flashrt/_core/step.h: rms_norm, rope_, attend_one) against
+the NumPy definitions in flashrt/models/base.py and a float64 computation, on both code
+paths, and the dispatch in base.py (which path each shape takes)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flashrt._core import kernels
+from flashrt.models import base
+
+from kernel_paths import path  # noqa: F401  (fixture)
+
+HSET = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _rms_norm64(x, w, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _attention64(q, keys, values, scale, first):
+    """One query (n_heads, hd) over keys/values[first:] (S, n_kv, hd), float64."""
+    H, hd = q.shape
+    group = H // keys.shape[1]
+    out = np.empty((H, hd))
+    for h in range(H):
+        k = keys[first:, h // group].astype(np.float64)
+        v = values[first:, h // group].astype(np.float64)
+        s = k @ q[h].astype(np.float64) * scale
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ v
+    return out.reshape(-1)
+
+
+@HSET
+@given(T=st.integers(1, 5), d=st.integers(1, 300), seed=st.integers(0, 2**32 - 1),
+       log_scale=st.floats(-8, 8), eps=st.sampled_from([1e-5, 1e-6, 1e-2]))
+def test_rms_norm_matches_float64(path, T, d, seed, log_scale, eps):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((T, d)) * 2.0 ** log_scale).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    got = kernels.rms_norm(x, w, eps, np.empty_like(x))
+    want = _rms_norm64(x, w, eps)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-30)
+    np.testing.assert_allclose(got, base.rms_norm_numpy(x, w, eps), rtol=5e-6, atol=1e-30)
+
+
+def test_rms_norm_in_place_and_zero_rows(path):
+    x = np.zeros((2, 8), np.float32)
+    x[1] = 3.0
+    w = np.full(8, 2.0, np.float32)
+    got = kernels.rms_norm(x, w, 1e-5, x)          # out aliases x
+    assert got is x
+    np.testing.assert_array_equal(x[0], 0.0)
+    np.testing.assert_allclose(x[1], 2.0 * 3.0 / np.sqrt(9.0 + 1e-5), rtol=1e-6)
+
+
+@HSET
+@given(T=st.integers(1, 4), H=st.integers(1, 9), half=st.integers(1, 40), start=st.integers(0, 300),
+       seed=st.integers(0, 2**32 - 1))
+def test_rope_equals_numpy_bit_for_bit(path, T, H, half, start, seed):
+    rng = np.random.default_rng(seed)
+    rope = base.Rope(2 * half, 10000.0, n_positions=8)
+    x = rng.standard_normal((T, H, 2 * half)).astype(np.float32)
+    want = x.copy()
+    rope.apply_(x, start)                            # grows the tables, then the kernel
+    rope.apply_numpy_(want, start)
+    np.testing.assert_array_equal(x, want)
+
+
+@HSET
+@given(S=st.integers(1, 70), n_kv=st.integers(1, 3), group=st.integers(1, 4), hd=st.integers(1, 40),
+       window=st.one_of(st.none(), st.integers(1, 80)), seed=st.integers(0, 2**32 - 1),
+       log_scale=st.floats(-3, 3))
+def test_attend_one_matches_float64_and_numpy(path, S, n_kv, group, hd, window, seed, log_scale):
+    rng = np.random.default_rng(seed)
+    H = n_kv * group
+    q = (rng.standard_normal((1, H, hd)) * 2.0 ** log_scale).astype(np.float32)
+    keys = rng.standard_normal((S, n_kv, hd)).astype(np.float32)
+    values = rng.standard_normal((S, n_kv, hd)).astype(np.float32)
+    scale = hd ** -0.5
+    first = S - window if window is not None and S > window else 0
+    got = base.attention(q, keys, values, S - 1, scale, window)            # the kernel
+    np.testing.assert_allclose(got[0], _attention64(q[0], keys, values, scale, first), rtol=1e-4, atol=1e-5)
+    want = base.attention_numpy(q, keys, values, S - 1, scale, window)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_attend_one_long_context_softmax_is_stable(path):
+    # Scores far apart (|q.k| ~ 1e3): the max-shift keeps exp finite; the peak key wins.
+    S, hd = 2000, 64
+    keys = np.zeros((S, 1, hd), np.float32)
+    keys[1234, 0, 0] = 50.0
+    values = np.arange(S, dtype=np.float32)[:, None, None] * np.ones((1, 1, hd), np.float32)
+    q = np.zeros((1, hd), np.float32)
+    q[0, 0] = 50.0
+    out = kernels.attend_one(q, keys, values, 1.0, 0, np.empty(hd, np.float32))
+    np.testing.assert_allclose(out, 1234.0, rtol=1e-6)
+
+
+def test_dispatch_takes_numpy_for_what_the_kernels_do_not_cover():
+    rng = np.random.default_rng(5)
+    # float16 caches and T > 1 go through NumPy (and agree with the float32 kernel).
+    q = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    keys = rng.standard_normal((6, 2, 8)).astype(np.float32)
+    values = rng.standard_normal((6, 2, 8)).astype(np.float32)
+    k16, v16 = keys.astype(np.float16), values.astype(np.float16)
+    got16 = base.attention(q, k16, v16, 5, 0.3)
+    want = base.attention(q, k16.astype(np.float32), v16.astype(np.float32), 5, 0.3)
+    np.testing.assert_allclose(got16, want, rtol=1e-5, atol=1e-6)
+    # a non-contiguous x still norms (NumPy path) to the same values
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    w = rng.standard_normal(16).astype(np.float32)
+    np.testing.assert_allclose(base.rms_norm(x[:, ::2], w[::2], 1e-5),
+                               base.rms_norm(np.ascontiguousarray(x[:, ::2]), np.ascontiguousarray(w[::2]), 1e-5),
+                               rtol=5e-6)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: kernels.rms_norm(np.zeros((2, 4), np.float64), np.zeros(4, np.float32), 1e-5, np.zeros((2, 4), np.float32)),
+    lambda: kernels.rms_norm(np.zeros((2, 4), np.float32), np.zeros(5, np.float32), 1e-5, np.zeros((2, 4), np.float32)),
+    lambda: kernels.rope_(np.zeros((1, 2, 5), np.float32), np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)),
+    lambda: kernels.rope_(np.zeros((2, 2, 4), np.float32), np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)),
+    lambda: kernels.attend_one(np.zeros((3, 4), np.float32), np.zeros((5, 2, 4), np.float32),
+                               np.zeros((5, 2, 4), np.float32), 1.0, 0, np.zeros(12, np.float32)),
+    lambda: kernels.attend_one(np.zeros((2, 4), np.float32), np.zeros((5, 2, 4), np.float32),
+                               np.zeros((5, 2, 4), np.float32), 1.0, 5, np.zeros(8, np.float32)),
+])
+def test_bad_arguments_name_the_problem(call):
+    with pytest.raises(ValueError, match=r"rms_norm|rope_|attend_one"):
+        call()
