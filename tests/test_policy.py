@@ -188,14 +188,19 @@ def test_a_budget_too_small_for_the_predictors_computes_every_neuron(calibrated_
     margs = model_args(files)[1]
     pred = predictor_ram_bytes(model / "predictors.npz", files.dim, files.n_neurons)
     n_ctx = int(files.config["max_position_embeddings"])
-    budget = None
-    for mb in range(1, 200):                     # the smallest budget select='all' runs in
+    def fits(b, predictor_bytes=0):
         try:
-            plan_budget(files, margs, "flash", mb * 10 ** 5, 64, n_ctx, 0, 100_000)
-            budget = mb * 10 ** 5
-            break
+            plan_budget(files, margs, "flash", b, 64, n_ctx, predictor_bytes, 100_000)
+            return True
         except BudgetError:
-            pass
+            return False
+    lo, hi = 10 ** 5, 2 * 10 ** 7                # the smallest budget select='all' runs in (to 1 KB)
+    assert not fits(lo) and fits(hi)
+    while hi - lo > 1000:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    budget = hi
+    assert pred > 2000
     with pytest.raises(BudgetError):             # the predictors do not fit there
         plan_budget(files, margs, "flash", budget, 64, n_ctx, pred, 100_000)
     kw = dict(mode="flash", memory_budget=budget, max_context=64, progress=False)

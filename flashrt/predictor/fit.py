@@ -210,9 +210,10 @@ def _fit_product(X, H, Wg, Wu, rg, ru, epochs, batch, lr, rng, verbose, sqrt_cov
 
 def product_loss(pred, X, H):
     """Normalised squared error of a product predictor's h estimate on (X, H) (for tests)."""
-    Z = X @ pred._A32.T
-    g = Z[:, : pred.r_gate] @ pred._Bg.T + pred.bias_gate
-    u = Z[:, pred.r_gate:] @ pred._Bu.T + pred.bias
+    Z = X @ pred.A.T.astype(np.float32)
+    B = pred.B.astype(np.float32)
+    g = Z[:, : pred.r_gate] @ B[:, : pred.r_gate].T + pred.bias_gate
+    u = Z[:, pred.r_gate:] @ B[:, pred.r_gate:].T + pred.bias
     return float(np.mean(np.square(silu(g) * u - H)) / np.mean(np.square(H)))
 
 

@@ -28,7 +28,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashrt.linear import linear as _linear
+
 KINDS = ("relu", "product")
+
+
+def linear(W, X, bias=None):
+    """X (T, k) float32 @ W.T (+ bias) for a factor W (m, k) float16|float32: one thread for one
+    token (the factors are a few hundred KB; waking a second thread costs more than it saves)."""
+    return _linear(W, X, bias, n_threads=1 if X.shape[0] == 1 else None)
 
 
 def silu(z):
@@ -117,8 +125,10 @@ class LowRankPredictor:
             raise ValueError(f"LowRankPredictor: A and B must be float16 or float32, got {A.dtype}, {B.dtype}")
         n, r = B.shape
         self.kind = kind
+        # The factors are held once, as stored (float16 after calibration), and scored by
+        # flashrt.linear (the gemv kernel for one token, float32 BLAS over converted row
+        # blocks for many): no float32 working copies.
         self.A = A                                   # (r, d) float32|float16
-        self.B = B                                   # (n, r) float32|float16
         self.bias = np.zeros(n, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)  # (n,)
         if self.bias.shape != (n,):
             raise ValueError(f"LowRankPredictor: bias must be ({n},), got {self.bias.shape}")
@@ -130,9 +140,13 @@ class LowRankPredictor:
             if self.bias_gate.shape != (n,):
                 raise ValueError(f"LowRankPredictor: bias_gate must be ({n},), got {self.bias_gate.shape}")
             self.r_gate = int(r_gate)
+            self._Bg = np.ascontiguousarray(B[:, : self.r_gate])   # (n, r_gate): the gate estimate
+            self._Bu = np.ascontiguousarray(B[:, self.r_gate:])    # (n, r - r_gate): the up estimate
+            self._B = None
         else:
             self.bias_gate = None
             self.r_gate = 0
+            self._B = B                                            # (n, r)
         self.keep_fraction = None if keep_fraction is None else float(keep_fraction)
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(f"LowRankPredictor: keep_fraction must be in (0, 1], got {keep_fraction}")
@@ -140,12 +154,6 @@ class LowRankPredictor:
         self.prior_weight = float(prior_weight)
         if not 0.0 <= self.prior_weight < 1.0:
             raise ValueError(f"LowRankPredictor: prior_weight must be in [0, 1), got {prior_weight}")
-        # float32 copies for scoring when stored in float16 (NumPy's float16 matmul is slow)
-        self._A32 = A.astype(np.float32, copy=False)
-        self._B32 = B.astype(np.float32, copy=False)
-        if kind == "product":
-            self._Bg = np.ascontiguousarray(self._B32[:, : self.r_gate])   # (n, r_gate)
-            self._Bu = np.ascontiguousarray(self._B32[:, self.r_gate:])    # (n, r - r_gate)
         self.up = None
         if up is not None:
             if kind != "product":
@@ -155,22 +163,23 @@ class LowRankPredictor:
                     or Bu.shape[0] != n or bu.shape != (n,):
                 raise ValueError(f"LowRankPredictor: up estimate must be A_u (r_u, {A.shape[1]}), B_u ({n}, r_u), "
                                  f"bias ({n},); got {Au.shape}, {Bu.shape}, {bu.shape}")
+            if Au.dtype not in (np.float16, np.float32) or Bu.dtype not in (np.float16, np.float32):
+                raise ValueError(f"LowRankPredictor: the up estimate must be float16 or float32, got {Au.dtype}, {Bu.dtype}")
             self.up = (Au, Bu, bu.astype(np.float32, copy=False))
-            self._up32 = (Au.astype(np.float32, copy=False), Bu.astype(np.float32, copy=False))
+
+    @property
+    def B(self):
+        """(n, r) the second factor (product: the gate columns, then the up columns; built on demand)."""
+        return self._B if self._B is not None else np.concatenate([self._Bg, self._Bu], axis=1)
 
     @property
     def nbytes(self):
-        """DRAM this predictor holds: the stored factors, float32 scoring copies, split gate/up factors,
-        the separate up estimate (and its float32 copies)."""
-        arrays = [self.A, self.B, self.bias, self.bias_gate]
-        if self._A32 is not self.A:
-            arrays += [self._A32]
-        if self._B32 is not self.B:
-            arrays += [self._B32]
+        """DRAM this predictor holds: the factors as stored, the biases, the separate up estimate."""
+        arrays = [self.A, self._B, self.bias, self.bias_gate]
         if self.kind == "product":
             arrays += [self._Bg, self._Bu]
         if self.up is not None:
-            arrays += list(self.up) + [c for c, a in zip(self._up32, self.up) if c is not a]
+            arrays += list(self.up)
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
@@ -183,7 +192,7 @@ class LowRankPredictor:
 
     @property
     def n_neurons(self):
-        return self.B.shape[0]
+        return self.bias.shape[0]
 
     @property
     def macs(self):
@@ -197,16 +206,16 @@ class LowRankPredictor:
         """
         X = np.asarray(X, dtype=np.float32)
         if self.kind == "relu":
-            return (X @ self._A32.T) @ self._B32.T + self.bias
+            return linear(self._B, linear(self.A, X), self.bias)
         if gate is not None:
             if self.up is not None:
-                u = (X @ self._up32[0].T) @ self._up32[1].T + self.up[2]       # (T, n) up estimate
+                u = linear(self.up[1], linear(self.up[0], X), self.up[2])        # (T, n) up estimate
             else:
-                u = (X @ self._A32[self.r_gate:].T) @ self._Bu.T + self.bias   # (T, n) up estimate
+                u = linear(self._Bu, linear(self.A[self.r_gate:], X), self.bias)  # (T, n) up estimate
             return np.abs(silu(np.asarray(gate, np.float32)) * u)
-        Z = X @ self._A32.T                                         # (T, r)
-        g = Z[:, : self.r_gate] @ self._Bg.T + self.bias_gate       # (T, n)
-        u = Z[:, self.r_gate:] @ self._Bu.T + self.bias             # (T, n)
+        Z = linear(self.A, X)                                       # (T, r)
+        g = linear(self._Bg, Z[:, : self.r_gate], self.bias_gate)   # (T, n)
+        u = linear(self._Bu, Z[:, self.r_gate:], self.bias)         # (T, n)
         return np.abs(silu(g) * u)
 
     def gate_first_macs(self):

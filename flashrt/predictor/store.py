@@ -83,7 +83,7 @@ class PredictorSet:
 
     @property
     def nbytes(self):
-        """DRAM the predictors' arrays hold (as stored, float32 working copies, split factors)."""
+        """DRAM the predictors' arrays hold (as stored)."""
         return sum(p.nbytes for p in self.predictors)
 
     @property
@@ -219,9 +219,8 @@ class PredictorSet:
 
 def predictor_ram_bytes(path, dim: int, n_neurons: int) -> int:
     """What PredictorSet.load(path).nbytes will be, from the header alone (for the budget
-    planner, before the arrays are read): per layer A (r, d) and B (n, r) as stored, float32
-    copies of both when stored in float16, product predictors' split B, the biases, and the
-    separate up estimate (up_rank) with its float32 copies."""
+    planner, before the arrays are read): per layer A (r, d) and B (n, r) as stored, the
+    biases, and the separate up estimate (up_rank) as stored."""
     try:
         with zipfile.ZipFile(path) as zf:
             with zf.open("header.npy") as f:
@@ -234,14 +233,12 @@ def predictor_ram_bytes(path, dim: int, n_neurons: int) -> int:
         total = 0
         for meta in header["layers"]:
             r, item = int(meta["rank"]), np.dtype(meta["dtype"]).itemsize
-            total += (r * dim + n_neurons * r) * item + n_neurons * 4
-            if item != 4:
-                total += (r * dim + n_neurons * r) * 4
+            total += (r * dim + n_neurons * r) * item + n_neurons * 4      # A, B (as stored), bias
             if header["kind"] == "product":
-                total += n_neurons * r * 4 + n_neurons * 4
+                total += n_neurons * 4                                      # bias_gate
             r_up = int(meta.get("up_rank", 0))   # gate-first's separate up estimate
             if r_up:
-                total += (r_up * dim + n_neurons * r_up) * (item + (4 if item != 4 else 0)) + n_neurons * 4
+                total += (r_up * dim + n_neurons * r_up) * item + n_neurons * 4
         return total
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
         raise ModelFormatError(f"{path}: cannot read the predictors header ({type(e).__name__}: {e}); {REDO}") from e
