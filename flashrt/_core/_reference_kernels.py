@@ -271,6 +271,64 @@ def activation_inplace(a, act, n_threads=0, act_param=0.0):
     return a
 
 
+def rms_norm(x, w, eps, out):
+    """out (T, d) = x * w / sqrt(mean(x^2) + eps) per row, in float64 (step.h's twin)."""
+    _need("rms_norm", "x", x, (np.float32,), 2)
+    _need("rms_norm", "w", w, (np.float32,), 1)
+    _need("rms_norm", "out", out, (np.float32,), 2, writeable=True)
+    if w.shape[0] != x.shape[1] or out.shape != x.shape:
+        raise ValueError(f"rms_norm: x {x.shape}, w {w.shape} and out {out.shape} do not match")
+    x64 = x.astype(np.float64)
+    out[...] = x64 / np.sqrt(np.mean(x64 * x64, axis=1, keepdims=True) + eps) * w
+    return out
+
+
+def rope_(x, cos, sin):
+    """Rotate x (T, H, hd) in place by cos, sin (T, hd/2) (rotate_half pairing), float32 as step.h."""
+    _need("rope_", "x", x, (np.float32,), 3, writeable=True)
+    _need("rope_", "cos", cos, (np.float32,), 2)
+    _need("rope_", "sin", sin, (np.float32,), 2)
+    T, H, hd = x.shape
+    if hd % 2 or cos.shape != (T, hd // 2) or sin.shape != (T, hd // 2):
+        raise ValueError(f"rope_: x {x.shape} needs cos and sin of shape ({T}, {hd // 2}), "
+                         f"got {cos.shape} and {sin.shape}")
+    half = hd // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x[..., :half].copy(), x[..., half:].copy()
+    x[..., :half] = x1 * c - x2 * s
+    x[..., half:] = x2 * c + x1 * s
+    return x
+
+
+def attend_one(q, keys, values, scale, first, out):
+    """One query (n_heads, hd) over keys/values[first:] (S, n_kv, hd), softmax in float64."""
+    _need("attend_one", "q", q, (np.float32,), 2)
+    _need("attend_one", "keys", keys, (np.float32,), 3)
+    _need("attend_one", "values", values, (np.float32,), 3)
+    _need("attend_one", "out", out, (np.float32,), 1, writeable=True)
+    H, hd = q.shape
+    S, n_kv = keys.shape[:2]
+    if keys.shape != values.shape or keys.shape[2] != hd or H % n_kv or out.shape[0] != H * hd:
+        raise ValueError(f"attend_one: q {q.shape}, keys {keys.shape}, values {values.shape} and out "
+                         f"{out.shape} do not match (n_heads a multiple of n_kv, out n_heads * hd)")
+    if not 0 <= first < S:
+        raise ValueError(f"attend_one: first {first} must be in [0, {S})")
+    group = H // n_kv
+    o = out.reshape(H, hd)
+    for h in range(H):
+        k = keys[first:, h // group].astype(np.float64)
+        v = values[first:, h // group].astype(np.float64)
+        z = k @ q[h].astype(np.float64) * scale
+        p = np.exp(z - z.max())
+        o[h] = (p / p.sum()) @ v
+    return out
+
+
+def _set_prefetch(ahead):
+    """Accepted for API parity; the twin does not prefetch."""
+    return 0
+
+
 def cpu_features():
     """The twin runs no SIMD code."""
     return {"path": "numpy", "avx2": False, "fma": False, "f16c": False, "avx512f": False,

@@ -130,3 +130,21 @@ def test_dispatch_takes_numpy_for_what_the_kernels_do_not_cover():
 def test_bad_arguments_name_the_problem(call):
     with pytest.raises(ValueError, match=r"rms_norm|rope_|attend_one"):
         call()
+
+
+def test_the_numpy_twins_agree_with_the_kernels(path):
+    from flashrt._core import _reference_kernels as ref
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 50)).astype(np.float32)
+    w = rng.standard_normal(50).astype(np.float32)
+    np.testing.assert_allclose(ref.rms_norm(x, w, 1e-6, np.empty_like(x)),
+                               kernels.rms_norm(x, w, 1e-6, np.empty_like(x)), rtol=2e-6)
+    q = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    cos = rng.standard_normal((2, 8)).astype(np.float32)
+    sin = rng.standard_normal((2, 8)).astype(np.float32)
+    np.testing.assert_array_equal(ref.rope_(q.copy(), cos, sin), kernels.rope_(q.copy(), cos, sin))
+    keys = rng.standard_normal((30, 2, 16)).astype(np.float32)
+    values = rng.standard_normal((30, 2, 16)).astype(np.float32)
+    np.testing.assert_allclose(ref.attend_one(q[0], keys, values, 0.25, 7, np.empty(96, np.float32)),
+                               kernels.attend_one(q[0], keys, values, 0.25, 7, np.empty(96, np.float32)),
+                               rtol=1e-4, atol=1e-5)
