@@ -14,32 +14,58 @@ from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, mo
 from .errors import GenerationError, ModelFormatError, UnsupportedModelError
 
 # -- GGUF vocabularies -----------------------------------------------------------------
-# Pre-tokenizer regexes of llama.cpp's BPE pre-types (as in the models' tokenizer.json).
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's BPE pre-types: the regexes each splits the text with, in order (llama-vocab.cpp's
+# llm_tokenizer_bpe; its case-insensitive contractions spelled out), and whether a word that is
+# itself a token skips the merges.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+           r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+          r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TYPES = {
+    "default": ([r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"], False),
+    "llama3": ([_LLAMA3], True),
+    "dbrx": ([_LLAMA3], False),
+    "chatglm-bpe": ([_LLAMA3], False),
+    "qwen2": ([_QWEN2], False),
+    "gpt-2": ([_GPT2], False),
+    "smollm": ([r"\p{N}", _GPT2], False),
+    "falcon": ([r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"], False),
+    "deepseek-coder": ([r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"], False),
+    "bloom": ([r" ?[^(\s|.,!?…。，、।۔،)]+"], False),
+}
+# llama.cpp's other names for the same pre-types (llama-vocab.cpp, llama_vocab::impl::load)
+_PRE_ALIASES = {
+    "llama-bpe": "llama3", "llama-v3": "llama3", "falcon3": "llama3", "pixtral": "llama3",
+    "smaug-bpe": "dbrx", "glm4": "chatglm-bpe",
+    "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2", "megrez": "qwen2", "hunyuan": "qwen2",
+    "phi-2": "gpt-2", "mpt": "gpt-2", "olmo": "gpt-2", "jais": "gpt-2", "trillion": "gpt-2",
+    "jina-es": "gpt-2", "jina-de": "gpt-2", "gigachat": "gpt-2", "jina-v2-es": "gpt-2",
+    "jina-v2-de": "gpt-2", "exaone4": "gpt-2", "roberta-bpe": "gpt-2",
+    "starcoder": "smollm", "refact": "smollm", "command-r": "smollm", "codeshell": "smollm",
+    "exaone": "smollm", "minerva-7b": "smollm",
+    "poro-chat": "bloom", "gpt3-finnish": "bloom",
+}
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_UNKNOWN = 2
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+TOKEN_TYPE_BYTE = 6
+SPM_SPACE = "\u2581"  # "▁": SentencePiece's space
 
 
 def _pre_tokenizer(pre: str):
     """(pre_tokenizer, ignore_merges) for a llama.cpp BPE pre-type name."""
-    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
-    if pre == "smollm":
-        return pt.Sequence([pt.Digits(individual_digits=True),
-                            pt.ByteLevel(add_prefix_space=False, use_regex=True)]), False
-    if pre == "gpt-2":
-        return pt.ByteLevel(add_prefix_space=False, use_regex=True), False
-    if pre in ("llama3", "llama-bpe"):
-        return pt.Sequence([pt.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
-                            byte_level]), True
-    if pre == "qwen2":
-        return pt.Sequence([pt.Split(Regex(_QWEN2_REGEX), behavior="isolated"),
-                            byte_level]), False
-    raise UnsupportedModelError(
-        f"GGUF tokenizer pre-type {pre!r} is not supported (flashrt knows smollm, gpt-2, "
-        f"llama-bpe/llama3, qwen2); convert the Hugging Face checkpoint instead")
+    name = _PRE_ALIASES.get(pre, pre)
+    if name not in _PRE_TYPES:
+        known = ", ".join(sorted(set(_PRE_TYPES) | set(_PRE_ALIASES)))
+        raise UnsupportedModelError(
+            f"GGUF tokenizer pre-type {pre!r} is not supported (flashrt knows {known}); "
+            f"convert the Hugging Face checkpoint instead")
+    regexes, ignore_merges = _PRE_TYPES[name]
+    splits = [pt.Split(Regex(r), behavior="isolated") for r in regexes]
+    return pt.Sequence(splits + [pt.ByteLevel(add_prefix_space=False, use_regex=False)]), ignore_merges
 
 
 def _drop_missing_bytes(pre_tokenizer, vocab, merges):
@@ -60,42 +86,97 @@ def _field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
+def _spm_merges(tokens, scores, types):
+    """llama.cpp's SentencePiece tokenizer as BPE merges. llama.cpp starts from the text's
+    characters and repeatedly joins the adjacent pair whose concatenation is the
+    highest-scoring token (the leftmost on ties). Every split of a token into two tokens is
+    a merge, ranked by the joined token's score (then by its id); equal scores of different
+    tokens competing for one character are the only place the two can differ."""
+    vocab = {}
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty not in (TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED):
+            vocab.setdefault(t, i)
+    ranked = []
+    for t, i in vocab.items():
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            if a in vocab and b in vocab:
+                ranked.append((-float(scores[i]), i, vocab[a], a, b))
+    ranked.sort()
+    return [(a, b) for _, _, _, a, b in ranked]
+
+
+def _spm_tokenizer(tokens, scores, types, add_space_prefix: bool):
+    """A `tokenizers` BPE over the whole text (no pre-tokenizer) with byte fallback: spaces
+    become "▁" (one prepended to every text fragment between special tokens when
+    add_space_prefix), characters without a token become their <0xXX> byte tokens."""
+    from tokenizers import normalizers
+
+    if scores is None:
+        scores = [0.0] * len(tokens)
+    unk = next((t for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_UNKNOWN), None)
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    tk = HFTokenizer(models.BPE(vocab, _spm_merges(tokens, scores, types), unk_token=unk,
+                                byte_fallback=True, fuse_unk=False))
+    steps = [normalizers.Replace(" ", SPM_SPACE)]
+    if add_space_prefix:
+        steps.insert(0, normalizers.Prepend(SPM_SPACE))
+    tk.normalizer = normalizers.Sequence(steps)
+    tk.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
+    return tk
+
+
 def tokenizer_from_gguf(reader):
     """(tokenizer_json_str, tokenizer_config dict) from a gguf.GGUFReader's metadata.
 
-    BPE vocabularies ("gpt2" model) only: BPE(vocab, merges), the pre-type's
-    pre-tokenizer, a ByteLevel decoder, control tokens (type 3) as special tokens.
+    BPE vocabularies ("gpt2" model): BPE(vocab, merges), the pre-type's pre-tokenizer, a
+    ByteLevel decoder. SentencePiece vocabularies ("llama" model): llama.cpp's score-ranked
+    merges with byte fallback (`_spm_tokenizer`). Control and unknown tokens are special
+    tokens, user-defined ones added tokens (matched in the text before the model runs).
     """
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:
         raise ModelFormatError("the GGUF file has no tokenizer metadata (tokenizer.ggml.model)")
-    if model != "gpt2":
+    if model not in ("gpt2", "llama"):
         raise UnsupportedModelError(
-            f"GGUF tokenizer model {model!r} is not supported (flashrt reads BPE 'gpt2' "
-            f"vocabularies); convert the Hugging Face checkpoint instead")
-    pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
-    pre_tokenizer, ignore_merges = _pre_tokenizer(pre)
+            f"GGUF tokenizer model {model!r} is not supported (flashrt reads BPE 'gpt2' and "
+            f"SentencePiece 'llama' vocabularies); convert the Hugging Face checkpoint instead")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges") or []]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tk = HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
-    tk.pre_tokenizer = _drop_missing_bytes(pre_tokenizer, vocab, merges)
-    tk.decoder = decoders.ByteLevel()
+    if not tokens:
+        raise ModelFormatError("the GGUF file's tokenizer has no tokens (tokenizer.ggml.tokens)")
+    types = _field(reader, "tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
+    spm = model == "llama"
+    if spm:
+        add_space_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+        tk = _spm_tokenizer(tokens, _field(reader, "tokenizer.ggml.scores"), types, add_space_prefix)
+        special_types = (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN)
+    else:
+        add_space_prefix = False
+        pre_tokenizer, ignore_merges = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"))
+        merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges") or []]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tk = HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+        tk.pre_tokenizer = _drop_missing_bytes(pre_tokenizer, vocab, merges)
+        tk.decoder = decoders.ByteLevel()
+        special_types = (TOKEN_TYPE_CONTROL,)
     special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL]
+               for t, ty in zip(tokens, types) if ty in special_types]
     user = [AddedToken(t, special=False, normalized=False)
             for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED]
     tk.add_special_tokens(special)
     if user:
         tk.add_tokens(user)
 
-    def tok(key):
-        i = _field(reader, key)
+    def tok(key, default=None):
+        i = _field(reader, key, default)
         return (int(i), tokens[int(i)]) if i is not None and 0 <= int(i) < len(tokens) else (None, None)
 
-    bos_id, bos = tok("tokenizer.ggml.bos_token_id")
-    eos_id, eos = tok("tokenizer.ggml.eos_token_id")
+    # llama.cpp's defaults for SentencePiece vocabularies: BOS 1, EOS 2, BOS added
+    bos_id, bos = tok("tokenizer.ggml.bos_token_id", 1 if spm else None)
+    eos_id, eos = tok("tokenizer.ggml.eos_token_id", 2 if spm else None)
     eos_ids = [eos_id] if eos_id is not None else []
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         i, _ = tok(key)
@@ -103,8 +184,10 @@ def tokenizer_from_gguf(reader):
             eos_ids.append(i)
     config = {"chat_template": _field(reader, "tokenizer.chat_template"),
               "bos_token": bos, "eos_token": eos,
-              "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+              "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", spm)),
               "bos_token_id": bos_id, "eos_token_ids": eos_ids}
+    if add_space_prefix:
+        config["strip_space_prefix"] = True
     return tk.to_str(), config
 
 
@@ -201,8 +284,9 @@ def _check_config(config, vocab_size: int) -> dict:
     ids = config.get("eos_token_ids")
     if ids is not None and not (isinstance(ids, list) and all(is_id(i) for i in ids)):
         bad("eos_token_ids", f"a list of token ids below the vocabulary size {vocab_size}")
-    if config.get("add_bos_token") is not None and not isinstance(config["add_bos_token"], bool):
-        bad("add_bos_token", "true or false")
+    for field in ("add_bos_token", "strip_space_prefix"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            bad(field, "true or false")
     return dict(config)
 
 
@@ -225,6 +309,8 @@ class Tokenizer:
             eos_ids.add(tokenizer.token_to_id(self.eos_token))
         self.eos_token_ids = eos_ids
         self.add_bos_token = bool(cfg.get("add_bos_token", False))
+        # SentencePiece vocabularies prepend a space to the text: decode() drops it again
+        self.strip_space_prefix = bool(cfg.get("strip_space_prefix", False))
         if self.add_bos_token and self.bos_token_id is None:
             raise ModelFormatError("tokenizer config asks to add BOS but names no BOS token")
         self._template = None
@@ -265,6 +351,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of `ids` (the space a SentencePiece vocabulary prepends dropped)."""
+        text = self._decode_raw(ids, skip_special_tokens)
+        return text[1:] if self.strip_space_prefix and text.startswith(" ") else text
+
+    def _decode_raw(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str):
@@ -314,7 +405,8 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Text deltas for a growing id sequence; holds back incomplete UTF-8 (U+FFFD) tails."""
+    """Text deltas for a growing id sequence; holds back incomplete UTF-8 (U+FFFD) tails.
+    Generated text keeps its leading space (it continues the prompt)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self._tok = tokenizer
@@ -325,8 +417,8 @@ class StreamDecoder:
 
     def step(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        before = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        text = self._tok.decode(self._ids[self._prefix:], self._skip)
+        before = self._tok._decode_raw(self._ids[self._prefix:self._read], self._skip)
+        text = self._tok._decode_raw(self._ids[self._prefix:], self._skip)
         if len(text) > len(before) and not text.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
             return text[len(before):]
@@ -334,7 +426,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is held back (at the end of generation)."""
-        before = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        text = self._tok.decode(self._ids[self._prefix:], self._skip)
+        before = self._tok._decode_raw(self._ids[self._prefix:self._read], self._skip)
+        text = self._tok._decode_raw(self._ids[self._prefix:], self._skip)
         self._prefix = self._read = len(self._ids)
         return text[len(before):]

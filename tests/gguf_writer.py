@@ -113,3 +113,109 @@ def write_hf_fixture_gguf(path, src_dir, arch):
     head = None if cfg.get("tie_word_embeddings") else t["lm_head.weight"]
     write_llama_gguf(path, hp, t, arch=arch, untied_head=head)
     return cfg
+
+
+# -- a vocabulary-only GGUF (what llama.cpp reads with vocab_only=True) ------------------
+def write_vocab_gguf(path, tokens, types, *, model="llama", scores=None, merges=None, pre=None,
+                     bos=1, eos=2, add_bos=None, add_space_prefix=None):
+    """A GGUF holding only a vocabulary (and the minimal llama hyperparameters)."""
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# -- a transformers-made checkpoint as llama.cpp's converter writes it (gemma*, phi3) -------
+NORM_SHIFTED = ("gemma", "gemma2", "gemma3")  # convert_hf_to_gguf.py stores Gemma's norms as 1 + w
+
+
+def write_family_gguf(path, src_dir, arch, fuse_qkv=False):
+    """tests/fixtures/hf/<name> (config.json + model.safetensors) as a float32 GGUF of llama.cpp
+    architecture `arch`: tensor names from gguf-py's own TensorNameMap (llama.cpp's table), no
+    Q/K permutation (these are rope-type neox architectures), Gemma norms + 1, the hyperparameters
+    llama.cpp's converter writes; no tokenizer. fuse_qkv (phi2): one attn_qkv weight and bias,
+    as GGUFs of the original Phi-2 checkpoints have."""
+    import json
+    import os
+
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(src_dir, "config.json")))
+    t = load_file(os.path.join(src_dir, "model.safetensors"))
+    n_layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(n_layers)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg.get("intermediate_size") or cfg["ffn_hidden_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(1 if arch == "falcon" else cfg["num_key_value_heads"])
+    if arch != "falcon":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if "rms_norm_eps" in cfg:
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    else:
+        w.add_layer_norm_eps(cfg.get("layer_norm_eps", cfg.get("layer_norm_epsilon")))
+    rp = cfg.get("rope_parameters") or {}
+    rp = rp.get("full_attention", rp)
+    w.add_rope_freq_base(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rp.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rp["factor"])
+    if arch == "phi3":
+        w.add_rope_dimension_count(head_dim)
+    if arch == "phi2":
+        w.add_rope_dimension_count(int(head_dim * rp["partial_rotary_factor"]))
+    if cfg.get("sliding_window") is not None:
+        w.add_sliding_window(cfg["sliding_window"])
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if arch == "gemma3":  # the fixture's own layer pattern (llama.cpp's default is every sixth full)
+        w.add_sliding_window_pattern([lt == "sliding_attention" for lt in cfg["layer_types"]])
+    w.add_bos_token_id(cfg.get("bos_token_id", 1))
+    w.add_eos_token_id(cfg.get("eos_token_id", 2))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+    if fuse_qkv:
+        for i in range(n_layers):
+            a = f"model.layers.{i}.self_attn."
+            for kind in ("weight", "bias"):
+                qkv = np.concatenate([t.pop(f"{a}{p}_proj.{kind}") for p in "qkv"])
+                w.add_tensor(f"blk.{i}.attn_qkv.{kind}", np.ascontiguousarray(qkv, dtype=np.float32))
+    for hf, a in t.items():
+        if hf == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if arch in NORM_SHIFTED and hf.endswith("norm.weight"):
+            a = a + np.float32(1.0)
+        w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

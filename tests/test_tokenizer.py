@@ -137,7 +137,8 @@ def test_from_dir_and_add_bos(tmp_path, tok_files):
         Tokenizer.from_dir(tmp_path / "nope")
 
 
-PRE_TYPES = ["llama-bpe", "qwen2", "gpt-2"]
+PRE_TYPES = ["llama-bpe", "qwen2", "gpt-2", "default", "falcon", "starcoder",
+             "deepseek-coder", "chatglm-bpe", "bloom", "mpt"]
 
 
 class Field:
@@ -195,9 +196,9 @@ def test_other_pre_tokenizers_match_llamacpp(tmp_path, vocab, pre):
 def test_unsupported_gguf_vocab():
     from flashrt.tokenizer import _pre_tokenizer
 
-    with pytest.raises(UnsupportedModelError, match="deepseek"):
-        _pre_tokenizer("deepseek-coder")
+    with pytest.raises(UnsupportedModelError, match="kimi-k2"):
+        _pre_tokenizer("kimi-k2")
 
-    reader = SimpleNamespace(fields={"tokenizer.ggml.model": Field("llama")})
-    with pytest.raises(UnsupportedModelError, match="'llama'"):
+    reader = SimpleNamespace(fields={"tokenizer.ggml.model": Field("t5")})
+    with pytest.raises(UnsupportedModelError, match="'t5'"):
         tokenizer_from_gguf(reader)
