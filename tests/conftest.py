@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-HF_NAMES = ("opt", "llama", "qwen2", "mistral", "qwen3", "llama_relu")
+HF_NAMES = ("opt", "llama", "qwen2", "mistral", "qwen3", "llama_relu", "gemma", "gemma2", "gemma3", "phi3",
+            "phi", "falcon")
 
 
 def smollm2_gguf():

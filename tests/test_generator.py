@@ -38,8 +38,11 @@ def test_flash_with_every_neuron_equals_dense(tiny_models, name, mode):
         dense = g.logits(ids)
     with flashrt.Generator(tiny_models[name], mode=mode, select="all" if mode == "flash" else None) as g:
         assert g.plan.cache_rows == (g.files.n_neurons if mode == "flash" else 0)
-        np.testing.assert_allclose(g.logits(ids), dense, atol=1e-5, rtol=0)  # prefill: streamed layers
-        np.testing.assert_allclose(decode_logits(g, ids), dense, atol=1e-5, rtol=0)  # decode: cache rows
+        # float32 rounding of another summation order: Gemma's residual stream is larger (the
+        # embedding scaled by sqrt(d), (1 + w) norms), so is its rounding (measured 1.7e-5)
+        tol = 5e-5 if name.startswith("gemma") else 1e-5
+        np.testing.assert_allclose(g.logits(ids), dense, atol=tol, rtol=0)  # prefill: streamed layers
+        np.testing.assert_allclose(decode_logits(g, ids), dense, atol=tol, rtol=0)  # decode: cache rows
 
 
 def test_flash_with_the_true_active_set_equals_dense_on_relu(tiny_models):

@@ -1,11 +1,15 @@
 """GGUF (llama.cpp) file -> flashrt model directory, for the GGUF architectures the families
-name (models.GGUF_ARCHITECTURES: llama, qwen2, qwen3).
+name (models.GGUF_ARCHITECTURES: llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, phi2, falcon).
 
 Weights are dequantized to float32 with `gguf.quants.dequantize` (llama.cpp's own
 reference code), GGUF's innermost-first shapes are reversed for NumPy, and llama.cpp's
 rotary row permutation of the Q and K projections is undone where its converter applied
-one (the `llama` architecture; qwen2 and qwen3 keep Hugging Face's rotate-half rows),
-giving exactly the tensors (and names) of the Hugging Face checkpoint.
+one (the `llama` architecture; the others keep Hugging Face's rotate-half rows),
+giving exactly the tensors (and names) of the Hugging Face checkpoint. A family may add
+(all optional): gguf_config(field, arch, n_layers) -> its config keys from the metadata,
+gguf_names(args) when its name table depends on the config, gguf_tensor(name, w) to undo a
+convention of llama.cpp's converter (Gemma's norms stored as 1 + w), and fused(args) naming
+the row blocks of a fused matrix (phi3's attn_qkv and ffn_up), which are sliced in place.
 
 Storage (`dtype`): by default the type matching the GGUF's FFN tensors (Q8_0 -> q8_0,
 Q4_0 -> q4_0, Q4_1 -> q4_1, other 4/5-bit and K-quants -> q4_1 or q8_0, F16 -> float16; see
@@ -129,14 +133,11 @@ def gguf_config(reader, tensor_names) -> dict:
     head_dim = int(_get(reader, p + "attention.key_length", d // heads))
     if int(_get(reader, p + "attention.value_length", head_dim)) != head_dim:
         raise UnsupportedModelError("GGUF key_length != value_length is not supported")
-    if int(_get(reader, p + "rope.dimension_count", head_dim)) != head_dim:
-        raise UnsupportedModelError("partial rotary embeddings (rope.dimension_count < "
-                                    "head_dim) are not supported")
     if "token_embd.weight" not in tensor_names:
         raise ModelFormatError("GGUF file has no token_embd.weight tensor")
     bos = _get(reader, "tokenizer.ggml.bos_token_id")
     eos = _get(reader, "tokenizer.ggml.eos_token_id")
-    return {
+    config = {
         "model_type": GGUF_ARCHITECTURES[arch],
         "hidden_size": d,
         "intermediate_size": int(_get(reader, p + "feed_forward_length", required=True)),
@@ -156,6 +157,29 @@ def gguf_config(reader, tensor_names) -> dict:
         "bos_token_id": None if bos is None else int(bos),
         "eos_token_id": None if eos is None else int(eos),
     }
+    extra = getattr(family_for(config), "gguf_config", None)  # the family's own metadata keys
+    if extra is not None:
+        def field(key, default=None):
+            f = reader.fields.get(p + key)
+            return default if f is None else f.contents()
+
+        config.update(extra(field, arch, config["num_hidden_layers"]))
+    if "partial_rotary_factor" not in config and int(_get(reader, p + "rope.dimension_count", head_dim)) != head_dim:
+        raise UnsupportedModelError(f"partial rotary embeddings (rope.dimension_count < head_dim) are not "
+                                    f"supported for GGUF architecture {arch!r}")
+    return config
+
+
+def _row_slice(t, start: int, n: int):
+    """Rows [start, start + n) of a 2-D GGUF tensor `t` (elements of a 1-D one), standing in for
+    it (one contiguous run of its bytes, quantized blocks or floats alike): a fused matrix's part."""
+    from types import SimpleNamespace
+
+    rows = int(t.shape[-1])
+    row_bytes = int(t.n_bytes) // rows
+    return SimpleNamespace(name=f"{t.name}[{start}:{start + n}]", tensor_type=t.tensor_type,
+                           shape=[int(s) for s in t.shape[:-1]] + [n], n_bytes=n * row_bytes,
+                           data_offset=int(t.data_offset) + start * row_bytes, data=t.data[start:start + n])
 
 
 def _quantization(reader) -> str:
@@ -239,14 +263,26 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     check_config_values(config, f"{src_file} (GGUF metadata)", count_layers(by_gguf, r"blk\.(\d+)\."))
 
     tensors = {}  # HF name -> GGUF tensor
+    names = fam.gguf_names(args) if hasattr(fam, "gguf_names") else fam.GGUF_NAMES
     for name, t in by_gguf.items():
-        hf = gguf_to_hf(name, fam.GGUF_NAMES)
+        hf = gguf_to_hf(name, names)
         if hf is None:
             if GGUF_IGNORED.match(name):
                 continue
             raise UnsupportedModelError(f"{src_file}: GGUF tensor {name!r} has no meaning in "
                                         f"flashrt's {args.model_type} model; this variant is not supported")
         tensors[hf] = t
+    for name, parts in (fam.fused(args) if hasattr(fam, "fused") else {}).items():  # phi3's qkv, gate_up
+        if name in tensors:
+            t = tensors.pop(name)
+            want = sum(n for _, n in parts)
+            if len(t.shape) not in (1, 2) or int(t.shape[-1]) != want:
+                raise ModelFormatError(f"{src_file}: tensor {t.name!r} has {int(t.shape[-1])} rows, the metadata "
+                                       f"implies {want} (fused {', '.join(p for p, _ in parts)})")
+            start = 0
+            for part, n in parts:
+                tensors[part] = _row_slice(t, start, n)
+                start += n
     resident, ffn = fam.tensors(args)
     for name, shape in list(resident.items()) + [nv for layer in ffn for nv in layer.values()]:
         if name not in tensors:
@@ -270,8 +306,10 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
             return unpermute_qk(w, n_kv)
         return w
 
+    from_gguf = getattr(fam, "gguf_tensor", lambda name, w: w)  # e.g. Gemma's norms: stored as 1 + w
+
     def load(name):
-        return unpermute(name, _dequantize(tensors[name], f))
+        return from_gguf(name, unpermute(name, _dequantize(tensors[name], f)))
 
     ffn_types = [tensors[layer[p][0]].tensor_type.name for layer in ffn for p in layer if p != "down"]
     chosen = dtype is not None

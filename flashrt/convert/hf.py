@@ -25,6 +25,7 @@ from ..format.writer import ModelWriter
 from ..models import family_for
 
 _NP_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 # Tensors some checkpoints carry that are recomputed at run time.
 HF_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
@@ -40,7 +41,7 @@ def count_layers(names, pattern: str) -> int:
 class SafetensorsSource:
     """The tensors of one checkpoint (single file or sharded), by normalised HF name."""
 
-    def __init__(self, src_dir: Path, family, stack: ExitStack):
+    def __init__(self, src_dir: Path, family, stack: ExitStack, fused=None):
         self.src_dir = src_dir
         self._stack = stack
         single = src_dir / "model.safetensors"
@@ -67,6 +68,19 @@ class SafetensorsSource:
             header = _read_header(path)
             for name, key in family.sanitize({k: k for k in header}).items():  # the family's names
                 self.entries[name] = (path, key, *header[key])
+        for name, parts in (fused or {}).items():  # row blocks of a fused matrix: contiguous slices
+            if name in self.entries:
+                self._split(name, parts)
+
+    def _split(self, name, parts):
+        path, key, dtype, shape, offset = self.entries.pop(name)
+        if len(shape) not in (1, 2) or shape[0] != sum(n for _, n in parts):
+            raise ModelFormatError(f"{path}: tensor {key!r} has shape {list(shape)}, the config implies "
+                                   f"{sum(n for _, n in parts)} rows of fused {', '.join(p for p, _ in parts)}")
+        row = int(np.prod(shape[1:], dtype=np.int64)) * _ITEMSIZE.get(dtype, 0)
+        for part, n in parts:
+            self.entries[part] = (path, key, dtype, (n, *shape[1:]), offset)
+            offset += n * row
 
     def shape(self, name):
         return tuple(self.entries[name][3])
@@ -112,7 +126,7 @@ def _read_header(path: Path) -> dict:
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: not a readable safetensors file (header is not a JSON object)")
     size = path.stat().st_size
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+    sizes = _ITEMSIZE
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -227,9 +241,10 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
     args = family.ModelArgs.from_dict(hf_config, str(cfg_path), warn=True)
     config = args.to_config(hf_config)
     with ExitStack() as stack:
-        src = SafetensorsSource(src_dir, family, stack)
+        src = SafetensorsSource(src_dir, family, stack, fused=getattr(family, "fused", lambda a: {})(args))
         check_config_values(config, str(cfg_path),
-                            count_layers(src.entries, r"(?:model\.(?:decoder\.)?)?layers\.(\d+)\."))
+                            count_layers(src.entries, getattr(family, "LAYER_PATTERN",
+                                                              r"(?:model\.(?:decoder\.)?)?layers\.(\d+)\.")))
         embed = family.EMBED_NAME
         if not config["tie_word_embeddings"] and "lm_head.weight" in src.entries and \
                 embed in src.entries and src.shape(embed) == src.shape("lm_head.weight") and \

@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from .._core import kernels, loader
+from .base import ACT_CODES
 
 
 class AllSelector:
@@ -34,11 +35,15 @@ class AllSelector:
         pass
 
 
+# activation codes whose outputs are (almost) never exactly zero: silu, gelu, gelu_tanh
+SMOOTH_ACTS = (ACT_CODES["silu"], ACT_CODES["gelu"], ACT_CODES["gelu_tanh"])
+
+
 class OracleSelector:
     """The neurons whose true output is non-zero (ReLU-type activations, gated or not) or
-    among the largest |h| (smooth gated FFNs).
+    among the largest |h| (smooth FFNs: gated, or ungated with a GELU/SiLU as Phi-2's).
 
-    keep_fraction: smooth gated FFNs only -- the share of neurons kept per token, by |act(gate.x)*(up.x)|.
+    keep_fraction: smooth FFNs only -- the share of neurons kept per token, by |h|.
     act_param: the activation's parameter (FATReLU's threshold); relu_sparse: neurons are
     exactly zero where the activation cuts them (FFNSpec.relu_sparse), so the set is exact.
     """
@@ -76,7 +81,7 @@ class OracleSelector:
 
     def select(self, layer: int, x: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
         mag = np.abs(self.true_outputs(layer, x))
-        if self.keep_fraction is None or not self.gated or self.relu_sparse:
+        if self.keep_fraction is None or self.relu_sparse or not (self.gated or self.act in SMOOTH_ACTS):
             ids = np.flatnonzero(mag > 0)
             return ids[np.argsort(-mag[ids], kind="stable")]
         k = max(1, int(round(self.keep_fraction * mag.size)))

@@ -11,8 +11,10 @@ A family module provides ARCHITECTURE (the manifest's name for it), MODEL_TYPES 
 model_types it runs), FFN_PARTS (its bundle parts), EMBED_NAME, GGUF_NAMES (or None) and
 GGUF_ARCHITECTURES (llama.cpp's general.architecture -> model_type; optional),
 ModelArgs (from_dict, to_config, n_neurons, head_dim, num_key_value_heads), tensors(args),
-sanitize(weights), ffn_spec(args, weights) and Model. Adding a family is one new module and
-its name in FAMILY_MODULES.
+sanitize(weights), ffn_spec(args, weights) and Model; optionally fused(args) (the row blocks of
+fused checkpoint matrices, split by both converters), LAYER_PATTERN (the regex of its layer
+names, if not model.layers.N) and the GGUF hooks convert/gguf.py names. Adding a family is one
+new module and its name in FAMILY_MODULES.
 """
 
 import importlib
@@ -20,7 +22,7 @@ import importlib
 from flashrt.errors import UnsupportedModelError
 from flashrt.models.base import Linear, numpy_linear
 
-FAMILY_MODULES = ("llama", "opt", "qwen3")  # the registry: one module of flashrt.models per family
+FAMILY_MODULES = ("llama", "opt", "qwen3", "gemma", "phi3", "phi", "falcon")  # the registry: one module of flashrt.models per family
 
 FAMILIES = {m.ARCHITECTURE: m for m in (importlib.import_module(f"{__name__}.{name}") for name in FAMILY_MODULES)}
 MODEL_TYPES = {mt: arch for arch, m in FAMILIES.items() for mt in m.MODEL_TYPES}  # HF model_type -> family

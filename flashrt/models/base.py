@@ -201,13 +201,14 @@ class Rope:
 
 # --------------------------------------------------------------------------- attention
 
-def attention(q, keys, values, start, scale, sliding_window=None):
+def attention(q, keys, values, start, scale, sliding_window=None, softcap=None):
     """Causal grouped-query attention of T new queries over the cached keys/values.
 
     q (T, n_heads, head_dim) float32 for positions start..start+T-1;
     keys, values (start+T, n_kv_heads, head_dim) (the cache views, new tokens included).
     Query head h uses kv head h // (n_heads // n_kv_heads), as HF's repeat_kv.
     sliding_window: a query at p sees keys at (p - window, p] (HF Mistral) or all if None.
+    softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2), or None.
     Returns (T, n_heads * head_dim) float32.
     """
     T, n_heads, head_dim = q.shape
@@ -232,6 +233,10 @@ def attention_numpy(q, keys, values, start, scale, sliding_window=None):
     scores = np.matmul(qg, kt)                                             # (n_kv, group, T, S)
     if scale != 1.0:
         scores *= np.float32(scale)
+    if softcap is not None:
+        scores /= np.float32(softcap)
+        np.tanh(scores, out=scores)
+        scores *= np.float32(softcap)
     if T > 1 or (sliding_window is not None and S > sliding_window):
         q_pos = np.arange(start, start + T)[:, None]
         k_pos = np.arange(S)[None, :]

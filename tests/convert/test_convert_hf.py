@@ -101,8 +101,13 @@ def save_checkpoint(path, cfg, tensors, shards=1):
 
 
 def ffn_parts(name_prefix, arch):
-    return (("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-            if arch != "opt" else ("fc1.weight", "fc2.weight"))
+    if arch == "opt":
+        return ("fc1.weight", "fc2.weight")
+    if arch == "phi":
+        return ("mlp.fc1.weight", "mlp.fc2.weight")
+    if arch == "falcon":
+        return ("mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
+    return ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
 def check_converted(out, tensors, arch, dtype, n_layers, layer_prefix):
@@ -370,6 +375,22 @@ def test_hf_fixture(tmp_path, name):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     cfg = json.loads((src / "config.json").read_text())
     arch = architecture_for(cfg)
+    if arch == "phi3":  # the fused matrices, as their row blocks
+        q, kv, n_ff = cfg["hidden_size"], cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"], \
+            cfg["intermediate_size"]
+        for i in range(cfg["num_hidden_layers"]):
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            qkv = tensors.pop(a + "qkv_proj.weight")
+            tensors |= {a + "q_proj.weight": qkv[:q], a + "k_proj.weight": qkv[q:q + kv],
+                        a + "v_proj.weight": qkv[q + kv:]}
+            gate_up = tensors.pop(m + "gate_up_proj.weight")
+            tensors |= {m + "gate_proj.weight": gate_up[:n_ff], m + "up_proj.weight": gate_up[n_ff:]}
+    if arch == "falcon":  # query_key_value as its [q heads, k, v] row blocks
+        hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+        for i in range(cfg["num_hidden_layers"]):
+            a = f"transformer.h.{i}.self_attention."
+            qkv = tensors.pop(a + "query_key_value.weight")
+            tensors |= {a + "q.weight": qkv[:-2 * hd], a + "k.weight": qkv[-2 * hd:-hd], a + "v.weight": qkv[-hd:]}
     convert_hf(src, tmp_path / "out", dtype="float32", progress=False)
-    prefix = "model.decoder.layers." if arch == "opt" else "model.layers."
+    prefix = {"opt": "model.decoder.layers.", "falcon": "transformer.h."}.get(arch, "model.layers.")
     check_converted(tmp_path / "out", tensors, arch, "float32", cfg["num_hidden_layers"], prefix)

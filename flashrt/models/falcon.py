@@ -1,0 +1,186 @@
+"""The Falcon family (model_type falcon: Falcon-7B and its shape): phi.py's parallel block
+under Falcon's names. One LayerNorm feeds attention and FFN, both join the residual together;
+multi-query attention (one k/v head) with RoPE over whole heads; an FFN dense_h_to_4h -> GELU
+(exact) -> dense_4h_to_h, not gated; biases where `bias` says; the head tied to the embedding.
+
+The checkpoint fuses q, k and v into `self_attention.query_key_value` as [q heads, k, v] row
+blocks; the converters split it (`fused`) into the virtual `self_attention.{q,k,v}.` tensors.
+Refused: ALiBi, the sequential block (parallel_attn false), per-head interleaved q/k/v (not
+multi-query) and new_decoder_architecture (Falcon-40B/180B: grouped k/v, two LayerNorms).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from flashrt.errors import ModelFormatError, UnsupportedModelError
+from flashrt.ffn.base import FFNSpec
+from flashrt.ffn.layout import RELU_PARTS
+from flashrt.models import phi
+from flashrt.models.base import check_config_values, config_int, rope_config
+
+ARCHITECTURE = "falcon"
+MODEL_TYPES = ("falcon",)
+GGUF_ARCHITECTURES = {"falcon": "falcon"}
+FFN_PARTS = RELU_PARTS
+EMBED_NAME = "transformer.word_embeddings.weight"
+LAYER_PATTERN = r"transformer\.h\.(\d+)\."
+ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}  # relu: ReLU-fied Falcon (the paper's 95% sparse FFN)
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int
+    rotary_dim: int
+    layer_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    bias: bool = False
+    hidden_act: str = "gelu"
+
+    @property
+    def n_neurons(self):
+        return self.intermediate_size
+
+    @classmethod
+    def from_dict(cls, config, where="config", warn=False):
+        if config.get("model_type", "falcon") not in MODEL_TYPES:
+            raise UnsupportedModelError(f"{where}: model_type {config.get('model_type')!r} is not falcon")
+        missing = [k for k in REQUIRED if config.get(k) is None]
+        if missing:
+            raise ModelFormatError(f"{where}: missing required key(s) {missing} (a falcon config needs them)")
+        check_config_values(config, where)
+        for key, want, what in (("alibi", False, "ALiBi positions"), ("parallel_attn", True, "the sequential block"),
+                                ("new_decoder_architecture", False, "new_decoder_architecture (Falcon-40B/180B)"),
+                                ("multi_query", True, "per-head interleaved q/k/v (multi_query false)")):
+            if bool(config.get(key, want)) != want:
+                raise UnsupportedModelError(f"{where}: {what} is not supported for falcon")
+        act = config.get("activation", "gelu")
+        if act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"{where}: activation {act!r} is not supported for falcon "
+                                        f"({', '.join(ACTIVATIONS)})")
+        hidden = config_int(config, "hidden_size", where)
+        n_heads = config_int(config, "num_attention_heads", where)
+        head_dim = config_int(config, "head_dim", where, hidden // n_heads)
+        theta, scaling = rope_config(config, where)
+        return cls(model_type="falcon", hidden_size=hidden,
+                   intermediate_size=config_int(config, "ffn_hidden_size", where, 4 * hidden),
+                   num_hidden_layers=config_int(config, "num_hidden_layers", where),
+                   num_attention_heads=n_heads, num_key_value_heads=1,
+                   vocab_size=config_int(config, "vocab_size", where), head_dim=head_dim, rotary_dim=head_dim,
+                   layer_norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), rope_theta=theta,
+                   rope_scaling=scaling,
+                   max_position_embeddings=config_int(config, "max_position_embeddings", where, 2048),
+                   tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+                   bias=bool(config.get("bias", False)), hidden_act=ACTIVATIONS[act])
+
+    def to_config(self, config):
+        cfg = {k: v for k, v in config.items() if k != "rope_parameters"}
+        cfg.update(ffn_hidden_size=self.intermediate_size, head_dim=self.head_dim, rope_theta=self.rope_theta,
+                   rope_scaling=self.rope_scaling, layer_norm_epsilon=self.layer_norm_eps,
+                   max_position_embeddings=self.max_position_embeddings,
+                   tie_word_embeddings=self.tie_word_embeddings, bias=self.bias)
+        return cfg
+
+
+def tensors(args):
+    """The tensor-name table: (resident {HF name: shape}, ffn [per layer {part: (HF name, shape)}])."""
+    d, n_ff, hd = args.hidden_size, args.intermediate_size, args.head_dim
+    q_dim, kv_dim = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    resident = {EMBED_NAME: (args.vocab_size, d), "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
+    if not args.tie_word_embeddings:
+        resident["lm_head.weight"] = (args.vocab_size, d)
+    ffn = []
+    for i in range(args.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        a = p + "self_attention."
+        resident |= {p + "input_layernorm.weight": (d,), p + "input_layernorm.bias": (d,),
+                     a + "q.weight": (q_dim, d), a + "k.weight": (kv_dim, d), a + "v.weight": (kv_dim, d),
+                     a + "dense.weight": (d, q_dim)}
+        if args.bias:
+            resident |= {a + "q.bias": (q_dim,), a + "k.bias": (kv_dim,), a + "v.bias": (kv_dim,),
+                         a + "dense.bias": (d,), p + "mlp.dense_h_to_4h.bias": (n_ff,),
+                         p + "mlp.dense_4h_to_h.bias": (d,)}
+        ffn.append({"up": (p + "mlp.dense_h_to_4h.weight", (n_ff, d)),
+                    "down": (p + "mlp.dense_4h_to_h.weight", (d, n_ff))})
+    return resident, ffn
+
+
+def fused(args):
+    """{fused name: [(part name, rows), ...]}: query_key_value as [q heads, k, v] row blocks."""
+    q_dim = args.num_attention_heads * args.head_dim
+    kv_dim = args.num_key_value_heads * args.head_dim
+    out = {}
+    for i in range(args.num_hidden_layers):
+        a = f"transformer.h.{i}.self_attention."
+        for kind in ("weight", "bias"):
+            out[f"{a}query_key_value.{kind}"] = [(f"{a}q.{kind}", q_dim), (f"{a}k.{kind}", kv_dim),
+                                                 (f"{a}v.{kind}", kv_dim)]
+    return out
+
+
+# llama.cpp (GGUF) tensor names -> Hugging Face (its converter writes query_key_value as
+# [all q, all k, all v], which for one k/v head is the checkpoint's own order)
+GGUF_NAMES = {
+    "token_embd.weight": EMBED_NAME,
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "transformer.h.{}.input_layernorm.weight",
+    "blk.{}.attn_norm.bias": "transformer.h.{}.input_layernorm.bias",
+    "blk.{}.attn_qkv.weight": "transformer.h.{}.self_attention.query_key_value.weight",
+    "blk.{}.attn_qkv.bias": "transformer.h.{}.self_attention.query_key_value.bias",
+    "blk.{}.attn_output.weight": "transformer.h.{}.self_attention.dense.weight",
+    "blk.{}.attn_output.bias": "transformer.h.{}.self_attention.dense.bias",
+    "blk.{}.ffn_up.weight": "transformer.h.{}.mlp.dense_h_to_4h.weight",
+    "blk.{}.ffn_up.bias": "transformer.h.{}.mlp.dense_h_to_4h.bias",
+    "blk.{}.ffn_down.weight": "transformer.h.{}.mlp.dense_4h_to_h.weight",
+    "blk.{}.ffn_down.bias": "transformer.h.{}.mlp.dense_4h_to_h.bias",
+}
+
+
+def gguf_config(get, arch, n_layers):
+    """falcon GGUF metadata beyond llama's: LayerNorm eps, the FFN width, one k/v head."""
+    kv = get("attention.head_count_kv", 1)
+    if kv != 1:
+        raise UnsupportedModelError(f"GGUF falcon with {kv} k/v heads (Falcon-40B/180B) is not supported")
+    return {"activation": "gelu", "layer_norm_epsilon": get("attention.layer_norm_epsilon", 1e-5),
+            "ffn_hidden_size": get("feed_forward_length", None), "multi_query": True, "parallel_attn": True}
+
+
+def sanitize(weights):
+    """Drop tensors the forward pass does not use (rotary buffers)."""
+    return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def ffn_spec(args, weights):
+    """dense_h_to_4h (up) and dense_4h_to_h (down), biases where the config has them; not gated."""
+    if not args.bias:
+        return FFNSpec(gated=False, act=args.hidden_act, up_bias=None, down_bias=None)
+
+    def bias(i, name):
+        return np.ascontiguousarray(weights[f"transformer.h.{i}.mlp.{name}.bias"], np.float32)
+
+    n = args.num_hidden_layers
+    return FFNSpec(gated=False, act=args.hidden_act, up_bias=[bias(i, "dense_h_to_4h") for i in range(n)],
+                   down_bias=[bias(i, "dense_4h_to_h") for i in range(n)])
+
+
+class Model(phi.Model):
+    NAMES = {"embed": EMBED_NAME, "final_w": "transformer.ln_f.weight", "final_b": "transformer.ln_f.bias",
+             "head": "lm_head.weight", "head_b": "lm_head.bias",
+             "ln_w": "transformer.h.{}.input_layernorm.weight", "ln_b": "transformer.h.{}.input_layernorm.bias",
+             "q": "transformer.h.{}.self_attention.q.", "k": "transformer.h.{}.self_attention.k.",
+             "v": "transformer.h.{}.self_attention.v.", "o": "transformer.h.{}.self_attention.dense."}
+    CHECKPOINT = "a falcon checkpoint"
