@@ -47,6 +47,10 @@ _PRE_ALIASES = {
     "exaone": "smollm", "minerva-7b": "smollm",
     "poro-chat": "bloom", "gpt3-finnish": "bloom",
 }
+# Token texts llama.cpp treats as the end of a generation wherever they are in the vocabulary
+# (llama-vocab.cpp's auto-detection: Gemma's <end_of_turn>, Phi-3's <|end|>, ...)
+END_OF_GENERATION_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                           "<|end_of_text|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<end_of_utterance>")
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_UNKNOWN = 2
 TOKEN_TYPE_CONTROL = 3
@@ -182,6 +186,9 @@ def tokenizer_from_gguf(reader):
         i, _ = tok(key)
         if i is not None and i not in eos_ids:
             eos_ids.append(i)
+    if spm:  # as llama.cpp: a turn's end ends generation though the metadata names only <eos>
+        ids = {t: i for i, t in enumerate(tokens)}
+        eos_ids += [ids[t] for t in END_OF_GENERATION_TEXTS if t in ids and ids[t] not in eos_ids]
     config = {"chat_template": _field(reader, "tokenizer.chat_template"),
               "bos_token": bos, "eos_token": eos,
               "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", spm)),

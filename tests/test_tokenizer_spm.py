@@ -54,7 +54,9 @@ def test_ids_match_llamacpp_fixture(kind, tok):
 
 
 def test_bos_and_special_tokens(kind, tok):
-    assert tok.add_bos_token and tok.bos_token_id == 1 and tok.eos_token_ids == {2}
+    # <end_of_turn> ends generation too, as llama.cpp detects it (its llama_vocab_is_eog)
+    assert tok.add_bos_token and tok.bos_token_id == 1
+    assert tok.eos_token_ids == {2, tok.token_to_id("<end_of_turn>")}
     assert tok.encode("hello") == FIXTURE["vocabs"][kind]["hello_with_bos"]
     assert tok.encode("<s></s>", add_bos=False) == [1, 2]
     start = tok.token_to_id("<start_of_turn>")
@@ -117,6 +119,15 @@ def llamacpp(kind, tmp_path_factory):
         out[prefix] = (llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False),
                        Tokenizer.from_json(*tokenizer_from_gguf(reader_of(vocab, add_space_prefix=prefix))))
     return out
+
+
+def test_end_of_generation_ids_match_llamacpp_live(llamacpp, kind):
+    import llama_cpp
+
+    llama, ours = llamacpp[True]
+    vocab = llama_cpp.llama_model_get_vocab(llama._model.model)
+    eog = {i for i in range(ours.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    assert ours.eos_token_ids == eog
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
