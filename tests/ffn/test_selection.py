@@ -70,6 +70,24 @@ def test_oracle_on_gated_keeps_the_top_fraction_by_magnitude(tiny_models, keep):
         s.close()
 
 
+def test_oracle_on_a_smooth_ungated_ffn_keeps_the_top_fraction(tiny_models):
+    """Phi-2's FFN (fc1 -> tanh GELU -> fc2) is never exactly zero: the oracle keeps the share
+    asked for, by |h| (not every non-zero neuron, which would be all of them)."""
+    files, spec = opened(tiny_models["phi"])
+    assert not spec.gated and spec.act == "gelu_tanh"
+    s = OracleSelector(files, spec.gated, spec.act_code, spec.up_bias, 0.25, 1)
+    try:
+        x = np.random.default_rng(2).standard_normal(files.dim).astype(np.float32)
+        B = files.read_ffn_layer(0).astype(np.float64)
+        u = part_views(B, files.ffn_parts, files.dim)["up"] @ x + spec.up_bias[0]
+        mag = np.abs(0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3))))
+        ids = s.select(0, x)
+        k = round(0.25 * files.n_neurons)
+        assert ids.size == k and mag[ids].min() >= np.sort(mag)[::-1][k - 1] - 1e-5
+    finally:
+        s.close()
+
+
 class FakePredictor:
     def __init__(self, prior_weight):
         self.prior_weight = prior_weight
