@@ -427,7 +427,7 @@ def test_sharded_checkpoint_with_a_missing_shard(tmp_path):
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope scaling 'longrope'"),
     ({"hidden_act": "quick_gelu"}, "hidden_act"),
-    ({"model_type": "gemma"}, "model_type 'gemma'"),
+    ({"model_type": "gpt_neox"}, "model_type 'gpt_neox'"),
     ({"mlp_bias": True}, "mlp_bias"),
 ])
 def test_unsupported_config_options_are_refused(tmp_path, edit, match):
