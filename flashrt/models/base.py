@@ -213,14 +213,14 @@ def attention(q, keys, values, start, scale, sliding_window=None, softcap=None):
     """
     T, n_heads, head_dim = q.shape
     S = keys.shape[0]
-    if T == 1 and S == start + 1 and _f32c(q) and _f32c(keys) and _f32c(values):   # a decode step
+    if T == 1 and S == start + 1 and softcap is None and _f32c(q) and _f32c(keys) and _f32c(values):  # a decode step
         first = S - sliding_window if sliding_window is not None and S > sliding_window else 0
         out = np.empty(n_heads * head_dim, np.float32)
         return kernels.attend_one(q[0], keys, values, scale, first, out).reshape(1, -1)
-    return attention_numpy(q, keys, values, start, scale, sliding_window)
+    return attention_numpy(q, keys, values, start, scale, sliding_window, softcap)
 
 
-def attention_numpy(q, keys, values, start, scale, sliding_window=None):
+def attention_numpy(q, keys, values, start, scale, sliding_window=None, softcap=None):
     """attention in NumPy (any T, float16 or float32 caches)."""
     T, n_heads, head_dim = q.shape
     S, n_kv_heads, _ = keys.shape
