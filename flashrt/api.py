@@ -27,6 +27,7 @@ import numpy as np
 from .budget import BudgetPlan, check_dense_budget, plan_budget
 from .errors import FlashrtError, GenerationError, ModelFormatError
 from .ffn.dense import DenseFFN
+from .ffn.moe import FlashMoEFFN, MoEFFN, MoESpec
 from .ffn.flash import FlashFFN
 from .ffn.selection import AllSelector, GateFirstSelector, OracleSelector, PredictorSelector
 from .format.manifest import MANIFEST_NAME
@@ -249,7 +250,13 @@ class Generator:
                 if memory_budget is not None:
                     check_dense_budget(self.files, args, memory_budget, self.max_context)
             else:
-                self.select = choose_select(self.files, select) if mode == "flash" else "all"
+                if getattr(args, "n_experts", None):  # a mixture of experts: the router selects, exactly
+                    if select not in (None, "all"):
+                        raise FlashrtError(f"select={select!r}: a mixture-of-experts model is routed exactly by its "
+                                           f"router; leave select unset")
+                    self.select = "all"
+                else:
+                    self.select = choose_select(self.files, select) if mode == "flash" else "all"
                 pred = predictors_path(self.files)
                 pred_bytes = 0
                 if self.select == "predictor":  # counted as held in RAM (float32 scoring copies), not as the file
@@ -264,7 +271,11 @@ class Generator:
                 self.max_context = self.plan.max_context
 
             def make_ffn(spec, weights):  # held by self at once: close() releases it if the model fails
-                if mode == "dense":
+                if isinstance(spec, MoESpec):
+                    self.ffn = (MoEFFN.from_files(self.files, spec, n_threads=self.n_threads) if mode == "dense"
+                                else FlashMoEFFN(self.files, spec, self.plan.cache_rows, self.n_threads,
+                                                 reuse=mode == "flash"))
+                elif mode == "dense":
                     self.ffn = DenseFFN.from_files(self.files, spec, n_threads=self.n_threads)
                 else:
                     self.ffn = flash_ffn(self.files, spec, self.plan, mode, self.select, sparsity, window,

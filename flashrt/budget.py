@@ -81,6 +81,7 @@ class BudgetPlan:
     cache_bytes: int  # all layers
     max_context: int
     n_neurons: int
+    unit: str = "neurons"  # what a cache row holds: "neurons", or "experts" (a mixture of experts)
 
     @property
     def total(self) -> int:
@@ -96,7 +97,8 @@ class BudgetPlan:
         return (f"budget {b}: resident {fmt_bytes(self.resident_bytes)}, predictors {fmt_bytes(self.predictor_bytes)}, "
                 f"tokenizer {fmt_bytes(self.tokenizer_bytes)}, "
                 f"KV cache {fmt_bytes(self.kv_bytes)} ({self.max_context} tokens), buffers {fmt_bytes(self.working_bytes)}, "
-                f"neuron caches {fmt_bytes(self.cache_bytes)} ({self.cache_rows}/{self.n_neurons} neurons per layer)")
+                f"{self.unit[:-1]} caches {fmt_bytes(self.cache_bytes)} ({self.cache_rows}/{self.n_neurons} {self.unit} "
+                f"per layer)")
 
 
 def _default_context(args, budget: int | None, max_context: int | None, n_ctx_model: int) -> int:
@@ -121,8 +123,14 @@ def plan_budget(files, args, mode: str, memory_budget, max_context: int | None, 
     n_layers = args.num_hidden_layers
     row_bytes = files.ffn_row_bytes
     n_neurons = files.n_neurons
+    work = working_bytes(args, row_bytes, ctx)
+    n_experts = getattr(args, "n_experts", None)
+    if n_experts:  # a mixture of experts: the cache unit is a whole expert, a token needs top_k of them
+        row_bytes = args.expert_neurons * files.ffn_row_bytes
+        n_neurons = n_experts
+        work += 2 * row_bytes  # prefill's staging buffer for one expert, and its float32 blocks
     fixed = dict(resident_bytes=files.resident_bytes, predictor_bytes=predictor_bytes, tokenizer_bytes=tokenizer_bytes,
-                 kv_bytes=ctx * kv_bytes_per_token(args), working_bytes=working_bytes(args, row_bytes, ctx))
+                 kv_bytes=ctx * kv_bytes_per_token(args), working_bytes=work)
     fixed_total = sum(fixed.values())
     # what the items above do not yet itemize (allocator overhead, NumPy temporaries): measured
     # VmHWM ran up to 1.7% over the items for SmolLM2 with a context-filling prompt
@@ -131,22 +139,26 @@ def plan_budget(files, args, mode: str, memory_budget, max_context: int | None, 
         cache_rows = 0
         need = int(fixed_total / (1 - UNITEMIZED_SHARE)) + 1
     else:
-        min_rows = max(1, int(MIN_CACHE_SHARE * n_neurons))
+        min_rows = args.num_experts_per_tok if n_experts else max(1, int(MIN_CACHE_SHARE * n_neurons))
         need = int((fixed_total + min_rows * row_bytes * n_layers) / (1 - UNITEMIZED_SHARE)) + 1
         if budget is None:
             cache_rows = n_neurons
         else:
             cache_rows = min(n_neurons, (usable - fixed_total) // (row_bytes * n_layers)) if usable > fixed_total else 0
-    if budget is not None and (budget < need or (mode == "flash" and cache_rows < max(1, int(MIN_CACHE_SHARE * n_neurons)))):
+    if n_experts and mode == "naive":  # naive: each token reads its top-k experts into a cache just that big
+        cache_rows = args.num_experts_per_tok
+        need = int((fixed_total + cache_rows * row_bytes * n_layers) / (1 - UNITEMIZED_SHARE)) + 1
+    caches = "expert caches of one token's experts" if n_experts else f"neuron caches of {MIN_CACHE_SHARE:.0%} of the FFN"
+    if budget is not None and (budget < need or (mode == "flash" and cache_rows < min_rows)):
         raise BudgetError(
             f"a memory budget of {fmt_bytes(budget)} is too small for {files.path.name} in {mode} mode: "
             f"it needs at least {fmt_bytes(need)} (resident tensors {fmt_bytes(fixed['resident_bytes'])}, "
             f"tokenizer {fmt_bytes(fixed['tokenizer_bytes'])}, "
             f"KV cache {fmt_bytes(fixed['kv_bytes'])} for {ctx} tokens, buffers {fmt_bytes(fixed['working_bytes'])}"
-            + ("" if mode == "naive" else f", neuron caches of {MIN_CACHE_SHARE:.0%} of the FFN")
+            + ("" if mode == "naive" and not n_experts else f", {caches}")
             + "); raise the budget or lower max_context"
         )
-    return BudgetPlan(mode=mode, budget=budget, cache_rows=int(cache_rows),
+    return BudgetPlan(mode=mode, budget=budget, cache_rows=int(cache_rows), unit="experts" if n_experts else "neurons",
                       cache_bytes=int(cache_rows) * row_bytes * n_layers, max_context=ctx, n_neurons=n_neurons, **fixed)
 
 

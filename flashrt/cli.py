@@ -231,6 +231,11 @@ def cmd_info(args) -> int:
             "ffn_neurons": files.n_neurons,
             "ffn_parts": list(files.ffn_parts),
             "ffn_row_bytes": files.ffn_row_bytes,
+            **({"experts": f"{files.config['num_local_experts']} per layer of "
+                           f"{files.config['intermediate_size']} neurons "
+                           f"({files.config['intermediate_size'] * files.ffn_row_bytes} bytes each), "
+                           f"top-{files.config['num_experts_per_tok']} per token"}
+               if files.config.get("num_local_experts") else {}),
             "bytes_resident": files.resident_bytes,
             "bytes_ffn": files.ffn_bytes,
             "vocab_size": files.config.get("vocab_size"),

@@ -215,6 +215,70 @@ def write_family_gguf(path, src_dir, arch, fuse_qkv=False):
         if arch in NORM_SHIFTED and hf.endswith("norm.weight"):
             a = a + np.float32(1.0)
         w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+
+
+# -- a mixture-of-experts GGUF (Mixtral: llama with experts; Qwen3-MoE: qwen3moe) from an HF checkpoint
+def write_moe_gguf(path, config, t, expert_qtype=None, expert_shapes=None):
+    """What llama.cpp's converter writes for Mixtral (the llama architecture with expert_count
+    and expert_used_count, Q/K rows permuted) or Qwen3-MoE (qwen3moe: q/k norms, rows as HF's,
+    expert_feed_forward_length): the router as ffn_gate_inp, each layer's experts stacked into
+    one tensor per part (ffn_gate_exps, ffn_up_exps: (n_experts, n_ff, d); ffn_down_exps:
+    (n_experts, d, n_ff), in NumPy order). expert_qtype: a GGMLQuantizationType for the expert
+    tensors (None: F32); expert_shapes: {part: a wrong NumPy shape} to write instead."""
+    qwen = config["model_type"] == "qwen3_moe"
+    arch = "qwen3moe" if qwen else "llama"
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    n_layers, heads, kv = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
+    E = config.get("num_experts", config.get("num_local_experts"))  # transformers 4 or 5 spelling
+    n_ff = config["moe_intermediate_size"] if qwen else config["intermediate_size"]
+    w.add_block_count(n_layers)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    if qwen:
+        w.add_expert_feed_forward_length(n_ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(config["head_dim"])
+    w.add_value_length(config["head_dim"])
+    w.add_rope_dimension_count(config["head_dim"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    w.add_expert_count(E)
+    w.add_expert_used_count(config["num_experts_per_tok"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_tensor("token_embd.weight", t["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", t["model.norm.weight"])
+    if not config.get("tie_word_embeddings"):
+        w.add_tensor("output.weight", t["lm_head.weight"])
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output"}
+    if qwen:
+        per_layer |= {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+        expert = {"gate": "mlp.experts.{}.gate_proj", "up": "mlp.experts.{}.up_proj", "down": "mlp.experts.{}.down_proj"}
+    else:
+        per_layer["block_sparse_moe.gate"] = "ffn_gate_inp"
+        expert = {p: "block_sparse_moe.experts.{}." + h for p, h in (("gate", "w1"), ("up", "w3"), ("down", "w2"))}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        for hf, g in per_layer.items():
+            a = t[p + hf + ".weight"]
+            if hf == "self_attn.q_proj" and not qwen:
+                a = llamacpp_permute(a, heads, heads)
+            elif hf == "self_attn.k_proj" and not qwen:
+                a = llamacpp_permute(a, heads, kv)
+            w.add_tensor(f"blk.{i}.{g}.weight", a)
+        for part, hf in expert.items():
+            a = np.stack([t[p + hf.format(e) + ".weight"] for e in range(E)])
+            if expert_shapes and part in expert_shapes:
+                a = np.zeros(expert_shapes[part], np.float32)
+            name = f"blk.{i}.ffn_{part}_exps.weight"
+            if expert_qtype is not None:
+                w.add_tensor(name, quantize(a, expert_qtype), raw_dtype=expert_qtype)
+            else:
+                w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -108,3 +108,38 @@ def test_drelu_synthetic_tiny_is_a_sparse_bamboo_model(tmp_path, monkeypatch):
         assert g.select == "predictor"
         g.generate("w10 w11 w12", max_new_tokens=8, temperature=1.0, seed=0)
         assert active < g.stats.ffn["neurons_selected_per_token"] < 0.6
+
+
+def test_synthetic_moe_tiny_flashrt_and_gguf_agree(tmp_path):
+    """bench/make_synthetic_moe.py's tiny shape: the flashrt directory runs in flash mode equal to
+    dense, and its GGUF converts back to the same routers, embeddings and experts' gate/up rows."""
+    import warnings
+
+    import flashrt
+    from flashrt.format.reader import ModelFiles
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    moe = importlib.import_module("make_synthetic_moe")
+    s = moe.SHAPES["tiny"]
+    stats = moe.simulate_routing(0, s, n_tokens=300, caches=(2, 8))
+    assert stats["token_to_token_expert_reuse"] > stats["chance_reuse_would_be"]
+    assert stats["top10pct_experts_share_of_routes"] > stats["uniform_share_would_be"]
+    assert stats["lru_hit_rate_by_cache_experts"][8] > stats["lru_hit_rate_by_cache_experts"][2]
+    out = moe.write_flashrt(tmp_path / "tiny", s, 0, progress=False)
+    gguf = moe.write_gguf(tmp_path / "tiny.gguf", s, 0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = flashrt.convert(gguf, tmp_path / "back", dtype="q4_0", progress=False)
+        ids = [5, 9, 9, 300, 17]
+        with flashrt.Generator(out, progress=False) as g:
+            want = g.decode_logits(ids)
+        with flashrt.Generator(out, mode="flash", memory_budget="130MB", progress=False) as g:
+            np.testing.assert_array_equal(g.decode_logits(ids), want)
+    a, b = ModelFiles.open(out), ModelFiles.open(back)
+    ra, rb = a.load_resident(), b.load_resident()
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.v_proj.weight"):
+        np.testing.assert_array_equal(ra[name].data, rb[name].data)
+    np.testing.assert_array_equal(ra["model.layers.0.block_sparse_moe.gate.weight"],
+                                  rb["model.layers.0.block_sparse_moe.gate.weight"])
+    cut = 2 * (s["dim"] // 32) * 18                               # gate and up blocks of each neuron row
+    np.testing.assert_array_equal(a.read_ffn_layer(1)[:, :cut], b.read_ffn_layer(1)[:, :cut])

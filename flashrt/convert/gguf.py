@@ -1,5 +1,8 @@
 """GGUF (llama.cpp) file -> flashrt model directory, for the GGUF architectures the families
-name (models.GGUF_ARCHITECTURES: llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, phi2, falcon).
+name (models.GGUF_ARCHITECTURES: llama, qwen2, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, phi2, falcon).
+Mixtures of experts: the llama architecture with expert_count > 0 (Mixtral) and qwen3moe, the
+router as ffn_gate_inp and each layer's experts as ffn_{gate,up,down}_exps, stacked expert-major
+into the bundle file as flashrt/models/mixtral.py describes.
 
 Weights are dequantized to float32 with `gguf.quants.dequantize` (llama.cpp's own
 reference code), GGUF's innermost-first shapes are reversed for NumPy, and llama.cpp's
@@ -111,8 +114,7 @@ def gguf_config(reader, tensor_names) -> dict:
             f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} GGUF files (convert other models "
             f"from their Hugging Face checkpoint)")
     p = arch + "."
-    if (_get(reader, p + "expert_count", 0) or 0) > 0:
-        raise UnsupportedModelError("mixture-of-experts GGUF models are not supported")
+    n_experts = int(_get(reader, p + "expert_count", 0) or 0)
     kind = _get(reader, p + "rope.scaling.type", "none")
     rope_scaling = None
     if kind == "linear":
@@ -137,8 +139,20 @@ def gguf_config(reader, tensor_names) -> dict:
         raise ModelFormatError("GGUF file has no token_embd.weight tensor")
     bos = _get(reader, "tokenizer.ggml.bos_token_id")
     eos = _get(reader, "tokenizer.ggml.eos_token_id")
+    moe = {}
+    if n_experts > 0 and arch == "llama":  # Mixtral: the llama architecture with ffn_*_exps tensors
+        moe = {"model_type": "mixtral", "num_local_experts": n_experts,
+               "num_experts_per_tok": int(_get(reader, p + "expert_used_count", required=True))}
+    elif n_experts > 0 and arch == "qwen3moe":  # llama.cpp renormalises qwen3moe's top-k weights
+        moe = {"num_experts": n_experts, "num_experts_per_tok": int(_get(reader, p + "expert_used_count", required=True)),
+               "moe_intermediate_size": int(_get(reader, p + "expert_feed_forward_length", required=True)),
+               "norm_topk_prob": True}
+    elif n_experts > 0 or arch == "qwen3moe":
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} with expert_count {n_experts} is not supported "
+                                    f"(flashrt's mixtures of experts: 'llama' with experts, 'qwen3moe' with experts)")
     config = {
         "model_type": GGUF_ARCHITECTURES[arch],
+        **moe,
         "hidden_size": d,
         "intermediate_size": int(_get(reader, p + "feed_forward_length", required=True)),
         "num_hidden_layers": int(_get(reader, p + "block_count", required=True)),
@@ -259,12 +273,19 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     config = gguf_config(reader, by_gguf)
     config["vocab_size"] = int(by_gguf["token_embd.weight"].shape[1])
     fam = family_for(config, str(src_file))
+    moe = hasattr(fam, "GGUF_EXPERTS")  # llama with experts (mixtral), qwen3moe
     args = fam.ModelArgs.from_dict(config, str(src_file), warn=True)
     check_config_values(config, f"{src_file} (GGUF metadata)", count_layers(by_gguf, r"blk\.(\d+)\."))
 
     tensors = {}  # HF name -> GGUF tensor
     names = fam.gguf_names(args) if hasattr(fam, "gguf_names") else fam.GGUF_NAMES
+    experts = [{} for _ in range(args.num_hidden_layers)]  # MoE: per layer {part: the (n_experts, ...) tensor}
+    exps = {g: p for p, g in getattr(fam, "GGUF_EXPERTS", {}).items()}
     for name, t in by_gguf.items():
+        m = _BLK.match(name)
+        if m and "blk.{}." + m.group(2) in exps and int(m.group(1)) < args.num_hidden_layers:
+            experts[int(m.group(1))][exps["blk.{}." + m.group(2)]] = t
+            continue
         hf = gguf_to_hf(name, names)
         if hf is None:
             if GGUF_IGNORED.match(name):
@@ -284,7 +305,21 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
                 tensors[part] = _row_slice(t, start, n)
                 start += n
     resident, ffn = fam.tensors(args)
-    for name, shape in list(resident.items()) + [nv for layer in ffn for nv in layer.values()]:
+    if moe:  # the experts of a layer: one tensor per part, (n_experts, n_ff, d) or (n_experts, d, n_ff)
+        E, n, d = args.num_local_experts, args.intermediate_size, args.hidden_size
+        for l, layer in enumerate(experts):
+            for p, gname in fam.GGUF_EXPERTS.items():
+                if p not in layer:
+                    raise ModelFormatError(f"{src_file}: tensor {gname.format(l)!r} is missing (a mixture-of-experts "
+                                           f"GGUF has one per layer and part)")
+                got = tuple(int(s) for s in reversed(layer[p].shape))
+                want = (E, d, n) if p == "down" else (E, n, d)
+                if got != want:
+                    raise ModelFormatError(f"{src_file}: expert tensor {gname.format(l)!r} has shape {got}, but "
+                                           f"{E} experts of {n} neurons in dim {d} need {want}; the experts' tensors "
+                                           f"disagree with the metadata (expert_count and the experts' feed-forward length)")
+        ffn = [{p: (layer[p].name, None) for p in layer} for layer in experts]
+    for name, shape in list(resident.items()) + ([] if moe else [nv for layer in ffn for nv in layer.values()]):
         if name not in tensors:
             raise ModelFormatError(f"{src_file}: tensor for {name!r} is missing")
         got = tuple(int(s) for s in reversed(tensors[name].shape))
@@ -311,7 +346,8 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
     def load(name):
         return from_gguf(name, unpermute(name, _dequantize(tensors[name], f)))
 
-    ffn_types = [tensors[layer[p][0]].tensor_type.name for layer in ffn for p in layer if p != "down"]
+    ffn_types = [(by_gguf if moe else tensors)[layer[p][0]].tensor_type.name for layer in ffn for p in layer
+                 if p != "down"]
     chosen = dtype is not None
     storage = dtype if chosen else default_storage(ffn_types)
     # the re-blocked down columns: 8-bit under 4-bit storage (requantizing 4-bit values to 4 bits
@@ -337,7 +373,32 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
                 return q
         return load(name)
 
+    def moe_layer(parts):
+        """The experts' rows stacked expert-major: (n_experts * n_ff, row) (see models/mixtral.py)."""
+        ts = {p: by_gguf[parts[p][0]] for p in w.parts}
+        E, n, d = args.num_local_experts, args.intermediate_size, args.hidden_size
+
+        def rows(p):  # float32 (E * n, d): gate/up rows, down columns
+            a = _dequantize(ts[p], f)
+            return (a.transpose(0, 2, 1) if p == "down" else a).reshape(E * n, d)
+
+        if not is_quantized(storage) or not fits(storage, d):
+            return np.concatenate([rows(p) for p in w.parts], axis=1)
+        blocks = []
+        for p in w.parts:
+            have = GGUF_EXACT.get(ts[p].tensor_type.name)
+            if p != "down" and have == storage:  # the GGUF's blocks, bit for bit
+                nonlocal_count[0] += 1
+                blocks.append(np.asarray(_tensor_data(f, ts[p]), np.uint8).reshape(E * n, -1))
+            else:
+                blocks.append(quantize(rows(p), down_storage if p == "down" else storage))
+        return np.concatenate(blocks, axis=1)
+
+    nonlocal_count = [0]
+
     def ffn_layer(parts):
+        if moe:
+            return moe_layer(parts)
         if not is_quantized(storage) or not fits(storage, config["hidden_size"]):
             return bundle({p: load(parts[p][0]) for p in w.parts}, w.parts)
         blocks = []
@@ -369,7 +430,7 @@ def convert_gguf(src_file, out_dir, dtype=None, overwrite=False, progress=True, 
                 if name.startswith(f"{layer_prefix}{l}."):
                     w.add_resident(name, resident_tensor(name))
             w.add_ffn_layer(l, ffn_layer(parts))
-        w.source["tensors_copied_exactly"] = n_exact
+        w.source["tensors_copied_exactly"] = n_exact + nonlocal_count[0]
         if tok is not None:
             w.add_tokenizer(*tok)
         return w.commit()

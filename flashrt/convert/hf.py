@@ -226,6 +226,22 @@ def hf_tokenizer(src_dir: Path, config: dict):
 
 
 # -- conversion -----------------------------------------------------------------------
+def _per_expert(entry):
+    """A family's FFN table entry: (name, shape), or a list of them, one per expert (MoE)."""
+    return entry if isinstance(entry, list) else [entry]
+
+
+def ffn_layer(get, parts_table, parts):
+    """One layer's bundle matrix from a family's FFN table ({part: (name, shape)} or, for a mixture
+    of experts, {part: [(name, shape) per expert]}): experts' neuron rows stacked expert-major,
+    so each expert is one contiguous span of rows."""
+    first = parts_table[parts[0]]
+    if not isinstance(first, list):
+        return bundle({p: get(parts_table[p][0]) for p in parts}, parts)
+    return np.concatenate([bundle({p: get(parts_table[p][e][0]) for p in parts}, parts)
+                           for e in range(len(first))], axis=0)
+
+
 def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True) -> Path:
     """Convert an HF safetensors checkpoint directory into a flashrt model directory."""
     src_dir = Path(src_dir)
@@ -252,7 +268,8 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
             config["tie_word_embeddings"] = True  # an untied head equal to the embedding
             args = dataclasses.replace(args, tie_word_embeddings=True)
         resident, ffn = family.tensors(args)
-        for name, shape in list(resident.items()) + [nv for layer in ffn for nv in layer.values()]:
+        ffn_tensors = [nv for layer in ffn for v in layer.values() for nv in _per_expert(v)]
+        for name, shape in list(resident.items()) + ffn_tensors:
             if name not in src.entries:
                 raise ModelFormatError(f"{src_dir}: tensor {name!r} is missing from the "
                                        f"checkpoint (model_type {config['model_type']})")
@@ -260,7 +277,7 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
                 raise ModelFormatError(f"{src_dir}: tensor {name!r} has shape "
                                        f"{src.shape(name)}, config implies {tuple(shape)}")
             src.check_dtype(name)
-        known = set(resident) | {n for layer in ffn for n, _ in layer.values()}
+        known = set(resident) | {n for n, _ in ffn_tensors}
         extra = [n for n in src.entries if n not in known and not HF_IGNORED.search(n)
                  and not (n == "lm_head.weight" and config["tie_word_embeddings"])]
         if extra:
@@ -274,7 +291,7 @@ def convert_hf(src_dir, out_dir, dtype="float16", overwrite=False, progress=True
                 w.add_resident(name, src.get(name))
             for l, parts in enumerate(tqdm(ffn, desc="ffn", unit="layer", disable=not progress)):
                 # bundled in the source precision; the writer casts (and checks overflow)
-                w.add_ffn_layer(l, bundle({p: src.get(parts[p][0]) for p in w.parts}, w.parts))
+                w.add_ffn_layer(l, ffn_layer(lambda name: src.get(name), parts, w.parts))
             tok = hf_tokenizer(src_dir, config)
             if tok is not None:
                 w.add_tokenizer(*tok)

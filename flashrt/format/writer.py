@@ -207,7 +207,8 @@ class ModelWriter:
             self._tensor_dtypes[name] = array.qtype
             return
         array = np.asarray(array)
-        if self.quantized and array.ndim == 2 and fits(self.storage, array.shape[1]):
+        keep_float = name.endswith(getattr(FAMILIES[self.architecture], "FLOAT_TENSORS", ()))
+        if self.quantized and array.ndim == 2 and fits(self.storage, array.shape[1]) and not keep_float:
             self._check_finite(array, array, f"resident tensor {name!r}")
             self._resident[name] = quantize(array, self.storage)
             self._tensor_dtypes[name] = self.storage

@@ -22,7 +22,7 @@ import importlib
 from flashrt.errors import UnsupportedModelError
 from flashrt.models.base import Linear, numpy_linear
 
-FAMILY_MODULES = ("llama", "opt", "qwen3", "gemma", "phi3", "phi", "falcon")  # the registry: one module of flashrt.models per family
+FAMILY_MODULES = ("llama", "opt", "qwen3", "gemma", "phi3", "phi", "falcon", "mixtral", "qwen3_moe")  # the registry: one module of flashrt.models per family
 
 FAMILIES = {m.ARCHITECTURE: m for m in (importlib.import_module(f"{__name__}.{name}") for name in FAMILY_MODULES)}
 MODEL_TYPES = {mt: arch for arch, m in FAMILIES.items() for mt in m.MODEL_TYPES}  # HF model_type -> family
