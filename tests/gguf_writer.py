@@ -215,6 +215,10 @@ def write_family_gguf(path, src_dir, arch, fuse_qkv=False):
         if arch in NORM_SHIFTED and hf.endswith("norm.weight"):
             a = a + np.float32(1.0)
         w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 # -- a mixture-of-experts GGUF (Mixtral: llama with experts; Qwen3-MoE: qwen3moe) from an HF checkpoint
