@@ -99,6 +99,21 @@ def weight_getter(weights, checkpoint):
     return get
 
 
+def fused_qkv(args, layer_prefix, fused, parts, kinds=("weight",)):
+    """{fused name: [(part name, rows), ...]} for a q/k/v matrix stored as one (a family's
+    fused(args)): per layer `layer_prefix.format(i)` + `fused`.kind holds the q heads, then k,
+    then v, as row blocks of `parts` (q, k, v names) + .kind, for each kind ("weight", "bias")."""
+    q_dim = args.num_attention_heads * args.head_dim
+    kv_dim = args.num_key_value_heads * args.head_dim
+    out = {}
+    for i in range(args.num_hidden_layers):
+        a = layer_prefix.format(i)
+        for kind in kinds:
+            out[f"{a}{fused}.{kind}"] = [(f"{a}{part}.{kind}", rows)
+                                         for part, rows in zip(parts, (q_dim, kv_dim, kv_dim))]
+    return out
+
+
 # --------------------------------------------------------------------------- rotary embeddings
 
 # rope scaling kinds the forward pass implements, and the keys each needs

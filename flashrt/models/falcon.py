@@ -18,7 +18,7 @@ from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import RELU_PARTS
 from flashrt.models import phi
-from flashrt.models.base import check_config_values, config_int, rope_config
+from flashrt.models.base import check_config_values, config_int, fused_qkv, rope_config
 
 ARCHITECTURE = "falcon"
 MODEL_TYPES = ("falcon",)
@@ -119,15 +119,7 @@ def tensors(args):
 
 def fused(args):
     """{fused name: [(part name, rows), ...]}: query_key_value as [q heads, k, v] row blocks."""
-    q_dim = args.num_attention_heads * args.head_dim
-    kv_dim = args.num_key_value_heads * args.head_dim
-    out = {}
-    for i in range(args.num_hidden_layers):
-        a = f"transformer.h.{i}.self_attention."
-        for kind in ("weight", "bias"):
-            out[f"{a}query_key_value.{kind}"] = [(f"{a}q.{kind}", q_dim), (f"{a}k.{kind}", kv_dim),
-                                                 (f"{a}v.{kind}", kv_dim)]
-    return out
+    return fused_qkv(args, "transformer.h.{}.self_attention.", "query_key_value", ("q", "k", "v"), ("weight", "bias"))
 
 
 # llama.cpp (GGUF) tensor names -> Hugging Face (its converter writes query_key_value as

@@ -23,7 +23,7 @@ from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import RELU_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import (Rope, attention, check_config_values, config_int, embed, layer_norm,
+from flashrt.models.base import (Rope, attention, check_config_values, config_int, embed, fused_qkv, layer_norm,
                                  rope_config, weight_getter)
 
 ARCHITECTURE = "phi"
@@ -161,15 +161,7 @@ GGUF_NAMES = {
 
 def fused(args):
     """{fused name: [(part name, rows), ...]}: a GGUF's attn_qkv weight and bias as q, k, v."""
-    q_dim = args.num_attention_heads * args.head_dim
-    kv_dim = args.num_key_value_heads * args.head_dim
-    out = {}
-    for i in range(args.num_hidden_layers):
-        a = f"model.layers.{i}.self_attn."
-        for kind in ("weight", "bias"):
-            out[f"{a}qkv.{kind}"] = [(f"{a}q_proj.{kind}", q_dim), (f"{a}k_proj.{kind}", kv_dim),
-                                     (f"{a}v_proj.{kind}", kv_dim)]
-    return out
+    return fused_qkv(args, "model.layers.{}.self_attn.", "qkv", ("q_proj", "k_proj", "v_proj"), ("weight", "bias"))
 
 
 def gguf_config(get, arch, n_layers):

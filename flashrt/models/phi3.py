@@ -9,6 +9,7 @@ partial rotary embeddings are refused.
 
 from flashrt.errors import UnsupportedModelError
 from flashrt.models import llama
+from flashrt.models.base import fused_qkv
 from flashrt.models.llama import EMBED_NAME, FFN_PARTS, Model, ffn_spec, sanitize, tensors  # noqa: F401 (the family protocol)
 
 ARCHITECTURE = "phi3"
@@ -32,13 +33,9 @@ class ModelArgs(llama.ModelArgs):
 def fused(args):
     """{fused HF name: [(part HF name, rows), ...]}: the row blocks each fused tensor holds,
     in order (q, k, v; gate, up)."""
-    q_dim = args.num_attention_heads * args.head_dim
-    kv_dim = args.num_key_value_heads * args.head_dim
-    out = {}
+    out = fused_qkv(args, "model.layers.{}.self_attn.", "qkv_proj", ("q_proj", "k_proj", "v_proj"))
     for i in range(args.num_hidden_layers):
-        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        out[a + "qkv_proj.weight"] = [(a + "q_proj.weight", q_dim), (a + "k_proj.weight", kv_dim),
-                                      (a + "v_proj.weight", kv_dim)]
+        m = f"model.layers.{i}.mlp."
         out[m + "gate_up_proj.weight"] = [(m + "gate_proj.weight", args.intermediate_size),
                                           (m + "up_proj.weight", args.intermediate_size)]
     return out
