@@ -249,6 +249,12 @@ def build(out, shape="opt-6.7b", seed=0, overwrite=False, act=None, quiet=False,
         w.commit()
     del pool, attn16, out16, bundle
 
+    return _finish(out, preds, layer_report, margin, source, log, t_start)
+
+
+def _finish(out, preds, layer_report, margin, source, log, t_start):
+    """The builders' last step: the constructed predictors and their designed statistics saved
+    with the model (predictors.npz, synthetic.json), ffn.bin dropped from the page cache."""
     summary = {k: float(np.mean([rep[k] for rep in layer_report])) for k in layer_report[0]}
     info = {"source": "bench/make_synthetic.py (constructed, not fitted)", "margin": margin,
             "summary_on_64_designed_tokens": summary, "layers": layer_report, **source}
@@ -381,21 +387,7 @@ def build_drelu_llama(out, shape="drelu-llama-7b", seed=0, overwrite=False, act=
         w.add_tokenizer(*_tokenizer(V))
         w.commit()
     del pool, attn16, out16, bundle
-    summary = {k: float(np.mean([rep[k] for rep in layer_report])) for k in layer_report[0]}
-    info = {"source": "bench/make_synthetic.py (constructed, not fitted)", "margin": margin,
-            "summary_on_64_designed_tokens": summary, "layers": layer_report, **source}
-    PredictorSet(preds, info=info).save(out)
-    register_file(out, "predictors.npz")
-    (Path(out) / "synthetic.json").write_text(json.dumps(info, indent=1) + "\n")
-    try:
-        fd = os.open(Path(out) / "ffn.bin", os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-    except OSError:
-        pass
-    log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s; designed statistics (mean over layers): "
-        + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-    return Path(out)
+    return _finish(out, preds, layer_report, margin, source, log, t_start)
 
 
 def main():
