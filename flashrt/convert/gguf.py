@@ -40,7 +40,7 @@ from ..errors import ModelFormatError, UnsupportedModelError
 from ..ffn.layout import bundle
 from ..format.writer import ModelWriter
 from ..models import GGUF_ARCHITECTURES, family, family_for
-from ..models.base import check_config_values
+from ..models.config import check_config_values
 from ..quant import GGUF_DEFAULT, GGUF_EXACT, QMatrix, fits, is_quantized, quantize
 from ..tokenizer import tokenizer_from_gguf
 from .hf import count_layers

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..ffn.layout import bundle
-from ..models.base import check_config_values
+from ..models.config import check_config_values
 from ..format.writer import ModelWriter
 from ..models import family_for
 

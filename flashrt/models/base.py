@@ -1,5 +1,5 @@
 """Pieces shared by the forward passes: the linear interface, norms, softmax, the
-rotary config and tables, and attention over the KV cache. NumPy, float32.
+rotary tables, and attention over the KV cache. NumPy, float32. (Reading a config: config.py.)
 
 rms_norm, Rope.apply_ and attention run the fused kernels of flashrt/_core/step.h for the
 float32 shapes of a decode step (NumPy's per-call cost over 30 small layers was a quarter of
@@ -72,17 +72,6 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def config_int(config, key, where="config", default=None):
-    """config[key] (or `default` when absent or null) as a positive integer; ModelFormatError
-    for anything else (a string, a bool, a float, zero)."""
-    value = config.get(key)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelFormatError(f"{where}: config key {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
 def weight_getter(weights, checkpoint):
     """get(name, float32=False, optional=False) over a {HF name: array} dict: the array (as
     float32 for norms and biases), None for an absent optional one, else ModelFormatError
@@ -115,43 +104,6 @@ def fused_qkv(args, layer_prefix, fused, parts, kinds=("weight",)):
 
 
 # --------------------------------------------------------------------------- rotary embeddings
-
-# rope scaling kinds the forward pass implements, and the keys each needs
-ROPE_SCALING = {"linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                           "original_max_position_embeddings")}
-
-
-def rope_config(cfg: dict, where: str = "config"):
-    """(rope_theta, rope_scaling dict or None) from old (rope_theta/rope_scaling) or new
-    (transformers 5 rope_parameters) config keys. The scaling dict carries "rope_type".
-    UnsupportedModelError for a kind the forward pass lacks, ModelFormatError for missing keys."""
-    rp = cfg.get("rope_parameters")
-    scaling = cfg.get("rope_scaling")
-    theta = cfg.get("rope_theta")
-    if isinstance(rp, dict):
-        theta = rp.get("rope_theta", theta)
-        if rp.get("rope_type", rp.get("type", "default")) != "default":
-            scaling = rp
-    theta = 10000.0 if theta is None else float(theta)
-    if scaling is None:
-        return theta, None
-    if not isinstance(scaling, dict):
-        scaling = {"rope_type": scaling}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return theta, None
-    if not isinstance(kind, str) or kind not in ROPE_SCALING:  # a list or dict is not a kind
-        raise UnsupportedModelError(
-            f"{where}: rope scaling {kind!r} is not supported (flashrt implements plain RoPE "
-            f"and {', '.join(ROPE_SCALING)} scaling)")
-    missing = [k for k in ROPE_SCALING[kind] if scaling.get(k) is None]
-    if missing:
-        raise ModelFormatError(f"{where}: rope scaling {kind!r} lacks {missing}")
-    scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
-    scaling["rope_type"] = kind
-    return theta, scaling
-
 
 def rope_inv_freq(head_dim, theta, scaling=None):
     """Inverse frequencies (head_dim/2,) float64, as HF's rope init for rope_type
@@ -275,41 +227,3 @@ def embed(table, ids):
             f"token id out of range [0, {table.shape[0]}): min {ids.min()}, max {ids.max()}"
         )
     return table[ids].astype(np.float32)
-
-
-# bounds on config sizes: far above any real model, low enough that nothing is built for a typo
-MAX_LAYERS = 4096
-MAX_SIZE = 1 << 24          # hidden, intermediate, vocab, heads, head_dim
-MAX_POSITIONS = 1 << 24
-
-
-def check_config_values(cfg: dict, where: str, n_layers_found: int | None = None) -> None:
-    """Every size the converter and the forward pass use: a positive integer within bounds (a
-    float, a string, 0 or 10**9 layers is refused before anything is built), the token ids
-    integers; ModelFormatError naming the field."""
-    def pos_int(key, hi, optional=False):
-        v = cfg.get(key)
-        if v is None and optional:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
-            raise ModelFormatError(f"{where}: config key {key!r} must be an integer from 1 to {hi}, got {v!r}")
-
-    pos_int("num_hidden_layers", MAX_LAYERS)
-    for key in ("hidden_size", "num_attention_heads", "vocab_size"):
-        pos_int(key, MAX_SIZE)
-    for key in ("intermediate_size", "ffn_dim", "num_key_value_heads", "head_dim", "word_embed_proj_dim"):
-        pos_int(key, MAX_SIZE, optional=True)
-    for key in ("max_position_embeddings", "sliding_window"):
-        pos_int(key, MAX_POSITIONS, optional=True)
-    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        v = cfg.get(key)
-        ids = v if isinstance(v, list) else [v]
-        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise ModelFormatError(f"{where}: {key} must be a token id (or a list of them), got {v!r}")
-    for key in ("rms_norm_eps", "layer_norm_eps", "rope_theta"):
-        v = cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
-            raise ModelFormatError(f"{where}: {key} must be a positive finite number, got {v!r}")
-    if n_layers_found is not None and cfg["num_hidden_layers"] != n_layers_found:
-        raise ModelFormatError(f"{where}: num_hidden_layers is {cfg['num_hidden_layers']} but the checkpoint "
-                               f"holds tensors for {n_layers_found} layers")

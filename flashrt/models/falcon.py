@@ -10,15 +10,15 @@ multi-query) and new_decoder_architecture (Falcon-40B/180B: grouped k/v, two Lay
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
-from flashrt.errors import ModelFormatError, UnsupportedModelError
+from flashrt.errors import UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import RELU_PARTS
 from flashrt.models import phi
-from flashrt.models.base import check_config_values, config_int, fused_qkv, rope_config
+from flashrt.models.base import fused_qkv
+from flashrt.models.config import DecoderArgs, check_family, config_int, decoder_fields, read_activation
 
 ARCHITECTURE = "falcon"
 MODEL_TYPES = ("falcon",)
@@ -30,59 +30,27 @@ ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}  # relu: ReLU-fied Falcon (the pa
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
-@dataclass
-class ModelArgs:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    head_dim: int
+@dataclass(kw_only=True)
+class ModelArgs(DecoderArgs):
     rotary_dim: int
     layer_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     bias: bool = False
     hidden_act: str = "gelu"
 
-    @property
-    def n_neurons(self):
-        return self.intermediate_size
-
     @classmethod
     def from_dict(cls, config, where="config", warn=False):
-        if config.get("model_type", "falcon") not in MODEL_TYPES:
-            raise UnsupportedModelError(f"{where}: model_type {config.get('model_type')!r} is not falcon")
-        missing = [k for k in REQUIRED if config.get(k) is None]
-        if missing:
-            raise ModelFormatError(f"{where}: missing required key(s) {missing} (a falcon config needs them)")
-        check_config_values(config, where)
+        check_family(config, where, MODEL_TYPES, REQUIRED, family="Falcon")
         for key, want, what in (("alibi", False, "ALiBi positions"), ("parallel_attn", True, "the sequential block"),
                                 ("new_decoder_architecture", False, "new_decoder_architecture (Falcon-40B/180B)"),
                                 ("multi_query", True, "per-head interleaved q/k/v (multi_query false)")):
             if bool(config.get(key, want)) != want:
                 raise UnsupportedModelError(f"{where}: {what} is not supported for falcon")
-        act = config.get("activation", "gelu")
-        if act not in ACTIVATIONS:
-            raise UnsupportedModelError(f"{where}: activation {act!r} is not supported for falcon "
-                                        f"({', '.join(ACTIVATIONS)})")
-        hidden = config_int(config, "hidden_size", where)
-        n_heads = config_int(config, "num_attention_heads", where)
-        head_dim = config_int(config, "head_dim", where, hidden // n_heads)
-        theta, scaling = rope_config(config, where)
-        return cls(model_type="falcon", hidden_size=hidden,
-                   intermediate_size=config_int(config, "ffn_hidden_size", where, 4 * hidden),
-                   num_hidden_layers=config_int(config, "num_hidden_layers", where),
-                   num_attention_heads=n_heads, num_key_value_heads=1,
-                   vocab_size=config_int(config, "vocab_size", where), head_dim=head_dim, rotary_dim=head_dim,
-                   layer_norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), rope_theta=theta,
-                   rope_scaling=scaling,
-                   max_position_embeddings=config_int(config, "max_position_embeddings", where, 2048),
-                   tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        act = read_activation(config, where, "falcon", ACTIVATIONS, keys=("activation",), default="gelu")
+        fields = decoder_fields(config, where, "falcon", ffn_key="ffn_hidden_size",
+                                ffn_default=4 * config_int(config, "hidden_size", where), n_kv_heads=1, tied=True)
+        return cls(**fields, rotary_dim=fields["head_dim"],
+                   layer_norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
                    bias=bool(config.get("bias", False)), hidden_act=ACTIVATIONS[act])
 
     def to_config(self, config):

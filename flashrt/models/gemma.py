@@ -31,8 +31,8 @@ from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import GATED_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import (Rope, attention, check_config_values, config_int, embed, rms_norm,
-                                 rope_config, weight_getter)
+from flashrt.models.base import Rope, attention, embed, rms_norm, weight_getter
+from flashrt.models.config import DecoderArgs, check_family, config_int, decoder_fields, read_activation, rope_config
 
 ARCHITECTURE = "gemma"
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -45,19 +45,9 @@ REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_si
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
-@dataclass
-class ModelArgs:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    head_dim: int
+@dataclass(kw_only=True)
+class ModelArgs(DecoderArgs):
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
     rope_local_base_freq: Optional[float] = None  # gemma3: the sliding layers' RoPE base
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = True
@@ -67,10 +57,6 @@ class ModelArgs:
     final_logit_softcapping: Optional[float] = None
     sliding_window: Optional[int] = None
     layer_types: tuple = field(default=())        # per layer SLIDING | FULL
-
-    @property
-    def n_neurons(self):
-        return self.intermediate_size
 
     @property
     def extra_norms(self):
@@ -86,31 +72,15 @@ class ModelArgs:
         """Keep the HF config.json keys this family uses (transformers 4 or 5 spellings);
         UnsupportedModelError for what flashrt does not implement, ModelFormatError for a
         config that cannot work."""
-        model_type = config.get("model_type", "gemma")
-        if model_type not in MODEL_TYPES:
-            raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not a Gemma-family model "
-                                        f"({', '.join(MODEL_TYPES)})")
-        missing = [k for k in REQUIRED if config.get(k) is None]
-        if missing:
-            raise ModelFormatError(f"{where}: missing required key(s) {missing} (a {model_type} config needs them)")
-        check_config_values(config, where)
-        act = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
-        if act not in ACTIVATIONS:
-            raise UnsupportedModelError(f"{where}: hidden activation {act!r} is not supported for {model_type} "
-                                        f"(flashrt implements {', '.join(ACTIVATIONS)})")
+        model_type = check_family(config, where, MODEL_TYPES, REQUIRED, family="Gemma")
+        act = read_activation(config, where, model_type, ACTIVATIONS, keys=("hidden_activation", "hidden_act"))
         if config.get("attention_bias"):
             raise UnsupportedModelError(f"{where}: attention_bias=True is not supported for {model_type}")
         if config.get("use_bidirectional_attention"):
             raise UnsupportedModelError(f"{where}: bidirectional attention (an encoder) is not supported")
-        hidden = config_int(config, "hidden_size", where)
-        n_heads = config_int(config, "num_attention_heads", where)
-        n_kv = config_int(config, "num_key_value_heads", where, n_heads)
-        if n_heads % n_kv:
-            raise ModelFormatError(f"{where}: num_attention_heads {n_heads} is not a multiple of "
-                                   f"num_key_value_heads {n_kv}")
-        n_layers = config_int(config, "num_hidden_layers", where)
-        head_dim = config_int(config, "head_dim", where, hidden // n_heads)
-        theta, scaling, local_theta = _rope(config, model_type, where)
+        fields = decoder_fields(config, where, model_type, max_positions=8192, tied=True)
+        n_layers = fields["num_hidden_layers"]
+        fields["rope_theta"], fields["rope_scaling"], local_theta = _rope(config, model_type, where)
         layer_types = _layer_types(config, model_type, n_layers, where)
         window = config.get("sliding_window") if SLIDING in layer_types else None
         if window is not None:
@@ -130,14 +100,7 @@ class ModelArgs:
             return float(v)
 
         return cls(
-            model_type=model_type, hidden_size=hidden,
-            intermediate_size=config_int(config, "intermediate_size", where),
-            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv,
-            vocab_size=config_int(config, "vocab_size", where), head_dim=head_dim,
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta, rope_scaling=scaling, rope_local_base_freq=local_theta,
-            max_position_embeddings=config_int(config, "max_position_embeddings", where, 8192),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+            **fields, rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_local_base_freq=local_theta,
             hidden_act=ACTIVATIONS[act],
             query_pre_attn_scalar=positive("query_pre_attn_scalar") if model_type != "gemma" else None,
             attn_logit_softcapping=positive("attn_logit_softcapping") if model_type != "gemma" else None,

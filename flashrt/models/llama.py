@@ -28,7 +28,8 @@ from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import GATED_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import Rope, attention, check_config_values, config_int, embed, rms_norm, rope_config, weight_getter
+from flashrt.models.base import Rope, attention, embed, rms_norm, weight_getter
+from flashrt.models.config import DecoderArgs, check_family, config_int, decoder_fields, read_activation
 
 ARCHITECTURE = "llama"
 MODEL_TYPES = ("llama", "mistral", "qwen2", "bamboo")
@@ -42,24 +43,11 @@ DRELU_MODEL_TYPES = ("bamboo",)  # relu on both gate and up (PowerInfer's modeli
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 
 
-@dataclass
-class ModelArgs:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    head_dim: int
+@dataclass(kw_only=True)
+class ModelArgs(DecoderArgs):
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
     attention_bias: bool = False
     sliding_window: Optional[int] = None
-    hidden_act: str = "silu"
     hidden_act_param: float = 0.0   # fatrelu's threshold
     MODEL_TYPES: ClassVar[tuple] = MODEL_TYPES  # a variant family subclasses ModelArgs and sets these two
     ACTIVATIONS: ClassVar[dict] = ACTIVATIONS
@@ -69,20 +57,8 @@ class ModelArgs:
         """Keep the HF config.json keys this family uses (transformers 4 or 5 spellings);
         UnsupportedModelError for what flashrt does not implement, ModelFormatError for a
         config that cannot work. warn: say what the options mean at run time (converters)."""
-        model_type = config.get("model_type", cls.MODEL_TYPES[0])
-        if model_type not in cls.MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"{where}: model_type {model_type!r} is not a {cls.MODEL_TYPES[0]}-family model "
-                f"({', '.join(cls.MODEL_TYPES)})")
-        missing = [k for k in REQUIRED if config.get(k) is None]
-        if missing:
-            raise ModelFormatError(f"{where}: missing required key(s) {missing} (a {model_type} config needs them)")
-        check_config_values(config, where)  # bounds, token ids, finite positive eps/theta
-        hidden_act = config.get("hidden_act", next(iter(cls.ACTIVATIONS)))
-        if not isinstance(hidden_act, str) or hidden_act not in cls.ACTIVATIONS:
-            raise UnsupportedModelError(
-                f"{where}: hidden_act {hidden_act!r} is not supported for {model_type} (flashrt implements "
-                f"{', '.join(cls.ACTIVATIONS)})")
+        model_type = check_family(config, where, cls.MODEL_TYPES, REQUIRED)
+        hidden_act = read_activation(config, where, model_type, cls.ACTIVATIONS)
         if model_type in DRELU_MODEL_TYPES and hidden_act != "relu":
             raise UnsupportedModelError(f"{where}: a {model_type} model is dReLU, its hidden_act must be 'relu', "
                                         f"got {hidden_act!r}")
@@ -95,41 +71,20 @@ class ModelArgs:
             raise UnsupportedModelError(f"{where}: mlp_bias=True is not supported")
         if config.get("attention_bias") and model_type != "qwen2":
             raise UnsupportedModelError(f"{where}: attention_bias=True is not supported for {model_type}")
-        hidden = config_int(config, "hidden_size", where)
-        n_heads = config_int(config, "num_attention_heads", where)
-        n_kv_heads = config_int(config, "num_key_value_heads", where, n_heads)
-        if n_heads % n_kv_heads:
-            raise ModelFormatError(
-                f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
-        rope_theta, scaling = rope_config(config, where)
-        max_pos = config_int(config, "max_position_embeddings", where, 2048)
+        fields = decoder_fields(config, where, model_type)
         window = config.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
             window = None
-        if window is not None and config_int(config, "sliding_window", where) >= max_pos:
+        if window is not None and config_int(config, "sliding_window", where) >= fields["max_position_embeddings"]:
             window = None
         if warn and window is not None:
             warnings.warn(f"{where}: sliding_window={window}: each token attends to the last {window} "
                           f"positions only, as {model_type} does", stacklevel=3)
-        return cls(
-            model_type=model_type,
-            hidden_size=hidden,
-            intermediate_size=config_int(config, "intermediate_size", where),
-            num_hidden_layers=config_int(config, "num_hidden_layers", where),
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_kv_heads,
-            vocab_size=config_int(config, "vocab_size", where),
-            head_dim=config_int(config, "head_dim", where, hidden // n_heads),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=scaling,
-            max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
-            sliding_window=None if window is None else int(window),
-            hidden_act=hidden_act,
-            hidden_act_param=float(act_param),
-        )
+        return cls(**fields,
+                   rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                   attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+                   sliding_window=None if window is None else int(window),
+                   hidden_act=hidden_act, hidden_act_param=float(act_param))
 
     def to_config(self, config):
         """The config a converter writes into the manifest: the HF config with the keys the
@@ -147,10 +102,6 @@ class ModelArgs:
         cfg.setdefault("attention_bias", False)
         cfg.setdefault("mlp_bias", False)
         return cfg
-
-    @property
-    def n_neurons(self):
-        return self.intermediate_size
 
     @property
     def ffn_act(self):

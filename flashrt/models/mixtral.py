@@ -26,7 +26,8 @@ from flashrt.errors import ModelFormatError
 from flashrt.ffn.layout import GATED_PARTS
 from flashrt.ffn.moe import MoESpec
 from flashrt.models import llama
-from flashrt.models.base import config_int, weight_getter
+from flashrt.models.base import weight_getter
+from flashrt.models.config import config_int
 from flashrt.quant import QMatrix
 
 ARCHITECTURE = "mixtral"
@@ -52,7 +53,7 @@ def expert_keys(config, where, n_experts_key="num_local_experts"):
     return n_experts, top_k
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelArgs(llama.ModelArgs):
     num_local_experts: int = 8
     num_experts_per_tok: int = 2

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashrt.errors import GenerationError, ModelFormatError, UnsupportedModelError
+from flashrt.errors import GenerationError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import RELU_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import attention, check_config_values, config_int, embed, layer_norm, weight_getter
+from flashrt.models.base import attention, embed, layer_norm, weight_getter
+from flashrt.models.config import check_family, config_int, read_activation
 
 ARCHITECTURE = "opt"
 MODEL_TYPES = ("opt",)
@@ -48,12 +49,7 @@ class ModelArgs:
     def from_dict(cls, config, where="config", warn=False):
         """Keep the HF config.json keys OPT uses; UnsupportedModelError for the variants
         flashrt does not implement, ModelFormatError for a config that cannot work."""
-        if config.get("model_type", "opt") != "opt":
-            raise UnsupportedModelError(f"{where}: model_type {config.get('model_type')!r} is not OPT")
-        missing = [k for k in REQUIRED if config.get(k) is None]
-        if missing:
-            raise ModelFormatError(f"{where}: missing required key(s) {missing} (an OPT config needs them)")
-        check_config_values(config, where)  # bounds, token ids, finite positive eps
+        check_family(config, where, MODEL_TYPES, REQUIRED, family="OPT")
         hidden = config_int(config, "hidden_size", where)
         if not config.get("do_layer_norm_before", True):
             raise UnsupportedModelError(
@@ -68,11 +64,7 @@ class ModelArgs:
         if not config.get("enable_bias", True) or not config.get("layer_norm_elementwise_affine", True):
             raise UnsupportedModelError(
                 f"{where}: OPT without biases or without affine LayerNorms is not supported")
-        act = config.get("activation_function", "relu")
-        if act not in ACTIVATIONS:
-            raise UnsupportedModelError(
-                f"{where}: OPT activation_function {act!r} is not supported (flashrt implements "
-                f"{', '.join(ACTIVATIONS)})")
+        act = read_activation(config, where, "OPT", ACTIVATIONS, keys=("activation_function",))
         return cls(
             hidden_size=hidden,
             ffn_dim=config_int(config, "ffn_dim", where),

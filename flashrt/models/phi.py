@@ -23,8 +23,8 @@ from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import RELU_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import (Rope, attention, check_config_values, config_int, embed, fused_qkv, layer_norm,
-                                 rope_config, weight_getter)
+from flashrt.models.base import Rope, attention, embed, fused_qkv, layer_norm, weight_getter
+from flashrt.models.config import DecoderArgs, check_family, decoder_fields, read_activation
 
 ARCHITECTURE = "phi"
 MODEL_TYPES = ("phi",)
@@ -36,68 +36,28 @@ ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 
 
-@dataclass
-class ModelArgs:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    head_dim: int
+@dataclass(kw_only=True)
+class ModelArgs(DecoderArgs):
     rotary_dim: int                  # the rotated leading dims of each head
     layer_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
     hidden_act: str = "gelu_tanh"    # the kernels' name
-
-    @property
-    def n_neurons(self):
-        return self.intermediate_size
 
     @classmethod
     def from_dict(cls, config, where="config", warn=False):
-        model_type = config.get("model_type", "phi")
-        if model_type not in MODEL_TYPES:
-            raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not a Phi-family model (phi)")
-        missing = [k for k in REQUIRED if config.get(k) is None]
-        if missing:
-            raise ModelFormatError(f"{where}: missing required key(s) {missing} (a phi config needs them)")
-        check_config_values(config, where)
-        act = config.get("hidden_act", "gelu_new")
-        if act not in ACTIVATIONS:
-            raise UnsupportedModelError(f"{where}: hidden_act {act!r} is not supported for phi (flashrt "
-                                        f"implements {', '.join(ACTIVATIONS)})")
+        model_type = check_family(config, where, MODEL_TYPES, REQUIRED, family="Phi")
+        act = read_activation(config, where, model_type, ACTIVATIONS, default="gelu_new")
         if config.get("qk_layernorm"):
             raise UnsupportedModelError(f"{where}: qk_layernorm=True is not supported for phi")
-        hidden = config_int(config, "hidden_size", where)
-        n_heads = config_int(config, "num_attention_heads", where)
-        n_kv = config_int(config, "num_key_value_heads", where, n_heads)
-        if n_heads % n_kv:
-            raise ModelFormatError(f"{where}: num_attention_heads {n_heads} is not a multiple of "
-                                   f"num_key_value_heads {n_kv}")
-        head_dim = config_int(config, "head_dim", where, hidden // n_heads)
+        fields = decoder_fields(config, where, model_type)
         rp = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
         partial = rp.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))
         if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
             raise ModelFormatError(f"{where}: partial_rotary_factor must be in (0, 1], got {partial!r}")
-        rotary_dim = int(head_dim * partial)
+        rotary_dim = int(fields["head_dim"] * partial)
         if rotary_dim < 2 or rotary_dim % 2:
             raise ModelFormatError(f"{where}: partial_rotary_factor {partial} gives {rotary_dim} rotated "
                                    f"dims per head; it must be even and at least 2")
-        theta, scaling = rope_config(config, where)
-        return cls(model_type=model_type, hidden_size=hidden,
-                   intermediate_size=config_int(config, "intermediate_size", where),
-                   num_hidden_layers=config_int(config, "num_hidden_layers", where),
-                   num_attention_heads=n_heads, num_key_value_heads=n_kv,
-                   vocab_size=config_int(config, "vocab_size", where), head_dim=head_dim,
-                   rotary_dim=rotary_dim, layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
-                   rope_theta=theta, rope_scaling=scaling,
-                   max_position_embeddings=config_int(config, "max_position_embeddings", where, 2048),
-                   tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        return cls(**fields, rotary_dim=rotary_dim, layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
                    hidden_act=ACTIVATIONS[act])
 
     def to_config(self, config):

@@ -16,7 +16,8 @@ from flashrt.errors import UnsupportedModelError
 from flashrt.ffn.layout import GATED_PARTS
 from flashrt.ffn.moe import MoESpec
 from flashrt.models import mixtral, qwen3
-from flashrt.models.base import config_int, weight_getter
+from flashrt.models.base import weight_getter
+from flashrt.models.config import config_int
 
 ARCHITECTURE = "qwen3_moe"
 MODEL_TYPES = ("qwen3_moe",)
@@ -31,7 +32,7 @@ EXPERT = {"gate": "model.layers.{}.mlp.experts.{}.gate_proj.weight",
 GGUF_EXPERTS = mixtral.GGUF_EXPERTS
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelArgs(mixtral.ModelArgs):
     norm_topk_prob: bool = True
     MODEL_TYPES: ClassVar[tuple] = MODEL_TYPES
