@@ -1,56 +1,15 @@
-"""The Gemma family (gemma, gemma2, gemma3_text) against transformers' logits: tiny random
-checkpoints made by tests/fixtures/make_hf_fixtures.py (GeGLU, (1 + w) norms, embedding scale,
-soft-capping, sliding-window layers, q/k norms, per-layer RoPE), batched and token by token."""
-import math
-
+"""The Gemma family (gemma, gemma2, gemma3_text): its tiny random checkpoints
+(tests/fixtures/make_hf_fixtures.py) run against transformers' logits batched, token by token
+and prefill-then-decode in test_models.py (HF_FIXTURES); here, that they exercise what Gemma
+adds (GeGLU, (1 + w) norms, embedding scale, soft-capping, sliding-window layers, q/k norms,
+per-layer RoPE), its config reading and what it refuses."""
 import numpy as np
 import pytest
 
 from flashrt.errors import ModelFormatError, UnsupportedModelError
-from flashrt.models import architecture_for, build_model, gemma
-from flashrt.models.base import numpy_linear
+from flashrt.models import build_model, gemma
 
-from test_models import load_fixture
-
-GEMMA_FIXTURES = ("gemma", "gemma2", "gemma3")
-TOL = 1e-4
-
-
-class GeGLU:
-    """The FFN straight from HF weights: gelu_tanh(gate.x) * (up.x), down."""
-
-    def __init__(self, weights):
-        self.w = weights
-
-    def __call__(self, layer, x):
-        p = f"model.layers.{layer}.mlp."
-        g = x @ self.w[p + "gate_proj.weight"].T
-        act = 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3)))
-        return (act * (x @ self.w[p + "up_proj.weight"].T)) @ self.w[p + "down_proj.weight"].T
-
-
-def make_model(name):
-    config, weights, ids, logits = load_fixture(name)
-    arch = architecture_for(config)
-    assert arch == "gemma"
-    return build_model(arch, config, weights, GeGLU(weights), numpy_linear), ids, logits
-
-
-@pytest.mark.parametrize("name", GEMMA_FIXTURES)
-def test_batch_matches_transformers(name):
-    model, ids, expected = make_model(name)
-    logits = model.forward(ids, model.make_cache(32))
-    err = np.abs(logits - expected).max()
-    assert err <= TOL, f"{name}: max abs err {err:.2e}"
-
-
-@pytest.mark.parametrize("name", GEMMA_FIXTURES)
-def test_token_by_token_matches_transformers(name):
-    model, ids, expected = make_model(name)
-    kv = model.make_cache(len(ids))
-    logits = np.concatenate([model.forward(ids[t:t + 1], kv) for t in range(len(ids))])
-    err = np.abs(logits - expected).max()
-    assert err <= TOL, f"{name}: max abs err {err:.2e}"
+from test_models import TOL, NumpyFFN, load_fixture
 
 
 def test_the_fixtures_exercise_what_gemma_adds():
@@ -62,18 +21,18 @@ def test_the_fixtures_exercise_what_gemma_adds():
     assert args.query_pre_attn_scalar != args.head_dim
     for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
                    {"sliding_window": 1000}, {"query_pre_attn_scalar": args.head_dim}):
-        model = build_model("gemma", {**config, **change}, weights, GeGLU(weights))
+        model = build_model("gemma", {**config, **change}, weights, NumpyFFN("gemma", config, weights))
         assert np.abs(model.forward(ids, model.make_cache(32)) - expected).max() > 100 * TOL, change
     config3, weights3, ids3, expected3 = load_fixture("gemma3")
     args3 = gemma.ModelArgs.from_dict(config3)
     assert args3.qk_norm and args3.rope_local_base_freq == 10000.0 and args3.rope_scaling["factor"] == 4.0
     flat = {**config3, "rope_parameters": None, "rope_theta": 1e6, "rope_local_base_freq": 1e6}
-    model = build_model("gemma", flat, weights3, GeGLU(weights3))
+    model = build_model("gemma", flat, weights3, NumpyFFN("gemma", config3, weights3))
     assert np.abs(model.forward(ids3, model.make_cache(32)) - expected3).max() > 100 * TOL
 
 
 def test_config_round_trips_through_to_config():
-    for name in GEMMA_FIXTURES:
+    for name in ("gemma", "gemma2", "gemma3"):
         config, *_ = load_fixture(name)
         args = gemma.ModelArgs.from_dict(config)
         assert gemma.ModelArgs.from_dict(args.to_config(config)) == args
