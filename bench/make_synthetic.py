@@ -134,6 +134,22 @@ def window_stats(sel, ks=(1, 5)):
     return out
 
 
+def _predictor_report(score0, fires, margin, target_recall):
+    """(margin, report) for a predictor's margin-0 scores (T, n) against the neurons that
+    fire (T, n) bool: margin (None: the one that reaches target_recall, fitted on this layer
+    and then kept for the others), and what selecting score0 + margin > 0 gives (active and
+    selected shares, recall, false-positive rate, the k=1 and k=5 window statistics)."""
+    if margin is None:
+        margin = float(-np.quantile(score0[fires], 1.0 - target_recall))
+    sel = score0 + margin > 0
+    tp = (sel & fires).sum()
+    rep = dict(active=float(fires.mean()), selected=float(sel.mean()), recall=float(tp / max(fires.sum(), 1)),
+               fp_rate=float((sel & ~fires).sum() / max((~fires).sum(), 1)))
+    ws = window_stats(sel)
+    rep.update(held_k5=ws[5][0], new_k5=ws[5][1], new_k1=ws[1][1])
+    return margin, rep
+
+
 def build(out, shape="opt-6.7b", seed=0, overwrite=False, act=None, quiet=False, dtype="float16"):
     if shape.startswith("drelu"):
         return build_drelu_llama(out, shape, seed, overwrite, act, quiet, dtype)
@@ -230,15 +246,7 @@ def build(out, shape="opt-6.7b", seed=0, overwrite=False, act=None, quiet=False,
             true_pre = X @ W1.T + b1                                               # (T, n)
             score0 = (X @ A_pred.T) @ U.T + b1                                     # (T, n) margin 0
             fires = true_pre > 0
-            if margin is None:
-                margin = float(-np.quantile(score0[fires], 1.0 - a["target_recall"]))
-            sel = score0 + margin > 0
-            tp = (sel & fires).sum()
-            rep = dict(active=float(fires.mean()), selected=float(sel.mean()),
-                       recall=float(tp / max(fires.sum(), 1)),
-                       fp_rate=float((sel & ~fires).sum() / max((~fires).sum(), 1)))
-            ws = window_stats(sel)
-            rep.update(held_k5=ws[5][0], new_k5=ws[5][1], new_k1=ws[1][1])
+            margin, rep = _predictor_report(score0, fires, margin, a["target_recall"])
             layer_report.append(rep)
             preds.append(LowRankPredictor("relu", A_pred, U, bias=b1 + np.float32(margin), threshold=0.0))
             w.add_ffn_layer(l, bundle)
@@ -369,15 +377,8 @@ def build_drelu_llama(out, shape="drelu-llama-7b", seed=0, overwrite=False, act=
             g_true, u_true = X @ Wg.T, X @ Wu.T                                    # (T, n)
             fires = (g_true > 0) & (u_true > 0)                                    # dReLU: both
             score0 = (X @ A_pred.T) @ U.T + b                                      # (T, n) margin 0
-            if margin is None:
-                margin = float(-np.quantile(score0[fires], 1.0 - a["target_recall"]))
-            sel = score0 + margin > 0
-            tp = (sel & fires).sum()
-            rep = dict(active=float(fires.mean()), gate_fires=float((g_true > 0).mean()),
-                       selected=float(sel.mean()), recall=float(tp / max(fires.sum(), 1)),
-                       fp_rate=float((sel & ~fires).sum() / max((~fires).sum(), 1)))
-            ws = window_stats(sel)
-            rep.update(held_k5=ws[5][0], new_k5=ws[5][1], new_k1=ws[1][1])
+            margin, rep = _predictor_report(score0, fires, margin, a["target_recall"])
+            rep["gate_fires"] = float((g_true > 0).mean())
             layer_report.append(rep)
             preds.append(LowRankPredictor("relu", A_pred, U, bias=b + np.float32(margin), threshold=0.0))
             w.add_ffn_layer(l, bundle)
