@@ -34,7 +34,10 @@ def row_figures(rs):
                       for r in rs])
     ovl = summarize([r.get("neurons_overlapped_per_token", 0.0) for r in rs])
     gb = summarize([r.get("bytes_read_per_token", 0.0) / 1e9 for r in rs])
-    return dict(total=tot, io=io, wait=wait, cache=cache, compute=comp, overlapped=ovl, gb=gb)
+    hit = summarize([r.get("prefetch_hit_rate", 0.0) for r in rs])
+    pf = summarize([r.get("neurons_prefetched_per_token", 0.0) / max(r.get("neurons_read_per_token", 0.0), 1e-12)
+                    for r in rs])
+    return dict(total=tot, io=io, wait=wait, cache=cache, compute=comp, overlapped=ovl, gb=gb, hit=hit, pf=pf)
 
 
 def main(argv=None):
@@ -98,15 +101,16 @@ def main(argv=None):
                      f"{f['cache']['median']:.1f}", f"{f['compute']['median']:.1f}",
                      f"{m:.1f}" if k.startswith("flash") else "-",
                      f"{f['total']['median'] / m:.2f}" if k.startswith("flash") and m else "-",
-                     f"{f['overlapped']['median']:.3f}", f"{f['gb']['median']:.3g}"])
+                     f"{f['overlapped']['median']:.3f}", f"{f['gb']['median']:.3g}",
+                     f"{f['pf']['median']:.2f} / {f['hit']['median']:.3f}" if f["pf"]["median"] else "-"])
     config = dict(model=str(path), share=args.share, budget=note, plan=plan, tokens=args.tokens,
                   repeats=args.repeats, threads=args.threads, window=args.window, page_cache=cache_note,
                   order="the flash variants alternate per repeat (one Generator, FlashFFN.overlap/prefetch); dense and naive after")
     text = header(f"Overlapped flash decode, {name} at {args.share:.0%} of the model in DRAM", config, path)
     table = md_table(["mode", "ms / token (min–max)", "I/O in flight ms", "I/O waited ms", "cache ms",
                       "compute ms (total - waited - cache)", "max(I/O, compute) ms", "total / max", "FFN share computed during reads",
-                      "GB read / token"], rows)
-    lines = [text, "", table, ""]
+                      "GB read / token", "share of reads prefetched / prefetch hit rate"], rows)
+    lines = [text, "", table, "", f"loadavg at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", ""]
     fo, fs = fig["flash overlap+prefetch"]["total"]["median"], fig["flash serial"]["total"]["median"]
     fm = max(fig["flash overlap+prefetch"]["io"]["median"], fig["flash overlap+prefetch"]["compute"]["median"])
     lines.append(f"overlap+prefetch / serial: {fo / fs:.3f}x the time per token; overlap alone / serial: "

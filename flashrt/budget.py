@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import BudgetError
-from .ffn.flash import STREAM_CHUNK_BYTES
+from .ffn.flash import STREAM_CHUNK_BYTES, prefetch_stage_rows
 from .kv_cache import KVCache
 
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
@@ -65,7 +65,9 @@ def working_bytes(args, row_bytes: int, max_context: int) -> int:
     # and per neuron the caches' id/slot maps, selection stamps and the temporal prior
     loader = STREAM_CHUNK_BYTES + 4 * 4096
     bookkeeping = args.num_hidden_layers * args.n_neurons * 24
-    return 2 * vocab * 4 + scores + stream + 8 * max_context * d * 4 + loader + bookkeeping
+    # decode prefetch's stage for the next layer's guessed misses (dense FFN layers only)
+    prefetch = 0 if getattr(args, "n_experts", None) else prefetch_stage_rows(args.n_neurons, row_bytes) * row_bytes
+    return 2 * vocab * 4 + scores + stream + 8 * max_context * d * 4 + loader + bookkeeping + prefetch
 
 
 @dataclass

@@ -178,3 +178,20 @@ class NeuronCache:
     def __repr__(self):
         return (f"NeuronCache(n_neurons={self.n_neurons}, capacity={self.capacity}, "
                 f"n_used={self.n_used}, window={self.window}, dtype={self.dtype})")
+
+
+def take_rows(src, idx, out):
+    """out[j] = src[idx[j]] for whole rows (the twin of cache.pyx's take_rows)."""
+    src, out = np.asarray(src), np.asarray(out)
+    if not (src.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("take_rows: src and out must be C-contiguous (out writable)")
+    if src.dtype != out.dtype or src.ndim < 1 or out.ndim != src.ndim or out.shape[1:] != src.shape[1:]:
+        raise ValueError(f"take_rows: out {out.dtype}{out.shape[1:]} rows do not match src {src.dtype}{src.shape[1:]}")
+    idx = np.asarray(idx, dtype=np.int64)
+    if out.shape[0] != idx.shape[0]:
+        raise ValueError(f"take_rows: out has {out.shape[0]} rows for {idx.shape[0]} indices")
+    bad = np.flatnonzero((idx < 0) | (idx >= src.shape[0]))
+    if bad.size:
+        raise IndexError(f"take_rows: index {idx[bad[0]]} out of range [0, {src.shape[0]})")
+    np.take(src, idx, axis=0, out=out)
+    return out

@@ -260,3 +260,38 @@ cdef class NeuronCache:
     def __repr__(self):
         return (f"NeuronCache(n_neurons={self.n_neurons}, capacity={self.capacity}, "
                 f"n_used={self.n_used}, window={self.window}, dtype={self.dtype})")
+
+
+def take_rows(src, idx, out):
+    """out[j] = src[idx[j]] for whole rows, one memcpy each without the GIL (np.take along
+    axis 0 copies element by element: ~10x slower for 16 KiB float16 rows).
+
+    src: (n, ...) C-contiguous                                                    # IN
+    idx: (m,) integers in [0, n)                                                  # IN
+    out: (m, ...) C-contiguous, rows the size of src's, same dtype                # OUT
+    Returns out."""
+    sa, oa = np.asarray(src), np.asarray(out)
+    if not (sa.flags.c_contiguous and oa.flags.c_contiguous and oa.flags.writeable):
+        raise ValueError("take_rows: src and out must be C-contiguous (out writable)")
+    if sa.dtype != oa.dtype or sa.ndim < 1 or oa.ndim != sa.ndim or oa.shape[1:] != sa.shape[1:]:
+        raise ValueError(f"take_rows: out {oa.dtype}{oa.shape[1:]} rows do not match src {sa.dtype}{sa.shape[1:]}")
+    cdef cnp.ndarray s = sa, o = oa
+    cdef cnp.ndarray ix = np.ascontiguousarray(idx, dtype=np.int64)
+    cdef int64_t m = ix.shape[0], n = s.shape[0], j, bad = -1
+    if o.shape[0] != m:
+        raise ValueError(f"take_rows: out has {o.shape[0]} rows for {m} indices")
+    cdef const int64_t* pi = <const int64_t*>cnp.PyArray_DATA(ix)
+    cdef int64_t rb = s.nbytes // n if n else 0
+    cdef char* ps = <char*>cnp.PyArray_DATA(s)
+    cdef char* po = <char*>cnp.PyArray_DATA(o)
+    with nogil:
+        for j in range(m):
+            if pi[j] < 0 or pi[j] >= n:
+                bad = j
+                break
+        if bad < 0:
+            for j in range(m):
+                memcpy(po + j * rb, ps + pi[j] * rb, rb)
+    if bad >= 0:
+        raise IndexError(f"take_rows: index {idx[bad]} out of range [0, {n})")
+    return out

@@ -32,6 +32,19 @@ ALIGNMENT = 4096              # O_DIRECT: file offsets and buffers aligned to th
 # random reads ~30 KiB on an idle machine (README: 0.7 against ~2 GB/s); in between.
 READ_OVERHEAD_BYTES = 16 << 10
 NEW_SHARE_DEFAULT = 0.3       # share of a token's selection not held from the tokens before it
+# decode prefetch (FlashFFN.prefetch): the stage the next layer's guessed misses are read into
+# holds this share of a layer's neurons (the paper's OPT-6.7B reads 2.4% per token; the
+# synthetic OPT-6.7B at half its size misses ~3.3% per layer, the two stream buffers held 0.8%)
+PREFETCH_SHARE = 0.05
+PREFETCH_MIN_HIT = 0.5        # a layer whose guesses hit less than this (running mean) pauses ...
+PREFETCH_PAUSE = 8            # ... this many tokens before it guesses again
+
+
+def prefetch_stage_rows(n_neurons: int, row_bytes: int) -> int:
+    """Rows of the decode prefetch stage: PREFETCH_SHARE of a layer, at least the two stream
+    buffers' worth (charged by the budget planner, flashrt/budget.py working_bytes)."""
+    return max(1, min(n_neurons, max(math.ceil(PREFETCH_SHARE * n_neurons),
+                                      2 * stream_chunk_rows(row_bytes, n_neurons))))
 
 
 def stream_chunk_rows(row_bytes: int, n_neurons: int) -> int:
@@ -90,14 +103,19 @@ class FlashFFN:
         # file offset aligned where it can, so O_DIRECT reads land in place (no bounce copy)
         self._stage = _loader.aligned_empty((2 * self.chunk_rows, self.row_elems), self.dtype)
         self._chunks = [self._stage[:self.chunk_rows], self._stage[self.chunk_rows:]]
-        # decode prefetch (predictor selection only, off by default): at the end of layer l the
-        # next layer's predictor is scored on layer l's FFN input, and its guessed misses (the
-        # most likely first, as many as the two stream buffers hold) are read into them during
-        # layer l+1's attention; layer l+1 takes the rows it then misses from there. Off: on the
-        # loaded 2-core dev VM it did not beat overlap alone (bench/results/overlap_*.md)
+        # decode prefetch (predictor selection only, on by default): layer l's FFN input scores
+        # layer l+1's predictor, and its guessed misses (the most likely first, as many as the
+        # prefetch stage holds) are read into the stage during layer l+1's attention (issued
+        # before layer l's own kernel when layer l reads nothing on demand, after it otherwise:
+        # one batch in flight at a time); layer l+1 takes the rows it then misses from there.
+        # A layer whose guesses hit less than PREFETCH_MIN_HIT pauses PREFETCH_PAUSE tokens.
         self.prefetch_possible = mode == "flash" and getattr(selector, "name", None) == "predictor"
-        self.prefetch = False
-        self._staged = None  # (layer, ids (k,) int64 ascending) read or being read into _stage[:k]
+        self.prefetch = True
+        self.prefetch_rows = prefetch_stage_rows(self.n_neurons, self.row_bytes)
+        self._pf_stage = None  # (prefetch_rows, row_elems), allocated at the first guess
+        self._pf_hit = np.ones(self.n_layers)  # running hit rate of each layer's guesses
+        self._pf_pause = np.zeros(self.n_layers, np.int64)  # no guess for the layer before this step
+        self._staged = None  # (layer, ids (k,) int64 ascending) read or being read into _pf_stage[:k]
         self._part = np.empty(self.dim, np.float32)
         self.caches = []
         if mode == "flash":
@@ -118,6 +136,8 @@ class FlashFFN:
         self._drop_staged()
         for c in self.caches:
             c.reset()
+        self._pf_hit.fill(1.0)
+        self._pf_pause.fill(0)
         if self.prior is not None:
             self.prior.fill(-1.0)
         self.step = 0
@@ -280,22 +300,27 @@ class FlashFFN:
         Returns (selected ids, first slot being read, rows being read); counts and times go
         into `cost`."""
         cache = self.caches[layer]
-        staged = None
-        if self._staged is not None:
-            t0 = time.perf_counter_ns()
-            ns_flight, _ = self.loader.wait()  # the guess for this layer has landed (or is waited for)
-            if self._staged[0] == layer:
-                staged = self._staged[1]
-                cost.n_prefetched = staged.size
-                cost.ns_prefetch_flight = ns_flight
-                cost.ns_prefetch_wait = time.perf_counter_ns() - t0
-            self._staged = None
         t0 = time.perf_counter_ns()
         ids = self.selector.select(layer, x, None if self.prior is None else self.prior[layer])
         t1 = time.perf_counter_ns()
         missing, first = cache.admit(ids, step)
-        if staged is not None and missing.size:
-            missing, first = self._take_staged(cache, staged, missing, first, cost)
+        t2 = time.perf_counter_ns()
+        ns_cache = t2 - t1
+        if self._staged is not None:
+            # the guess read for this layer flew during its attention and the two steps above
+            # (neither touches the prefetch stage); now it must have landed
+            ns_flight, _ = self.loader.wait()
+            t3 = time.perf_counter_ns()
+            if self._staged[0] == layer:
+                staged = self._staged[1]
+                cost.n_prefetched = int(staged.size)
+                cost.ns_prefetch_flight = ns_flight
+                cost.ns_prefetch_wait = t3 - t2
+                if missing.size:
+                    missing, first = self._take_staged(cache, staged, missing, first, cost)
+                self._rate_guess(layer, cost.n_prefetch_hits / max(staged.size, 1), step)
+            self._staged = None
+            ns_cache += time.perf_counter_ns() - t3
         t2 = time.perf_counter_ns()
         if missing.size:
             dest = cache.rows[first:first + missing.size]
@@ -305,7 +330,7 @@ class FlashFFN:
                 self.loader.read_rows(self.layer_offsets[layer], self.row_bytes, missing, dest)
         t3 = time.perf_counter_ns()
         cost.n_selected, cost.n_read = ids.size, missing.size
-        cost.ns_predict, cost.ns_cache = t1 - t0, t2 - t1
+        cost.ns_predict, cost.ns_cache = t1 - t0, ns_cache
         cost.ns_io = cost.ns_io_wait = t3 - t2  # background: the time to issue them, so far
         return ids, first, int(missing.size)
 
@@ -324,19 +349,35 @@ class FlashFFN:
         end = first + missing.size
         cache.slot_to_id[first:end] = order
         cache.id_to_slot[order] = np.arange(first, end, dtype=np.int32)
-        np.take(self._stage, pos[hit], axis=0, out=cache.rows[first:first + n_hit])
+        _cache.take_rows(self._pf_stage, pos[hit], cache.rows[first:first + n_hit])
         return rest, first + n_hit
+
+    def _rate_guess(self, layer: int, hit: float, step: int) -> None:
+        """Fold one guess's hit rate into the layer's running mean; below PREFETCH_MIN_HIT the
+        layer pauses (its misfires would compete with the reads that are needed), and comes
+        back on probation (one good guess keeps it on)."""
+        r = self._pf_hit[layer] = 0.5 * self._pf_hit[layer] + 0.5 * hit
+        if r < PREFETCH_MIN_HIT:
+            self._pf_pause[layer] = step + PREFETCH_PAUSE
+            self._pf_hit[layer] = PREFETCH_MIN_HIT
+
+    def _wants_prefetch(self, layer: int, count: bool) -> bool:
+        """Guess layer+1 now? (decode tokens, predictor selection, the layer not paused)"""
+        return (count and self.prefetch and self.prefetch_possible and self.overlap and self.reuse
+                and layer + 1 < self.n_layers and self.step >= self._pf_pause[layer + 1])
 
     def _prefetch(self, layer: int, x: np.ndarray, cost: LayerCost) -> None:
         """Guess layer `layer`'s selection from the previous layer's FFN input x and start
-        reading the guessed rows it does not cache into the stream buffers."""
+        reading the guessed rows it does not cache into the prefetch stage."""
         t0 = time.perf_counter_ns()
+        if self._pf_stage is None:
+            self._pf_stage = _loader.aligned_empty((self.prefetch_rows, self.row_elems), self.dtype)
         cache = self.caches[layer]
         guess = self.selector.select(layer, x, None if self.prior is None else self.prior[layer])
-        guess = guess[cache.id_to_slot[guess] < 0][:self._stage.shape[0]]
+        guess = guess[cache.id_to_slot[guess] < 0][:self.prefetch_rows]
         if guess.size:
             guess = np.sort(guess)
-            self.loader.submit_rows(self.layer_offsets[layer], self.row_bytes, guess, self._stage[:guess.size])
+            self.loader.submit_rows(self.layer_offsets[layer], self.row_bytes, guess, self._pf_stage[:guess.size])
             self._staged = (layer, guess)
         cost.ns_predict += time.perf_counter_ns() - t0
 
@@ -367,6 +408,11 @@ class FlashFFN:
         h = None if self.prior is None else self._h[:n_used]
         y = np.empty((1, self.dim), np.float32)
         pending = self.overlap and n_new > 0
+        # nothing to read on demand: the next layer's guess flies during this kernel too
+        early = not pending and ids.size <= cache.capacity and self._wants_prefetch(layer, count)
+        if early:
+            self._prefetch(layer + 1, x, cost)
+            t0 = time.perf_counter_ns()
         try:
             kernels.ffn_rows(rows, x, y[0], self.spec.gated, self.spec.act_code, bias, h, self.n_threads, self.qtype,
                              self.down_qtype, n_ready=first if pending else -1,
@@ -389,7 +435,7 @@ class FlashFFN:
         cost.n_computed = n_used
         if ids.size > cache.capacity:  # the selection overflows the cache: stream the rest through
             self._overflow(layer, x, ids, y[0], cost)
-        if count and self.prefetch and self.prefetch_possible and self.overlap and self.reuse and layer + 1 < self.n_layers:
+        if not early and self._wants_prefetch(layer, count):
             self._prefetch(layer + 1, x, cost)
         if count:
             self.stats.add_layer(cost)

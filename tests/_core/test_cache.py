@@ -188,3 +188,24 @@ def test_filled_by_loader(tmp_path):
             assert np.all(c.id_to_slot[kept] >= 0)     # every admitted selected neuron is there
     st_ = c.stats()
     assert st_["hits"] > 0 and st_["misses"] > 0 and st_["evictions"] > 0
+
+
+@pytest.mark.parametrize("mod", [ccache, _reference_cache], ids=["cython", "reference"])
+@pytest.mark.parametrize("dtype,width", [(np.float16, 24), (np.float32, 7), (np.uint8, 36)])
+def test_take_rows_gathers_whole_rows(mod, dtype, width):
+    """take_rows (the prefetch stage -> cache copy) against fancy indexing, and its refusals."""
+    rng = np.random.default_rng(5)
+    src = (rng.standard_normal((40, width)) * 50).astype(dtype)
+    idx = rng.permutation(40)[:17]
+    out = np.zeros((17, width), dtype)
+    assert mod.take_rows(src, idx, out) is out
+    np.testing.assert_array_equal(out, src[idx])
+    mod.take_rows(src, idx[:0], out[:0])  # nothing to copy
+    with pytest.raises(IndexError, match="out of range"):
+        mod.take_rows(src, np.array([3, 40]), out[:2])
+    with pytest.raises(ValueError, match="rows"):
+        mod.take_rows(src, idx, out[:5])
+    with pytest.raises(ValueError, match="do not match"):
+        mod.take_rows(src, idx, np.zeros((17, width + 1), dtype))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        mod.take_rows(src, idx[:3], np.zeros((17, 2 * width), dtype)[:3, ::2])

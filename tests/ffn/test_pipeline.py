@@ -176,3 +176,43 @@ def test_prefetch_computes_the_same_neurons(tiny_models, name):
         s0["neurons_read_per_token"] - hits + s1["neurons_prefetched_per_token"])
     assert io1["bytes_useful"] == pytest.approx(
         io0["bytes_useful"] + (s1["neurons_prefetched_per_token"] - hits) * s1["decode_tokens"] * L * n * files.ffn_row_bytes)
+
+
+@pytest.mark.parametrize("related", [True, False])
+def test_prefetch_pauses_a_layer_whose_guesses_miss(tiny_models, related):
+    """A layer whose guesses keep missing (the next layer's input unrelated to this one's)
+    stops being guessed for PREFETCH_PAUSE tokens; one whose guesses hit is guessed every
+    token. Either way every guessed row is counted as read, and the outputs are those of the
+    FFN over the cached neurons (the same as without prefetch)."""
+    files, spec, plan, dense = setup(tiny_models["opt"])
+    n, L = files.n_neurons, files.n_layers
+    outs = {}
+    for pf in (False, True):
+        sel = ProjectionSelector(L, n, files.dim, n // 4, seed=4)
+        ffn = FlashFFN(files, spec, dataclasses.replace(plan, cache_rows=n // 2), "flash", sel, 1, 1)
+        ffn.prefetch = pf
+        guesses = []
+        real = ffn._prefetch
+        ffn._prefetch = lambda layer, x, cost: (guesses.append((ffn.step, layer)), real(layer, x, cost))
+        rng = np.random.default_rng(21)
+        got = []
+        try:
+            ffn.start_decode()
+            for t in range(20):
+                x = rng.standard_normal((1, files.dim)).astype(np.float32)
+                for layer in range(L):
+                    got.append(ffn(layer, x)[0])
+                    if not related:
+                        x = rng.standard_normal((1, files.dim)).astype(np.float32)
+            st = ffn.decode_stats()
+        finally:
+            ffn.close()
+        outs[pf] = np.array(got)
+    np.testing.assert_allclose(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+    per_layer = [sum(1 for _, l in guesses if l == layer) for layer in range(1, L)]
+    if related:  # the same input: every guess hits, every token guesses every next layer
+        assert per_layer == [20] * (L - 1)
+        assert st["prefetch_hit_rate"] == 1.0
+    else:  # a window of 1 token and unrelated inputs: most guesses miss, the layers pause
+        assert st["prefetch_hit_rate"] < flash_mod.PREFETCH_MIN_HIT
+        assert all(3 <= k <= 20 // flash_mod.PREFETCH_PAUSE + 4 for k in per_layer), per_layer
