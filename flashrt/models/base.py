@@ -103,6 +103,56 @@ def fused_qkv(args, layer_prefix, fused, parts, kinds=("weight",)):
     return out
 
 
+# --------------------------------------------------------------------------- fused decode matrices
+
+# A decode step multiplies q, k and v by the same normed x: over row blocks of one matrix that
+# is one GEMV call instead of three. Worth it where a call's fixed cost is felt next to the
+# bytes it streams (SmolLM2: 0.3 MB of q4_1 q/k/v per layer); above this many bytes per layer
+# the three stay apart and no copy is made.
+FUSE_MAX_BYTES = 16 << 20
+
+
+def _rows_bytes(W):
+    data = W if isinstance(W, np.ndarray) else getattr(W, "data", None)  # a QMatrix: its quantized rows
+    return data.nbytes if isinstance(data, np.ndarray) else 0
+
+
+def fuse_rows(mats, biases=None):
+    """One matrix whose row blocks are `mats` (the same dtype or quantized type and in_features,
+    each C-contiguous), and views of its blocks to use in place of mats (so the separate
+    arrays can be freed); the biases (each None or (rows,) float32) concatenated the same way,
+    zeros where one is None, or None when all are. None when they cannot be fused (different
+    storage, or more than FUSE_MAX_BYTES together). Row i of the fused product is row i of
+    the block's own product, bit for bit (the GEMV computes every row alone).
+    Returns (fused, views, fused_bias) or None."""
+    from flashrt.quant import QMatrix
+
+    if sum(_rows_bytes(W) for W in mats) > FUSE_MAX_BYTES:
+        return None
+    first = mats[0]
+    if isinstance(first, QMatrix):
+        if not all(isinstance(W, QMatrix) and W.qtype == first.qtype and W.shape[1] == first.shape[1] for W in mats):
+            return None
+        data = np.concatenate([W.data for W in mats], axis=0)
+        fused = QMatrix(data, first.qtype, first.shape[1])
+        make = lambda a, b: QMatrix(data[a:b], first.qtype, first.shape[1])  # noqa: E731
+    else:
+        if not all(isinstance(W, np.ndarray) and W.ndim == 2 and W.dtype == first.dtype
+                   and W.shape[1] == first.shape[1] and W.flags.c_contiguous for W in mats):
+            return None
+        fused = np.concatenate(mats, axis=0)
+        make = lambda a, b: fused[a:b]  # noqa: E731
+    views, a = [], 0
+    for W in mats:
+        views.append(make(a, a + W.shape[0]))
+        a += W.shape[0]
+    bias = None
+    if biases is not None and any(b is not None for b in biases):
+        bias = np.concatenate([np.zeros(W.shape[0], np.float32) if b is None else np.asarray(b, np.float32)
+                               for W, b in zip(mats, biases)])
+    return fused, views, bias
+
+
 # --------------------------------------------------------------------------- rotary embeddings
 
 def rope_inv_freq(head_dim, theta, scaling=None):

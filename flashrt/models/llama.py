@@ -28,7 +28,7 @@ from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import GATED_PARTS
 from flashrt.kv_cache import KVCache
-from flashrt.models.base import Rope, attention, embed, rms_norm, weight_getter
+from flashrt.models.base import Rope, attention, embed, fuse_rows, rms_norm, weight_getter
 from flashrt.models.config import DecoderArgs, check_family, config_int, decoder_fields, read_activation
 
 ARCHITECTURE = "llama"
@@ -184,6 +184,11 @@ class _Layer:
     bo: Optional[np.ndarray]
     q_norm: Optional[np.ndarray] = None  # (head_dim,) float32 | None: RMSNorm of each q head (qwen3)
     k_norm: Optional[np.ndarray] = None  # (head_dim,) float32 | None: RMSNorm of each k head (qwen3)
+    # decode: q, k, v as row blocks of one matrix (base.fuse_rows), made at the layer's first
+    # decode step (wq, wk, wv then become views of it, so the separate arrays are freed one
+    # layer at a time); False where they cannot be fused
+    wqkv: object = None          # ((n_heads + 2 * n_kv_heads) * head_dim, d) | False | None (not yet)
+    bqkv: Optional[np.ndarray] = None  # its bias, float32, or None
 
 
 class Model:
@@ -222,6 +227,7 @@ class Model:
         self.rope = Rope(args.head_dim, args.rope_theta, args.rope_scaling,
                          n_positions=min(args.max_position_embeddings, 4096))
         self.scale = args.head_dim ** -0.5
+        self.fuse_qkv = True  # decode: q, k, v in one GEMV (False: three, the reference path)
 
     def make_cache(self, max_seq, dtype=np.float32):
         a = self.args
@@ -231,9 +237,21 @@ class Model:
         """x (T, d) normed -> (T, d): the attention block of layer i (o_proj applied)."""
         a, L, lin = self.args, self.layers[i], self.linear
         T, start = x.shape[0], kv.length
-        q = lin(L.wq, x, L.bq).reshape(T, a.num_attention_heads, a.head_dim)
-        k = lin(L.wk, x, L.bk).reshape(T, a.num_key_value_heads, a.head_dim)
-        v = lin(L.wv, x, L.bv).reshape(T, a.num_key_value_heads, a.head_dim)
+        if T == 1 and self.fuse_qkv and L.wqkv is None:
+            fused = fuse_rows([L.wq, L.wk, L.wv], [L.bq, L.bk, L.bv])
+            L.wqkv = False if fused is None else fused[0]
+            if fused is not None:
+                (L.wq, L.wk, L.wv), L.bqkv = fused[1], fused[2]
+        if T == 1 and self.fuse_qkv and L.wqkv is not False:  # one GEMV for the three
+            nq, nk = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+            qkv = lin(L.wqkv, x, L.bqkv)[0]
+            q = qkv[:nq].reshape(1, a.num_attention_heads, a.head_dim)
+            k = qkv[nq:nq + nk].reshape(1, a.num_key_value_heads, a.head_dim)
+            v = qkv[nq + nk:].reshape(1, a.num_key_value_heads, a.head_dim)
+        else:
+            q = lin(L.wq, x, L.bq).reshape(T, a.num_attention_heads, a.head_dim)
+            k = lin(L.wk, x, L.bk).reshape(T, a.num_key_value_heads, a.head_dim)
+            v = lin(L.wv, x, L.bv).reshape(T, a.num_key_value_heads, a.head_dim)
         if L.q_norm is not None:  # per head, over head_dim, before RoPE (qwen3)
             q = rms_norm(q, L.q_norm, a.rms_norm_eps)
             k = rms_norm(k, L.k_norm, a.rms_norm_eps)

@@ -334,3 +334,64 @@ def test_smollm2_from_flashrt_gguf_converter(tmp_path):
     model = build_model(files.architecture, files.config, weights,
                         NumpyFFN("llama", files.config, weights), numpy_linear)
     check_smollm2(model)
+
+
+# --------------------------------------------------------------------------- fused q/k/v (decode)
+
+def _flashrt_linear(W, x, bias=None):
+    from flashrt.linear import linear
+    return linear(W, x, bias, n_threads=2)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3", "qwen3"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "q8_0", "q4_1"])
+def test_fused_qkv_decode_is_the_three_gemvs(name, storage):
+    """A decode step's q, k, v as one GEMV over the row-concatenated matrix (made at the
+    layer's first decode step) gives the logits of three separate GEMVs bit for bit, for float
+    and quantized matrices (biases: qwen2; per-head norms: qwen3); the separate matrices then
+    are views of the fused one (nothing held twice); prefill is unchanged."""
+    from flashrt.quant import QMatrix
+
+    config, weights, ids, _ = load_fixture(name)
+    if storage in ("q8_0", "q4_1"):
+        if config["hidden_size"] % 32:
+            pytest.skip("quantized rows need in_features % 32 == 0")
+        weights = {k: (QMatrix.from_float(v, storage) if k.endswith("proj.weight") and "self_attn" in k else v)
+                   for k, v in weights.items()}
+    elif storage == "float16":
+        weights = {k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in weights.items()}
+    arch = architecture_for(config)
+    logits = {}
+    for fuse in (False, True):
+        model = build_model(arch, config, weights, NumpyFFN(arch, config, load_fixture(name)[1]), _flashrt_linear)
+        model.fuse_qkv = fuse
+        kv = model.make_cache(len(ids))
+        out = [model.forward(ids[:3], kv)]  # prefill: never fused
+        assert all(L.wqkv is None for L in model.layers)
+        out += [model.forward(ids[t:t + 1], kv) for t in range(3, len(ids))]
+        logits[fuse] = np.concatenate(out)
+        if fuse:
+            for L in model.layers:
+                base = L.wqkv.data if storage in ("q8_0", "q4_1") else L.wqkv
+                for W in (L.wq, L.wk, L.wv):
+                    assert (W.data if storage in ("q8_0", "q4_1") else W).base is base
+    assert np.array_equal(logits[True], logits[False])
+
+
+def test_fuse_rows_refuses_what_it_cannot_fuse(monkeypatch):
+    from flashrt.models import base
+    from flashrt.quant import QMatrix
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((2, 64)).astype(np.float32)
+    fused, (va, vb), bias = base.fuse_rows([a, b], [None, np.ones(2, np.float32)])
+    np.testing.assert_array_equal(fused, np.vstack([a, b]))
+    np.testing.assert_array_equal(va, a) and np.testing.assert_array_equal(vb, b)
+    np.testing.assert_array_equal(bias, [0, 0, 0, 0, 1, 1])
+    assert base.fuse_rows([a, b])[2] is None
+    assert base.fuse_rows([a, b.astype(np.float16)]) is None             # mixed storage
+    assert base.fuse_rows([a, QMatrix.from_float(b, "q8_0")]) is None
+    assert base.fuse_rows([a, rng.standard_normal((2, 32)).astype(np.float32)]) is None  # in_features
+    assert base.fuse_rows([QMatrix.from_float(a, "q8_0"), QMatrix.from_float(b, "q4_1")]) is None
+    monkeypatch.setattr(base, "FUSE_MAX_BYTES", a.nbytes + b.nbytes - 1)  # too big: left apart
+    assert base.fuse_rows([a, b]) is None
