@@ -11,6 +11,8 @@ read_range of a whole layer next to fio's sequential read.
     python bench/bench_loader.py            # 2 GiB file under bench/work/, ~4 min
     python bench/bench_loader.py --quick    # 512 MiB, a few configs, ~40 s
     python bench/bench_loader.py --file /path/on/the/ssd --seconds 3
+    python bench/bench_loader.py --matrix --file FILE   # flashrt vs fio, bs 4/16/64 KiB x qd 1/8/32,
+                                                       # alternating, medians -> bench/results/loader_vs_fio.md
 
 Prints Markdown tables with MB/s (10^6 bytes/s) and the ratio ours/fio.
 """
@@ -64,6 +66,60 @@ def bench_ours(path, backend, bs, conc, seconds, n_per_call=64, seed=0):
             ld.read_rows(0, bs, ids, dest)
         dt = time.perf_counter() - t0
         return ld.stats()["bytes_read"] / dt / 1e6
+
+
+def bench_ours_batches(path, backend, bs, conc, seconds, per_call, seed=0):
+    """Random bs-sized reads at bs-aligned offsets, per_call per read_rows call, the offsets
+    drawn before the clock starts (fio draws its own in C): MB/s."""
+    kw = dict(n_threads=conc) if backend == "pread" else dict(queue_depth=conc)
+    with Loader(path, backend=backend, direct=True, coalesce=False, chunk_bytes=bs, **kw) as ld:
+        n_blocks = ld.file_size // bs
+        rng = np.random.default_rng(seed)
+        batches = [np.sort(rng.choice(n_blocks, per_call, replace=False)) for _ in range(32)]
+        dest = aligned_empty((per_call, bs), np.uint8)
+        dest[:] = 0
+        ld.read_rows(0, bs, batches[-1], dest)  # warm: the ring and the read thread exist
+        ld.reset_stats()
+        t0 = time.perf_counter()
+        i = 0
+        while time.perf_counter() - t0 < seconds:
+            ld.read_rows(0, bs, batches[i % len(batches)], dest)
+            i += 1
+        return ld.stats()["bytes_read"] / (time.perf_counter() - t0) / 1e6
+
+
+def matrix(path, backends, sizes, concs, seconds, rounds, per_call):
+    """flashrt's loader and fio side by side on the same file, bs and concurrency, O_DIRECT:
+    ours, fio, ours, fio, ... (rounds each), medians and the median of the per-round ratios."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
+    fio_secs = max(1, int(round(seconds)))
+    rows = []
+    for backend in backends:
+        for bs in sizes:
+            for conc in concs:
+                o, f = [], []
+                for r in range(rounds):
+                    o.append(bench_ours_batches(path, backend, bs, conc, seconds, per_call(conc), seed=100 * r + conc))
+                    if backend == "pread":
+                        f.append(run_fio(path, "randread", bs, "psync", conc, 1, fio_secs))
+                    else:
+                        f.append(run_fio(path, "randread", bs, "io_uring", 1, conc, fio_secs))
+                ratio = float(np.median(np.array(o) / np.array(f)))
+                rows.append([backend, f"{bs // KiB} KiB", conc, per_call(conc),
+                             f"{np.median(o):.0f} ({min(o):.0f}-{max(o):.0f})",
+                             f"{np.median(f):.0f} ({min(f):.0f}-{max(f):.0f})", f"{ratio:.2f}"])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    config = dict(file=path, size_GiB=f"{os.path.getsize(path) / GiB:.2f}", seconds=seconds, rounds=rounds,
+                  order="ours then fio, alternating per round", fio="--rw=randread --direct=1 --norandommap "
+                  "(io_uring: numjobs=1 iodepth=qd; psync: numjobs=threads)")
+    text = common.header("flashrt's loader next to fio: random O_DIRECT reads, same file, bs and concurrency",
+                         config, path)
+    table = common.md_table(["backend", "bs", "threads / qd", "reads per read_rows call", "flashrt MB/s (min-max)",
+                             "fio MB/s (min-max)", "flashrt / fio (median of rounds)"], rows)
+    out = "\n".join([text, "", table, "", f"loadavg at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}"])
+    common.write_result("loader_vs_fio.md", out)
+    return rows
 
 
 def run_fio(path, rw, bs, engine, numjobs, iodepth, seconds):
@@ -124,6 +180,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     ap.add_argument("--quick", action="store_true", help="small file, few configs, short runs")
     ap.add_argument("--no-fio", action="store_true")
+    ap.add_argument("--matrix", action="store_true", help="only the side-by-side table against fio (needs fio)")
+    ap.add_argument("--rounds", type=int, default=3, help="--matrix: alternating rounds per cell")
+    ap.add_argument("--per-call", type=int, default=0,
+                    help="--matrix: reads per read_rows call (0: 16 x qd, at least 64, as a decode layer's batch)")
     args = ap.parse_args()
     if args.quick:
         args.size_gib, args.seconds = min(args.size_gib, 0.5), min(args.seconds, 0.7)
@@ -136,6 +196,12 @@ def main():
     backends = ["pread"] + (["uring"] if uring_ok else [])
     if not uring_ok:
         print(f"io_uring skipped: {why}", file=sys.stderr)
+    if args.matrix:
+        if not have_fio:
+            sys.exit("--matrix needs fio (apt-get install -y fio)")
+        pc = (lambda c: args.per_call) if args.per_call else (lambda c: max(64, 16 * c))
+        matrix(path, backends[::-1], [4 * KiB, 16 * KiB, 64 * KiB], [1, 8, 32], args.seconds, args.rounds, pc)
+        return
 
     if args.quick:
         sizes, concs = [4 * KiB, 64 * KiB, 256 * KiB], {"pread": [1, 8], "uring": [1, 32]}
