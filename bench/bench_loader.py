@@ -126,7 +126,7 @@ def run_fio(path, rw, bs, engine, numjobs, iodepth, seconds):
     cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", f"--bs={bs}",
            "--direct=1", f"--ioengine={engine}", f"--numjobs={numjobs}", f"--iodepth={iodepth}",
            "--thread", "--group_reporting", "--time_based", f"--runtime={seconds}",
-           "--ramp_time=0", "--norandommap", "--randrepeat=0", "--output-format=json"]
+           "--ramp_time=0", "--norandommap", "--randrepeat=0", "--output-format=json", "--readonly"]
     if rw == "read" and numjobs > 1:          # each job streams its own slice of the file
         part = (os.path.getsize(path) // numjobs) // (1 * MiB) * MiB
         cmd += [f"--size={part}", f"--offset_increment={part}"]
