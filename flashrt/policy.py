@@ -12,6 +12,15 @@ needs about 90% of each layer cached): with the default selection flash mode the
 every neuron (select "all": exact, and faster than a predictor whose cache churns), with
 select="predictor" asked for explicitly it keeps the predictors. Above WARN_RATIO (+10%)
 either warns once, naming the budget that reaches GOOD_RATIO.
+
+Where the predictors keep quality, the default selection still computes every neuron when that
+does no more work per token on either count (`all_does_less`): select "all" computes the whole
+FFN and reads what its cache cannot hold; the predictors compute what the curve measured (the
+window's union, the overflow) plus their own scoring (gate-first: the exact gate, n * d
+multiply-adds per layer) and read what it measured entering the cache. On SmolLM2 the window
+computes ~92% of the FFN at 50% selected, so with no budget the predictors took 1.3x the
+multiply-adds of the dense FFN and decoded 2.5x slower than select="all" (bench/results/
+budget_policy_q4_1.md); there every neuron is computed (exact).
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import warnings
 from .budget import UNITEMIZED_SHARE, fmt_bytes, plan_budget
 from .errors import BudgetError, FlashrtError
 from .ffn.selection import gate_row_width
+from .predictor.lowrank import ffn_macs
 from .predictor.quality import GOOD_RATIO, WARN_RATIO
 
 
@@ -113,6 +123,10 @@ def choose_policy(files, args, mode, select, requested, memory_budget, max_conte
         return Policy(select, False, plan, None)
     ratio, gate_first, best_plan = min(options, key=lambda o: (o[0], not o[1]))
     if plan.budget is None or ratio <= GOOD_RATIO:
+        if requested is None:
+            plan_all = plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model, 0, tokenizer_bytes)
+            if all_does_less(pset, gate_first, best_plan.cache_share, plan_all.cache_share):
+                return Policy("all", False, plan_all, None)
         return Policy(select, gate_first, best_plan, ratio)
 
     def replan(budget, extra):
@@ -133,6 +147,25 @@ def choose_policy(files, args, mode, select, requested, memory_budget, max_conte
         return Policy("all", False, plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model, 0,
                                                 tokenizer_bytes), None, warning)
     return Policy(select, gate_first, best_plan, ratio, warning)
+
+
+def predictor_work(pset, gate_first: bool, share: float):
+    """(computed, read) per token as shares of the dense FFN's multiply-adds and of its neurons,
+    expected of the predictors at a cache share: the curve's computed and read fractions (linear
+    between points) plus the scoring's multiply-adds (gate-first: exact gate and up estimate)."""
+    curve = pset.quality_curve_gate_first if gate_first else pset.quality_curve
+    p0 = pset[0]
+    dense = ffn_macs(True, p0.dim, p0.n_neurons) * len(pset)
+    scoring = sum(p.gate_first_macs() if gate_first else p.macs for p in pset)
+    return curve.value_at(share, "computed") + scoring / dense, curve.value_at(share, "read")
+
+
+def all_does_less(pset, gate_first: bool, share: float, share_all: float) -> bool:
+    """True when select "all" at cache share `share_all` does no more work per token than the
+    predictors at `share` on either count: it computes the whole FFN (1.0) and reads what its
+    cache does not hold (1 - share_all of the neurons, every token)."""
+    computed, read = predictor_work(pset, gate_first, share)
+    return computed >= 1.0 and read >= 1.0 - share_all
 
 
 def _good_budget(files, plan, curve_p, curve_g, replan):

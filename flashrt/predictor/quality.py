@@ -144,6 +144,11 @@ class QualityCurve:
         ys = [p["ratio"] for p in self.points]
         return float(np.interp(share, xs, ys))
 
+    def value_at(self, share, key):
+        """A point's field ("ratio", "computed", "read") at a cache share, as ratio_at interpolates."""
+        xs = [p["cache_share"] for p in self.points]
+        return float(np.interp(share, xs, [p[key] for p in self.points]))
+
     def share_for(self, ratio):
         """The smallest measured cache share at which the ratio, and every larger share's, is <= ratio
         (None when no point reaches it)."""

@@ -172,6 +172,7 @@ class PredictorSet:
             raise ModelFormatError(f"{path}: no predictors; {REDO}")
         try:
             files = _read_npz(path, dim, n_neurons, n_layers)
+            _drop_page_cache(path)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zipfile.LargeZipFile,
                 NotImplementedError, MemoryError) as e:
             raise ModelFormatError(f"{path}: cannot read the predictors ({type(e).__name__}: {e}); {REDO}") from e
@@ -247,6 +248,17 @@ def predictor_ram_bytes(path, dim: int, n_neurons: int) -> int:
 MEMBERS_PER_LAYER = 7         # A, B, bias, bias_gate and the up estimate's up_A, up_B, up_bias
 HEADER_MAX_BYTES = 16 << 20   # the JSON header (calibration info included)
 _NPY_HEADER_MAX = 1 << 16
+
+
+def _drop_page_cache(path: Path) -> None:
+    """The arrays are ours now: drop the file's pages from the page cache, which would count
+    against the budget a second time (measured in a memory cgroup at 125 MB: SmolLM2's 15.8 MB
+    predictors.npz stayed cached after the load, the charge peaked 0.4 MB under the limit)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _read_npz(path: Path, dim, n_neurons, n_layers) -> dict:
