@@ -63,6 +63,8 @@ FLASHRT_CHILD = textwrap.dedent(_COMMON + """
     t0 = time.perf_counter()
     g = flashrt.Generator(path, mode=os.environ.get("BENCH_MODE", "flash"), memory_budget=budget,
                           max_context=%d, threads=2, progress=False)
+    if os.environ.get("BENCH_PREFETCH") == "1":
+        g.ffn.prefetch = True
     t_open = time.perf_counter() - t0
     m0 = majflt()
     times, ids = [], []
@@ -71,7 +73,7 @@ FLASHRT_CHILD = textwrap.dedent(_COMMON + """
     st = g.stats.ffn
     ids = np.array(ids)
     print("RESULT " + json.dumps(dict(engine="flashrt", budget=budget, baseline=baseline, open_seconds=round(t_open, 1),
-        cache_experts=g.ffn.cache_experts, plan=g.plan.describe(), tokens=len(ids),
+        cache_experts=g.ffn.cache_experts, plan=g.plan.describe(), tokens=len(ids), flashrt=flashrt.__file__,
         tokens_per_second=(len(times) - 1) / (times[-1] - times[0]), repeat_rate=float(np.mean(ids[1:] == ids[:-1])),
         pgmajfault_decode=majflt() - m0, ffn=st)))
 """ % N_CTX)
@@ -120,10 +122,12 @@ def evict(path):
             os.close(fd)
 
 
-def run(engine, path, limit, n_tokens, seed, timeout=3600, mode="flash", n_prompt=PROMPT, no_repack=False):
+def run(engine, path, limit, n_tokens, seed, timeout=3600, mode="flash", n_prompt=PROMPT, no_repack=False,
+        repo=None, prefetch=False):
     env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(repo or Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    env["BENCH_PREFETCH"] = "1" if prefetch else "0"
     env["BENCH_MODE"] = mode
     env["BENCH_NO_REPACK"] = "1" if no_repack else "0"
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -133,7 +137,7 @@ def run(engine, path, limit, n_tokens, seed, timeout=3600, mode="flash", n_promp
         before = cg.counters()
         t0 = time.perf_counter()
         r = cg.run([sys.executable, "-c", child, str(path), str(limit), str(n_tokens), str(cg.dir), str(cg.version),
-                    str(seed), str(n_prompt)], timeout=timeout, env=env)
+                    str(seed), str(n_prompt)], timeout=timeout, env=env, cwd=repo)  # cwd: `-c` puts it first on sys.path
         wall = time.perf_counter() - t0
         after = cg.counters()
     res = {"returncode": r.returncode, "wall_seconds": round(wall, 1), "limit": limit}
@@ -189,6 +193,10 @@ def main():
     ap.add_argument("--no-repack", action="store_true",
                     help="llama.cpp: use_extra_bufts=False (by default its CPU backend copies Q4_0 weights into "
                          "repacked anonymous buffers, so the mmap'ed model is not page cache any more)")
+    ap.add_argument("--repos", nargs="*", help="flashrt checkouts to run (built), alternating within each repeat "
+                                               "(e.g. the commit before a change against this one)")
+    ap.add_argument("--prefetch", choices=["off", "on", "both"], default="off",
+                    help="flashrt: prefetch the next layer's guessed experts (both: alternate off/on in each repeat)")
     ap.add_argument("--out", help="append each run's JSON to this file")
     a = ap.parse_args()
     print(f"# {time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}; OMP_WAIT_POLICY="
@@ -197,20 +205,32 @@ def main():
         print(json.dumps(random_expert_reads(a.path)))
         return
     limits = a.sweep or [a.limit]
+    repos = a.repos or [None]
+    prefetches = {"off": [False], "on": [True], "both": [False, True]}[a.prefetch]
     rows = []
     for rep in range(a.repeats):
         for lim in limits:
-            res = run(a.engine, a.path, parse_size(lim), a.tokens, seed=rep, mode=a.mode, n_prompt=a.prompt,
-                      no_repack=a.no_repack)
-            res["limit_arg"] = lim
-            rows.append(res)
-            print(json.dumps(res), flush=True)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(json.dumps(res) + "\n")
+            for i, (repo, pf) in enumerate([(r, p) for r in repos for p in prefetches]):
+                if rep % 2:  # alternate the order between repeats
+                    repo, pf = [(r, p) for r in repos for p in prefetches][::-1][i]
+                res = run(a.engine, a.path, parse_size(lim), a.tokens, seed=rep, mode=a.mode, n_prompt=a.prompt,
+                          no_repack=a.no_repack, repo=repo, prefetch=pf)
+                res.update(limit_arg=lim, repo=repo or "this", prefetch=pf, loadavg=os.getloadavg()[0])
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+                if a.out:
+                    with open(a.out, "a") as f:
+                        f.write(json.dumps(res) + "\n")
     for lim in limits:
-        tps = [r.get("tokens_per_second", 0.0) for r in rows if r["limit_arg"] == lim]
-        print(f"# {a.engine} limit {lim}: median {statistics.median(tps):.3f} tok/s over {len(tps)} runs {tps}")
+        for repo in repos:
+            for pf in prefetches:
+                sel = [r for r in rows if r["limit_arg"] == lim and r["repo"] == (repo or "this") and r["prefetch"] == pf]
+                tps = [r.get("tokens_per_second", 0.0) for r in sel]
+                cache = [r.get("ffn", {}).get("ms_cache_per_token", 0.0) for r in sel]
+                hit = [r.get("ffn", {}).get("expert_hit_rate", 0.0) for r in sel]
+                print(f"# {a.engine} limit {lim} repo {repo or 'this'} prefetch {pf}: median {statistics.median(tps):.3f} "
+                      f"tok/s, cache {statistics.median(cache):.1f} ms/token, hit rate {statistics.median(hit):.3f} "
+                      f"over {len(tps)} runs {[round(t, 3) for t in tps]}")
 
 
 if __name__ == "__main__":

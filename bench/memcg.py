@@ -114,11 +114,11 @@ class MemCgroup:
             out["max_usage"] = int(peak.read_text()) if peak.exists() else None
         return out
 
-    def run(self, argv: list, timeout: float, env=None) -> subprocess.CompletedProcess:
+    def run(self, argv: list, timeout: float, env=None, cwd=None) -> subprocess.CompletedProcess:
         """argv started inside the cgroup (it joins before exec, so everything it maps counts)."""
         script = f'echo $$ > "{self.procs_file()}" && exec "$@"'
         return subprocess.run(["sh", "-c", script, "sh", *argv], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=timeout, env=env, cwd=cwd)
 
 
 # The child: imports, measures the cgroup's charge (the interpreter's baseline), sets the limit

@@ -195,3 +195,131 @@ def take_rows(src, idx, out):
         raise IndexError(f"take_rows: index {idx[bad[0]]} out of range [0, {src.shape[0]})")
     np.take(src, idx, axis=0, out=out)
     return out
+
+
+class ExpertCache:
+    """Twin of cache.pyx's ExpertCache: one MoE layer's experts in slots that stay put
+    (an evicted expert's slot is overwritten in place by the read of its replacement).
+
+    rows (capacity, row_elems), slot_to_id (capacity,) int32 (-1 free), id_to_slot (n_ids,)
+    int32, last_used (capacity,) int64, pinned (capacity,) uint8 (a prefetch reading in)."""
+
+    def __init__(self, n_ids, capacity, row_elems, dtype):
+        dt = np.dtype(dtype)
+        if dt not in DTYPES:
+            raise ValueError(f"ExpertCache dtype must be float16, float32 or uint8 (quantized rows), not {dt}")
+        if n_ids < 0 or capacity < 0 or row_elems < 0:
+            raise ValueError("n_ids, capacity and row_elems must be >= 0")
+        if n_ids >= 2**31 or capacity >= 2**31:
+            raise ValueError("n_ids and capacity must fit in int32")
+        self.n_ids, self.capacity, self.row_elems, self.dtype = int(n_ids), int(capacity), int(row_elems), dt
+        row_bytes = row_elems * dt.itemsize
+        raw = np.zeros(capacity * row_bytes + 4096, np.uint8)
+        start = (-raw.ctypes.data) % 4096
+        self.rows = raw[start:start + capacity * row_bytes].view(dt).reshape(capacity, row_elems)
+        self.slot_to_id = np.full(capacity, -1, np.int32)
+        self.id_to_slot = np.full(n_ids, -1, np.int32)
+        self.last_used = np.zeros(capacity, np.int64)
+        self.pinned = np.zeros(capacity, np.uint8)
+        self._spec = np.zeros(capacity, np.uint8)
+        self.n_used = 0
+        self.reset_stats()
+
+    @property
+    def nbytes(self):
+        return (self.rows.nbytes + self.slot_to_id.nbytes + self.id_to_slot.nbytes
+                + self.last_used.nbytes + self.pinned.nbytes)
+
+    def used_ids(self):
+        return np.sort(self.slot_to_id[self.slot_to_id >= 0])
+
+    def _ids(self, selected):
+        sel = np.asarray(selected)
+        if sel.ndim != 1:
+            raise ValueError(f"selected must be 1-D, got shape {sel.shape}")
+        if sel.size and not np.issubdtype(sel.dtype, np.integer):
+            raise ValueError(f"selected must hold integer expert ids, not {sel.dtype}")
+        sel = sel.astype(np.int64, copy=False)
+        if sel.size and (sel.min() < 0 or sel.max() >= self.n_ids):
+            bad = sel[(sel < 0) | (sel >= self.n_ids)][0]
+            raise IndexError(f"expert id {bad} out of range [0, {self.n_ids})")
+        return list(dict.fromkeys(sel.tolist()))
+
+    def _evict_lru(self, need, protect):
+        cand = sorted((int(self.last_used[s]), int(self.slot_to_id[s]), s) for s in range(self.capacity)
+                      if self.slot_to_id[s] >= 0 and not self.pinned[s] and int(self.slot_to_id[s]) not in protect)
+        for _, i, s in cand[:max(need, 0)]:
+            self.id_to_slot[i] = -1
+            self.slot_to_id[s] = -1
+            if self._spec[s]:
+                self.st["prefetch_wasted"] += 1
+                self._spec[s] = 0
+            self.n_used -= 1
+        return min(max(need, 0), len(cand))
+
+    def _place(self, ids, step, spec):
+        free = [s for s in range(self.capacity) if self.slot_to_id[s] < 0][:len(ids)]
+        for i, s in zip(ids, free):
+            self.slot_to_id[s], self.id_to_slot[i], self.last_used[s] = i, s, step
+            self._spec[s] = spec
+            if spec:
+                self.pinned[s] = 1
+        self.n_used += len(ids)
+        return np.array(ids, np.int64), np.array(free, np.int64)
+
+    def admit(self, selected, step):
+        """(missing ascending, their slots ascending); see cache.pyx."""
+        uniq = self._ids(selected)
+        self.st["dropped"] += max(0, len(uniq) - self.capacity)
+        sel = uniq[:self.capacity]
+        missing = []
+        for i in sel:
+            s = self.id_to_slot[i]
+            if s >= 0:
+                self.last_used[s] = step
+                self.st["hits"] += 1
+                if self._spec[s]:
+                    self._spec[s] = 0
+                    self.st["prefetch_hits"] += 1
+            else:
+                missing.append(i)
+        need = self.n_used + len(missing) - self.capacity
+        if need > 0 and self._evict_lru(need, set(sel)) < need:
+            raise RuntimeError(f"ExpertCache: {self.capacity - self.n_used} free slots for {len(missing)} missing "
+                               f"experts: pinned slots (prefetches in flight) leave no room")
+        self.st["misses"] += len(missing)
+        self.st["evictions"] += max(need, 0)
+        return self._place(sorted(missing), int(step), 0)
+
+    def prefetch(self, guessed, step, limit):
+        """(ids ascending, slots): up to `limit` guessed experts not cached, pinned; see cache.pyx."""
+        new = [i for i in self._ids(guessed) if self.id_to_slot[i] < 0][:max(0, min(limit, self.capacity))]
+        room = sum(1 for s in range(self.capacity) if self.slot_to_id[s] < 0 or not self.pinned[s])
+        new = new[:room]
+        need = self.n_used + len(new) - self.capacity
+        if need > 0:
+            self.st["evictions"] += self._evict_lru(need, set())
+        self.st["prefetched"] += len(new)
+        return self._place(sorted(new), int(step), 1)
+
+    def unpin(self):
+        self.pinned[:] = 0
+
+    def reset(self):
+        self.st["prefetch_wasted"] += int(np.count_nonzero(self._spec[self.slot_to_id >= 0]))
+        self.id_to_slot[:] = -1
+        self.slot_to_id[:] = -1
+        self.last_used[:] = 0
+        self.pinned[:] = 0
+        self._spec[:] = 0
+        self.n_used = 0
+
+    def stats(self):
+        return dict(self.st)
+
+    def reset_stats(self):
+        self.st = dict(hits=0, misses=0, evictions=0, dropped=0, prefetched=0, prefetch_hits=0, prefetch_wasted=0)
+
+    def __repr__(self):
+        return (f"ExpertCache(n_ids={self.n_ids}, capacity={self.capacity}, n_used={self.n_used}, "
+                f"dtype={self.dtype})")

@@ -99,7 +99,7 @@ class Loader:
         if self.fd < 0:
             raise ValueError(f"Loader for {self.path} is closed")
 
-    def read_rows(self, layer_offset, row_bytes, ids, dest):
+    def read_rows(self, layer_offset, row_bytes, ids, dest, slots=None):
         self._check()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.ndim != 1:
@@ -107,8 +107,18 @@ class Loader:
         m = len(ids)
         if not isinstance(dest, np.ndarray) or not dest.flags.c_contiguous or not dest.flags.writeable:
             raise ValueError("dest must be a C-contiguous writable numpy array")
-        if dest.ndim == 0 or dest.shape[0] != m or dest.nbytes != m * row_bytes:
-            raise ValueError(f"dest must hold {m} rows of {row_bytes} bytes")
+        if slots is None:
+            if dest.ndim == 0 or dest.shape[0] != m or dest.nbytes != m * row_bytes:
+                raise ValueError(f"dest must hold {m} rows of {row_bytes} bytes")
+            pos = np.arange(m)
+        else:
+            pos = np.ascontiguousarray(slots, dtype=np.int64)
+            if pos.ndim != 1 or pos.shape[0] != m:
+                raise ValueError(f"slots must be 1-D with one dest row per id ({m})")
+            if dest.ndim == 0 or dest.nbytes != dest.shape[0] * row_bytes:
+                raise ValueError(f"dest must be rows of {row_bytes} bytes")
+            if m and (pos.min() < 0 or pos.max() >= dest.shape[0] or np.unique(pos).size != m):
+                raise ValueError(f"slots must be distinct rows of dest [0, {dest.shape[0]})")
         if m == 0:
             return
         if ids[0] < 0 or np.any(np.diff(ids) <= 0):
@@ -118,14 +128,15 @@ class Loader:
             raise _flash_io_error()(errno.EINVAL, f"row {ids[-1]} ends at byte {last_end}, beyond "
                                                   f"the end of {self.path} ({self.file_size} bytes)")
         t0 = time.perf_counter_ns()
-        out = dest.reshape(m, -1).view(np.uint8).reshape(m, row_bytes)
+        n = dest.shape[0]
+        out = dest.reshape(n, -1).view(np.uint8).reshape(n, row_bytes)
         j = 0
-        while j < m:                      # one read per run of adjacent ids
+        while j < m:                      # one read per run of adjacent ids (into consecutive rows)
             k = j + 1
-            while self.coalesce and k < m and ids[k] == ids[k - 1] + 1:
+            while self.coalesce and k < m and ids[k] == ids[k - 1] + 1 and pos[k] == pos[k - 1] + 1:
                 k += 1
             b = self._pread(layer_offset + int(ids[j]) * row_bytes, (k - j) * row_bytes)
-            out[j:k] = np.frombuffer(b, np.uint8).reshape(k - j, row_bytes)
+            out[pos[j]:pos[j] + k - j] = np.frombuffer(b, np.uint8).reshape(k - j, row_bytes)
             j = k
         dt = time.perf_counter_ns() - t0
         self.st["ns_io"] += dt
@@ -153,8 +164,8 @@ class Loader:
         self.st["n_calls"] += 1
 
     # -- "background" reads: done at once here, their read errors kept for wait() ----------
-    def submit_rows(self, layer_offset, row_bytes, ids, dest):
-        self._submitted(self.read_rows, layer_offset, row_bytes, ids, dest)
+    def submit_rows(self, layer_offset, row_bytes, ids, dest, slots=None):
+        self._submitted(self.read_rows, layer_offset, row_bytes, ids, dest, slots)
 
     def submit_range(self, offset, dest):
         self._submitted(self.read_range, offset, dest)
@@ -180,6 +191,10 @@ class Loader:
     @property
     def in_flight(self):
         return False
+
+    @property
+    def landed(self):
+        return True
 
     def waiter(self):
         return _no_wait

@@ -25,3 +25,30 @@ cdef class NeuronCache:
     cdef int64_t st_hits, st_misses, st_ev_window, st_ev_lru, st_dropped
 
     cdef int64_t _evict_flagged(self) noexcept nogil
+
+
+cdef class ExpertCache:
+    cdef readonly int64_t n_ids
+    cdef readonly int64_t capacity
+    cdef readonly int64_t row_elems
+    cdef readonly object dtype
+    cdef readonly int64_t n_used
+    cdef readonly object rows          # (capacity, row_elems)
+    cdef readonly object slot_to_id    # (capacity,) int32, -1 = free
+    cdef readonly object id_to_slot    # (n_ids,) int32
+    cdef readonly object last_used     # (capacity,) int64
+    cdef readonly object pinned        # (capacity,) uint8
+    cdef object _spec                  # (capacity,) uint8: prefetched, not selected since
+    cdef object _sel_stamp             # (n_ids,) int64 scratch
+    cdef int32_t* p_slot_to_id
+    cdef int32_t* p_id_to_slot
+    cdef int64_t* p_last_used
+    cdef uint8_t* p_pinned
+    cdef uint8_t* p_spec
+    cdef int64_t* p_sel_stamp
+    cdef int64_t stamp
+    cdef int64_t st_hits, st_misses, st_evictions, st_dropped, st_prefetched, st_pf_hits, st_pf_wasted
+
+    cdef int64_t _evict_lru(self, int64_t need, int64_t stamp, bint protect_selected) noexcept nogil
+    cdef void _place(self, int64_t* ids, int64_t n, int64_t step, int64_t* slots_out, bint spec) noexcept nogil
+    cdef object _ids(self, selected)

@@ -295,3 +295,258 @@ def take_rows(src, idx, out):
     if bad >= 0:
         raise IndexError(f"take_rows: index {idx[bad]} out of range [0, {n})")
     return out
+
+
+cdef class ExpertCache:
+    """ExpertCache(n_ids, capacity, row_elems, dtype) for one MoE layer: slots that stay put.
+
+    One row per cached expert (its whole bundle, megabytes); an evicted expert's slot is
+    overwritten in place by the read of the expert that replaces it, so eviction copies
+    nothing (the neuron cache's swap-with-last would move a whole expert). The kernels
+    take each selected expert's rows by its slot, so the used rows need not be contiguous.
+
+    rows        (capacity, row_elems) dtype, 4096-aligned
+    slot_to_id  (capacity,) int32: expert in each slot, -1 for a free slot
+    id_to_slot  (n_ids,) int32: slot of each expert, -1 when absent
+    last_used   (capacity,) int64: step each slot's expert was last selected (or prefetched)
+    pinned      (capacity,) uint8: 1 while a prefetch is reading into the slot (never evicted)
+
+    Policy: least recently used among the experts not selected now (ties: lower id first),
+    no window; selections larger than capacity keep their first `capacity` unique ids.
+
+        missing, slots = cache.admit(selected, step)
+        loader.read_rows(layer_offset, expert_bytes, missing, cache.rows, slots=slots)
+        guess, slots = cache.prefetch(guessed, step, limit)     # pinned until unpin()
+        loader.submit_rows(layer_offset, expert_bytes, guess, cache.rows, slots=slots)
+    """
+
+    def __init__(self, int64_t n_ids, int64_t capacity, int64_t row_elems, dtype):
+        dt = np.dtype(dtype)
+        if dt not in DTYPES:
+            raise ValueError(f"ExpertCache dtype must be float16, float32 or uint8 (quantized rows), not {dt}")
+        if n_ids < 0 or capacity < 0 or row_elems < 0:
+            raise ValueError("n_ids, capacity and row_elems must be >= 0")
+        if n_ids >= 2**31 or capacity >= 2**31:
+            raise ValueError("n_ids and capacity must fit in int32")
+        self.n_ids = n_ids
+        self.capacity = capacity
+        self.row_elems = row_elems
+        self.dtype = dt
+        self.n_used = 0
+        row_bytes = row_elems * dt.itemsize
+        raw = np.zeros(capacity * row_bytes + ROW_ALIGNMENT, np.uint8)
+        start = (-raw.ctypes.data) % ROW_ALIGNMENT
+        self.rows = raw[start:start + capacity * row_bytes].view(dt).reshape(capacity, row_elems)
+        self.slot_to_id = np.full(capacity, -1, np.int32)         # (capacity,)
+        self.id_to_slot = np.full(n_ids, -1, np.int32)            # (n_ids,)
+        self.last_used = np.zeros(capacity, np.int64)             # (capacity,)
+        self.pinned = np.zeros(capacity, np.uint8)                # (capacity,)
+        self._spec = np.zeros(capacity, np.uint8)                 # (capacity,) prefetched, not yet selected
+        self._sel_stamp = np.zeros(n_ids, np.int64)               # (n_ids,)
+        self.p_slot_to_id = <int32_t*>cnp.PyArray_DATA(self.slot_to_id)
+        self.p_id_to_slot = <int32_t*>cnp.PyArray_DATA(self.id_to_slot)
+        self.p_last_used = <int64_t*>cnp.PyArray_DATA(self.last_used)
+        self.p_pinned = <uint8_t*>cnp.PyArray_DATA(self.pinned)
+        self.p_spec = <uint8_t*>cnp.PyArray_DATA(self._spec)
+        self.p_sel_stamp = <int64_t*>cnp.PyArray_DATA(self._sel_stamp)
+        self.stamp = 0
+        self.reset_stats()
+
+    @property
+    def nbytes(self):
+        return (self.rows.nbytes + self.slot_to_id.nbytes + self.id_to_slot.nbytes
+                + self.last_used.nbytes + self.pinned.nbytes)
+
+    def used_ids(self):
+        """The cached expert ids, ascending."""
+        ids = self.slot_to_id[self.slot_to_id >= 0]
+        return np.sort(ids)
+
+    cdef int64_t _evict_lru(self, int64_t need, int64_t stamp, bint protect_selected) noexcept nogil:
+        """Free `need` slots: the least recently used unpinned experts (not selected at this
+        stamp when protect_selected; ties lower id first). Returns how many were freed."""
+        cdef int64_t s, n_cand = 0, i, nid, got = 0
+        cdef _lru_key* keys
+        if need <= 0:
+            return 0
+        keys = <_lru_key*>malloc(self.capacity * sizeof(_lru_key) + 1)
+        if keys == NULL:
+            return 0
+        for s in range(self.capacity):
+            nid = self.p_slot_to_id[s]
+            if nid < 0 or self.p_pinned[s]:
+                continue
+            if protect_selected and self.p_sel_stamp[nid] == stamp:
+                continue
+            keys[n_cand].last_used = self.p_last_used[s]
+            keys[n_cand].nid = nid
+            keys[n_cand].slot = s
+            n_cand += 1
+        qsort(keys, n_cand, sizeof(_lru_key), _cmp_lru)
+        for i in range(min(need, n_cand)):
+            s = keys[i].slot
+            self.p_id_to_slot[self.p_slot_to_id[s]] = -1
+            self.p_slot_to_id[s] = -1
+            if self.p_spec[s]:
+                self.st_pf_wasted += 1
+                self.p_spec[s] = 0
+            self.n_used -= 1
+            got += 1
+        free(keys)
+        return got
+
+    cdef void _place(self, int64_t* ids, int64_t n, int64_t step, int64_t* slots_out,
+                     bint spec) noexcept nogil:
+        """Put ids (ascending) in the free slots, ascending."""
+        cdef int64_t s = 0, i
+        for i in range(n):
+            while self.p_slot_to_id[s] >= 0:
+                s += 1
+            self.p_slot_to_id[s] = <int32_t>ids[i]
+            self.p_id_to_slot[ids[i]] = <int32_t>s
+            self.p_last_used[s] = step
+            self.p_spec[s] = spec
+            if spec:
+                self.p_pinned[s] = 1
+            slots_out[i] = s
+            s += 1
+        self.n_used += n
+
+    cdef object _ids(self, selected):
+        cdef cnp.ndarray sel = np.asarray(selected)
+        if sel.ndim != 1:
+            raise ValueError(f"selected must be 1-D, got shape {np.shape(selected)}")
+        if sel.shape[0] and not np.issubdtype(sel.dtype, np.integer):
+            raise ValueError(f"selected must hold integer expert ids, not {sel.dtype}")
+        sel = np.ascontiguousarray(sel, dtype=np.int64)
+        if sel.shape[0] and (sel.min() < 0 or sel.max() >= self.n_ids):
+            bad = sel[(sel < 0) | (sel >= self.n_ids)][0]
+            raise IndexError(f"expert id {bad} out of range [0, {self.n_ids})")
+        return sel
+
+    def admit(self, selected, int64_t step):
+        """Admit one token's selected experts (priority order) at `step`.
+
+        Hits are marked used at step; the missing ones take free slots, else the slots of the
+        least recently used unpinned experts not selected now. Returns (missing (k,) int64
+        ascending, slots (k,) int64 ascending): the caller reads expert missing[j] into
+        rows[slots[j]]. Raises RuntimeError when pinned slots leave no room."""
+        cdef cnp.ndarray sel = self._ids(selected)
+        cdef int64_t n_sel = sel.shape[0], cap = self.capacity
+        cdef const int64_t* ps = <const int64_t*>cnp.PyArray_DATA(sel)
+        cdef cnp.ndarray missing = np.empty(min(n_sel, cap), np.int64)
+        cdef cnp.ndarray slots = np.empty(min(n_sel, cap), np.int64)
+        cdef int64_t* pm = <int64_t*>cnp.PyArray_DATA(missing)
+        cdef int64_t* pslot = <int64_t*>cnp.PyArray_DATA(slots)
+        cdef int64_t i, s, nid, n_uniq = 0, n_miss = 0, need, freed = 0
+        self.stamp += 1
+        cdef int64_t stamp = self.stamp
+        cdef int64_t* sel_stamp = self.p_sel_stamp
+        with nogil:
+            for i in range(n_sel):
+                nid = ps[i]
+                if sel_stamp[nid] == stamp or sel_stamp[nid] == -stamp:
+                    continue
+                if n_uniq == cap:
+                    sel_stamp[nid] = -stamp
+                    self.st_dropped += 1
+                    continue
+                sel_stamp[nid] = stamp
+                n_uniq += 1
+                s = self.p_id_to_slot[nid]
+                if s >= 0:
+                    self.p_last_used[s] = step
+                    self.st_hits += 1
+                    if self.p_spec[s]:
+                        self.p_spec[s] = 0
+                        self.st_pf_hits += 1
+                else:
+                    pm[n_miss] = nid
+                    n_miss += 1
+            need = self.n_used + n_miss - cap
+            if need > 0:
+                freed = self._evict_lru(need, stamp, True)
+        if need > 0 and freed < need:
+            raise RuntimeError(f"ExpertCache: {cap - self.n_used} free slots for {n_miss} missing experts: "
+                               f"pinned slots (prefetches in flight) leave no room")
+        self.st_misses += n_miss
+        self.st_evictions += max(need, 0)
+        with nogil:
+            qsort(pm, n_miss, sizeof(int64_t), _cmp_i64)
+            self._place(pm, n_miss, step, pslot, False)
+        return missing[:n_miss].copy(), slots[:n_miss].copy()
+
+    def prefetch(self, guessed, int64_t step, int64_t limit):
+        """Insert up to `limit` guessed experts (priority order) that are not cached, as used
+        at `step`, pinned until unpin(): they take free slots, else the slots of the least
+        recently used unpinned experts (fewer when too few slots are unpinned). Returns
+        (ids (k,) int64 ascending, slots (k,) int64) for the caller to read into."""
+        cdef cnp.ndarray sel = self._ids(guessed)
+        cdef int64_t n_sel = sel.shape[0], cap = self.capacity
+        cdef const int64_t* ps = <const int64_t*>cnp.PyArray_DATA(sel)
+        cdef int64_t n_max = max(0, min(n_sel, limit, cap))
+        cdef cnp.ndarray ids = np.empty(n_max, np.int64)
+        cdef cnp.ndarray slots = np.empty(n_max, np.int64)
+        cdef int64_t* pm = <int64_t*>cnp.PyArray_DATA(ids)
+        cdef int64_t* pslot = <int64_t*>cnp.PyArray_DATA(slots)
+        cdef int64_t i, nid, n_new = 0, need, room, s
+        self.stamp += 1
+        cdef int64_t stamp = self.stamp
+        cdef int64_t* sel_stamp = self.p_sel_stamp
+        with nogil:
+            for i in range(n_sel):
+                if n_new == n_max:
+                    break
+                nid = ps[i]
+                if sel_stamp[nid] == stamp or self.p_id_to_slot[nid] >= 0:
+                    continue
+                sel_stamp[nid] = stamp
+                pm[n_new] = nid
+                n_new += 1
+            room = 0
+            for s in range(cap):
+                if self.p_slot_to_id[s] < 0 or not self.p_pinned[s]:
+                    room += 1
+            n_new = min(n_new, room)            # the first in priority order that fit
+            need = self.n_used + n_new - cap
+            if need > 0:
+                self.st_evictions += self._evict_lru(need, stamp, False)
+            qsort(pm, n_new, sizeof(int64_t), _cmp_i64)
+            self._place(pm, n_new, step, pslot, True)
+            self.st_prefetched += n_new
+        return ids[:n_new].copy(), slots[:n_new].copy()
+
+    def unpin(self):
+        """The prefetch reads have landed: their slots may be evicted again."""
+        self.pinned[:] = 0
+
+    def reset(self):
+        """Empty the cache (counters kept; prefetched experts never selected count as wasted)."""
+        self.st_pf_wasted += int(np.count_nonzero(self._spec[self.slot_to_id >= 0]))
+        self.id_to_slot[:] = -1
+        self.slot_to_id[:] = -1
+        self.last_used[:] = 0
+        self.pinned[:] = 0
+        self._spec[:] = 0
+        self.n_used = 0
+
+    def stats(self):
+        """dict(hits, misses, evictions, dropped: selected ids beyond capacity, prefetched:
+        experts a prefetch inserted, prefetch_hits: of those, selected before eviction,
+        prefetch_wasted: evicted or reset unselected)."""
+        return dict(hits=self.st_hits, misses=self.st_misses, evictions=self.st_evictions,
+                    dropped=self.st_dropped, prefetched=self.st_prefetched,
+                    prefetch_hits=self.st_pf_hits, prefetch_wasted=self.st_pf_wasted)
+
+    def reset_stats(self):
+        self.st_hits = 0
+        self.st_misses = 0
+        self.st_evictions = 0
+        self.st_dropped = 0
+        self.st_prefetched = 0
+        self.st_pf_hits = 0
+        self.st_pf_wasted = 0
+
+    def __repr__(self):
+        return (f"ExpertCache(n_ids={self.n_ids}, capacity={self.capacity}, n_used={self.n_used}, "
+                f"dtype={self.dtype})")

@@ -413,6 +413,7 @@ typedef struct frt_async {
     char *dest;                 /* rows: dest[j] <- bounce[src_off[j]] when src_off[j] >= 0 */
     const char *bounce;
     const int64_t *src_off;
+    const int64_t *dst_row;     /* rows: row j's dest row (NULL: j) */
     int64_t m, row_bytes;
     frt_copy copies[3];         /* ranges: head / tail (or whole) bounce copies */
     int n_copies;
@@ -429,7 +430,8 @@ static void frt_async_exec(frt_async *a) {
         if (a->src_off != NULL)
             for (int64_t j = 0; j < a->m; j++)
                 if (a->src_off[j] >= 0)
-                    memcpy(a->dest + j * a->row_bytes, a->bounce + a->src_off[j], (size_t)a->row_bytes);
+                    memcpy(a->dest + (a->dst_row != NULL ? a->dst_row[j] : j) * a->row_bytes,
+                           a->bounce + a->src_off[j], (size_t)a->row_bytes);
         for (int c = 0; c < a->n_copies; c++)
             memcpy(a->copies[c].dst, a->copies[c].src, (size_t)a->copies[c].n);
     }
@@ -497,6 +499,15 @@ static void frt_async_wait(frt_async *a) {
     while (a->busy) pthread_cond_wait(&a->cv, &a->mu);
     pthread_mutex_unlock(&a->mu);
     a->ns_waited += frt_now_ns() - t0;
+}
+
+/* 1 when no batch is being read (the one submitted has landed, or none was): never blocks
+ * on the reads, only on the driver's mutex. */
+static int frt_async_idle(frt_async *a) {
+    pthread_mutex_lock(&a->mu);
+    int idle = !a->busy;
+    pthread_mutex_unlock(&a->mu);
+    return idle;
 }
 
 /* The kernels' view of a wait: a plain function and its argument (see kernels.ffn_rows). */

@@ -55,6 +55,7 @@ cdef extern from "flash_io.h" nogil:
         char* dest
         const char* bounce
         const int64_t* src_off
+        const int64_t* dst_row
         int64_t m
         int64_t row_bytes
         frt_copy copies[3]
@@ -71,6 +72,7 @@ cdef extern from "flash_io.h" nogil:
     int frt_async_start(frt_async* a)
     void frt_async_submit(frt_async* a)
     void frt_async_wait(frt_async* a)
+    int frt_async_idle(frt_async* a)
     void frt_async_wait_cb(void* ctx)
     void frt_async_stop(frt_async* a)
 
@@ -95,6 +97,8 @@ cdef class Loader:
     cdef int64_t reqs_cap
     cdef int64_t* src_off        # (src_cap,) per dest row: byte offset in bounce, -1 = read in place
     cdef int64_t src_cap
+    cdef int64_t* dst_row        # (src_cap,) per row: its dest row when read_rows got slots
+    cdef bint has_dst_row
     cdef frt_fault fault
     cdef frt_copy copies[3]      # the bounce copies a range read needs after its reads
     cdef int n_copies
@@ -113,7 +117,7 @@ cdef class Loader:
     cdef int _execute(self, int64_t n_reqs) except -1
     cdef int _complete(self, int64_t n_reqs, int64_t ns, int rc) except -1
     cdef int64_t _prepare_rows(self, int64_t layer_offset, int64_t row_bytes, object ids, object dest,
-                               int64_t* m_out) except -2
+                               object slots, int64_t* m_out) except -2
     cdef int64_t _prepare_range(self, int64_t offset, object dest) except -2
     cdef int _submit(self, int64_t n_reqs, char* dest, bint rows, int64_t m, int64_t row_bytes,
                      int64_t useful, object keep) except -1

@@ -93,22 +93,26 @@ def aligned_empty(shape, dtype, int64_t alignment=ALIGNMENT):
 
 cdef int64_t _plan_rows(const int64_t* ids, int64_t m, int64_t layer_offset, int64_t rb,
                         int64_t A, bint direct, bint coalesce, int64_t max_gap,
-                        int64_t chunk, char* dest, char* bounce, frt_req* reqs,
+                        int64_t chunk, char* dest, const int64_t* pos, char* bounce, frt_req* reqs,
                         int64_t* src_off, int64_t* bounce_bytes) noexcept nogil:
     """Plan the reads for read_rows. With reqs == NULL only count: returns the
     number of requests and sets *bounce_bytes (dest must be the real one: its
-    alignment decides what bounces). Otherwise fill reqs and src_off."""
-    cdef int64_t j = 0, k, t, start, end, s2, a0, a1, c0, ln, nreq = 0, bpos = 0
+    alignment decides what bounces). Otherwise fill reqs and src_off. Row j lands in
+    dest row pos[j] (pos NULL: row j); rows coalesce only into consecutive dest rows."""
+    cdef int64_t j = 0, k, t, start, end, s2, a0, a1, c0, ln, nreq = 0, bpos = 0, pj
     cdef bint gapped, via_bounce
     cdef frt_req* q
     while j < m:
         start = layer_offset + ids[j] * rb
         end = start + rb
+        pj = pos[j] if pos != NULL else j
         k = j + 1
         gapped = False
         if coalesce:
             while k < m:
                 s2 = layer_offset + ids[k] * rb
+                if pos != NULL and pos[k] != pos[k - 1] + 1:
+                    break
                 if s2 - end > max_gap and not (direct and _floor(s2, A) < _ceil(end, A)):
                     break
                 if s2 != end:
@@ -118,7 +122,7 @@ cdef int64_t _plan_rows(const int64_t* ids, int64_t m, int64_t layer_offset, int
         # O_DIRECT needs aligned offset, length and address: a gap-free run that
         # has all three is read straight into dest, anything else via the bounce buffer
         via_bounce = gapped or (direct and not (
-            start % A == 0 and end % A == 0 and (<uintptr_t>(dest + j * rb)) % A == 0))
+            start % A == 0 and end % A == 0 and (<uintptr_t>(dest + pj * rb)) % A == 0))
         if via_bounce and direct:
             a0 = _floor(start, A)
             a1 = _ceil(end, A)
@@ -136,7 +140,7 @@ cdef int64_t _plan_rows(const int64_t* ids, int64_t m, int64_t layer_offset, int
                 if via_bounce:
                     q.buf = bounce + bpos + (c0 - a0)
                 else:
-                    q.buf = dest + j * rb + (c0 - a0)
+                    q.buf = dest + pj * rb + (c0 - a0)
                 q.done = 0
                 q.err = 0
                 q.eof = 0
@@ -201,6 +205,8 @@ cdef class Loader:
         self.bounce = NULL
         self.reqs = NULL
         self.src_off = NULL
+        self.dst_row = NULL
+        self.has_dst_row = False
         self.owner_pid = getpid()
 
     def __init__(self, path, int n_threads=0, str backend="auto", bint direct=True,
@@ -366,6 +372,10 @@ cdef class Loader:
             if p == NULL:
                 raise MemoryError()
             self.src_off = <int64_t*>p
+            p = realloc(self.dst_row, n_rows * sizeof(int64_t))
+            if p == NULL:
+                raise MemoryError()
+            self.dst_row = <int64_t*>p
             self.src_cap = n_rows
         if bounce_bytes > self.bounce_cap:
             bounce_bytes = _ceil(max(bounce_bytes, self.bounce_cap + self.bounce_cap // 2), ALIGNMENT)
@@ -439,9 +449,9 @@ cdef class Loader:
             raise ValueError(f"Loader for {self.path} is closed")
 
     cdef int64_t _prepare_rows(self, int64_t layer_offset, int64_t row_bytes, object ids, object dest,
-                               int64_t* m_out) except -2:
-        """Check read_rows' arguments and plan its reads into self.reqs / src_off (the lock
-        held). Returns the request count (-1: nothing to read); *m_out = rows."""
+                               object slots, int64_t* m_out) except -2:
+        """Check read_rows' arguments and plan its reads into self.reqs / src_off / dst_row
+        (the lock held). Returns the request count (-1: nothing to read); *m_out = rows."""
         cdef cnp.ndarray idarr = np.ascontiguousarray(ids, dtype=np.int64)
         if idarr.ndim != 1:
             ids_shape = np.shape(ids)
@@ -450,9 +460,20 @@ cdef class Loader:
         m_out[0] = m
         if not isinstance(dest, np.ndarray) or not dest.flags.c_contiguous or not dest.flags.writeable:
             raise ValueError("dest must be a C-contiguous writable numpy array")
-        if dest.ndim == 0 or dest.shape[0] != m or dest.nbytes != m * row_bytes:
-            raise ValueError(f"dest must hold {m} rows of {row_bytes} bytes, "
-                             f"got shape {dest.shape} ({dest.nbytes} bytes)")
+        cdef cnp.ndarray slotarr = None
+        if slots is None:
+            if dest.ndim == 0 or dest.shape[0] != m or dest.nbytes != m * row_bytes:
+                raise ValueError(f"dest must hold {m} rows of {row_bytes} bytes, "
+                                 f"got shape {dest.shape} ({dest.nbytes} bytes)")
+        else:
+            slotarr = np.ascontiguousarray(slots, dtype=np.int64)
+            if slotarr.ndim != 1 or slotarr.shape[0] != m:
+                raise ValueError(f"slots must be 1-D with one dest row per id ({m}), got shape {np.shape(slots)}")
+            if dest.ndim == 0 or dest.nbytes != dest.shape[0] * row_bytes:
+                raise ValueError(f"dest must be rows of {row_bytes} bytes, got shape {dest.shape} "
+                                 f"({dest.nbytes} bytes)")
+            if m and (slotarr.min() < 0 or slotarr.max() >= dest.shape[0] or np.unique(slotarr).size != m):
+                raise ValueError(f"slots must be distinct rows of dest [0, {dest.shape[0]})")
         if row_bytes <= 0 or layer_offset < 0:
             raise ValueError("row_bytes must be > 0 and layer_offset >= 0")
         if m == 0:
@@ -478,11 +499,17 @@ cdef class Loader:
         cdef int64_t A = self.alignment
         cdef bint direct = self.direct, coalesce = self.coalesce
         cdef int64_t max_gap = self.max_gap, chunk = self.chunk_bytes
+        cdef const int64_t* ppos = NULL
+        if slotarr is not None:
+            ppos = <const int64_t*>cnp.PyArray_DATA(slotarr)
         n_reqs = _plan_rows(pid, m, layer_offset, row_bytes, A, direct, coalesce,
-                            max_gap, chunk, pdest, NULL, NULL, NULL, &bbytes)
+                            max_gap, chunk, pdest, ppos, NULL, NULL, NULL, &bbytes)
         self._ensure(n_reqs, bbytes, m)
         _plan_rows(pid, m, layer_offset, row_bytes, A, direct, coalesce, max_gap,
-                   chunk, pdest, self.bounce, self.reqs, self.src_off, &bbytes)
+                   chunk, pdest, ppos, self.bounce, self.reqs, self.src_off, &bbytes)
+        self.has_dst_row = ppos != NULL
+        if ppos != NULL:
+            memcpy(self.dst_row, ppos, m * sizeof(int64_t))
         return n_reqs
 
     cdef int64_t _prepare_range(self, int64_t offset, object dest) except -2:
@@ -569,6 +596,7 @@ cdef class Loader:
         a.dest = dest
         a.bounce = self.bounce
         a.src_off = self.src_off if rows else NULL
+        a.dst_row = self.dst_row if (rows and self.has_dst_row) else NULL
         a.m = m
         a.row_bytes = row_bytes
         a.n_copies = 0 if rows else self.n_copies
@@ -581,18 +609,21 @@ cdef class Loader:
         frt_async_submit(a)
         return 0
 
-    def read_rows(self, int64_t layer_offset, int64_t row_bytes, ids, dest):
-        """dest[j] <- bytes [layer_offset + ids[j]*row_bytes, +row_bytes) of the file.
+    def read_rows(self, int64_t layer_offset, int64_t row_bytes, ids, dest, slots=None):
+        """dest[j] <- bytes [layer_offset + ids[j]*row_bytes, +row_bytes) of the file
+        (dest[slots[j]] when slots is given).
 
         ids   (m,) integers, sorted ascending, unique
         dest  C-contiguous writable array (m, ...) whose rows are row_bytes bytes
+              ((n, ...) with slots: e.g. a whole cache whose slots do not move)
+        slots (m,) distinct dest rows, or None
         """
         self._check_open()
         self.wait()
         cdef int64_t n_reqs, m = 0, j
         cdef char* pdest
         with self._lock:
-            n_reqs = self._prepare_rows(layer_offset, row_bytes, ids, dest, &m)
+            n_reqs = self._prepare_rows(layer_offset, row_bytes, ids, dest, slots, &m)
             if n_reqs < 0:
                 return
             self._execute(n_reqs)
@@ -600,7 +631,8 @@ cdef class Loader:
             with nogil:
                 for j in range(m):
                     if self.src_off[j] >= 0:
-                        memcpy(pdest + j * row_bytes, self.bounce + self.src_off[j], row_bytes)
+                        memcpy(pdest + (self.dst_row[j] if self.has_dst_row else j) * row_bytes,
+                               self.bounce + self.src_off[j], row_bytes)
             self.st_bytes_useful += m * row_bytes
 
     def read_range(self, int64_t offset, dest):
@@ -622,7 +654,7 @@ cdef class Loader:
                     memcpy(self.copies[c].dst, self.copies[c].src, self.copies[c].n)
             self.st_bytes_useful += dest.nbytes
 
-    def submit_rows(self, int64_t layer_offset, int64_t row_bytes, ids, dest):
+    def submit_rows(self, int64_t layer_offset, int64_t row_bytes, ids, dest, slots=None):
         """read_rows in the background: returns once the reads are issued. dest must not be
         read (nor ids' array changed) until wait() returns, or until a kernel given waiter()
         has waited; errors surface in wait(). One batch at a time: a new read or submit
@@ -632,11 +664,12 @@ cdef class Loader:
         cdef int64_t n_reqs, m = 0
         self._lock.acquire()
         try:
-            n_reqs = self._prepare_rows(layer_offset, row_bytes, ids, dest, &m)
+            n_reqs = self._prepare_rows(layer_offset, row_bytes, ids, dest, slots, &m)
             if n_reqs < 0:
                 self._lock.release()
                 return
-            self._submit(n_reqs, <char*>cnp.PyArray_DATA(dest), True, m, row_bytes, m * row_bytes, (ids, dest))
+            self._submit(n_reqs, <char*>cnp.PyArray_DATA(dest), True, m, row_bytes, m * row_bytes,
+                         (ids, dest, slots))
         except BaseException:
             if not self.aio_active:
                 self._lock.release()
@@ -684,6 +717,14 @@ cdef class Loader:
     def in_flight(self):
         """True while a submitted batch has not been waited for."""
         return self.aio_active
+
+    @property
+    def landed(self):
+        """True when no submitted batch is still being read (wait() then returns at once);
+        never blocks on the reads."""
+        if not self.aio_active:
+            return True
+        return frt_async_idle(&self.aio) != 0
 
     def waiter(self):
         """A PyCapsule ("flashrt.frt_waiter": {wait(ctx), ctx}) that blocks, without the GIL,
@@ -774,6 +815,7 @@ cdef class Loader:
         free(self.bounce)
         free(self.reqs)
         free(self.src_off)
+        free(self.dst_row)
 
     def __repr__(self):
         state = "closed" if self.fd < 0 else f"{self.backend}, direct={self.direct}"

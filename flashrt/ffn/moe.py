@@ -10,9 +10,10 @@ so its gate, up and down are one contiguous span of ffn.bin, read whole by one r
     y = sum_k w_k * expert_k(x)             each expert the gated FFN of its rows
 
 MoEFFN holds every expert in DRAM (dense mode, and the oracle of the flash path).
-FlashMoEFFN keeps a per-layer expert cache (the neuron cache of flashrt/_core/cache.pyx
-with one row per expert, least recently used evicted) and reads one token's missing
-experts of a layer with one loader call; a prompt (T > 1) streams each routed expert
+FlashMoEFFN keeps a per-layer expert cache (flashrt/_core/cache.pyx's ExpertCache: one slot
+per expert, least recently used evicted, an evicted expert's slot overwritten in place by the
+read of its replacement, so eviction copies nothing) and reads one token's missing experts of
+a layer with one loader call into their slots; a prompt (T > 1) streams each routed expert
 once for all the prompt's tokens. Both compute each expert with the same kernels in the
 same order, so flash mode equals dense mode bit for bit.
 """
@@ -28,9 +29,6 @@ from ..errors import BudgetError
 from ..threads import default_threads
 from .base import FFNSpec
 from .dense import DenseFFN, ffn_blocks
-
-NO_WINDOW = 1 << 62  # the expert cache evicts by recency only (no sliding window)
-
 
 @dataclass
 class MoESpec(FFNSpec):
@@ -196,8 +194,8 @@ class FlashMoEFFN(MoEFFN):
         self.layer_offsets = [files.ffn_layer_offset(l) for l in range(self.n_layers)]
         self.loader = _loader.Loader(str(files.ffn_path), n_threads=io_threads or 0)
         self.cache_experts = int(min(cache_experts, self.n_experts))
-        self.caches = [_cache.NeuronCache(self.n_experts, self.cache_experts, self.expert_neurons * self.row_elems,
-                                          self.dtype, NO_WINDOW) for _ in range(self.n_layers)]
+        self.caches = [_cache.ExpertCache(self.n_experts, self.cache_experts, self.expert_neurons * self.row_elems,
+                                          self.dtype) for _ in range(self.n_layers)]
         self._stage = _loader.aligned_empty((1, self.expert_neurons * self.row_elems), self.dtype)
         self.step = 0
         self.start_decode()
@@ -244,11 +242,10 @@ class FlashMoEFFN(MoEFFN):
                     c.reset()
         cache = self.caches[layer]
         t0 = time.perf_counter_ns()
-        missing, first = cache.admit(np.asarray(experts, np.int64), self.step)
+        missing, slots = cache.admit(np.asarray(experts, np.int64), self.step)
         t1 = time.perf_counter_ns()
         if len(missing):
-            self.loader.read_rows(self.layer_offsets[layer], self.expert_bytes, missing,
-                                  cache.rows[first:first + len(missing)])
+            self.loader.read_rows(self.layer_offsets[layer], self.expert_bytes, missing, cache.rows, slots=slots)
         t2 = time.perf_counter_ns()
         self.misses += len(missing)
         self.hits += len(experts) - len(missing)
@@ -275,8 +272,8 @@ class FlashMoEFFN(MoEFFN):
                 continue
             ids = np.array([e], np.int64)
             if cache.n_used < cache.capacity:
-                missing, first = cache.admit(ids, self.step)
-                dest = cache.rows[first:first + 1]
+                _, slots = cache.admit(ids, self.step)
+                dest = cache.rows[slots[0]:slots[0] + 1]
             else:
                 dest = self._stage
             self.loader.read_rows(self.layer_offsets[layer], self.expert_bytes, ids, dest)
