@@ -293,12 +293,14 @@ class ExpertCache:
 
     def prefetch(self, guessed, step, limit):
         """(ids ascending, slots): up to `limit` guessed experts not cached, pinned; see cache.pyx."""
-        new = [i for i in self._ids(guessed) if self.id_to_slot[i] < 0][:max(0, min(limit, self.capacity))]
-        room = sum(1 for s in range(self.capacity) if self.slot_to_id[s] < 0 or not self.pinned[s])
+        guess = self._ids(guessed)
+        new = [i for i in guess if self.id_to_slot[i] < 0][:max(0, min(limit, self.capacity))]
+        room = sum(1 for s in range(self.capacity) if self.slot_to_id[s] < 0
+                   or (not self.pinned[s] and int(self.slot_to_id[s]) not in guess))
         new = new[:room]
         need = self.n_used + len(new) - self.capacity
         if need > 0:
-            self.st["evictions"] += self._evict_lru(need, set())
+            self.st["evictions"] += self._evict_lru(need, set(guess))
         self.st["prefetched"] += len(new)
         return self._place(sorted(new), int(step), 1)
 

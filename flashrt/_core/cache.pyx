@@ -479,7 +479,7 @@ cdef class ExpertCache:
     def prefetch(self, guessed, int64_t step, int64_t limit):
         """Insert up to `limit` guessed experts (priority order) that are not cached, as used
         at `step`, pinned until unpin(): they take free slots, else the slots of the least
-        recently used unpinned experts (fewer when too few slots are unpinned). Returns
+        recently used unpinned experts not guessed (fewer when too few such slots are left). Returns
         (ids (k,) int64 ascending, slots (k,) int64) for the caller to read into."""
         cdef cnp.ndarray sel = self._ids(guessed)
         cdef int64_t n_sel = sel.shape[0], cap = self.capacity
@@ -495,22 +495,22 @@ cdef class ExpertCache:
         cdef int64_t* sel_stamp = self.p_sel_stamp
         with nogil:
             for i in range(n_sel):
-                if n_new == n_max:
-                    break
                 nid = ps[i]
-                if sel_stamp[nid] == stamp or self.p_id_to_slot[nid] >= 0:
+                if sel_stamp[nid] == stamp:
                     continue
-                sel_stamp[nid] = stamp
-                pm[n_new] = nid
-                n_new += 1
+                sel_stamp[nid] = stamp           # guessed: not a victim of this prefetch
+                if n_new < n_max and self.p_id_to_slot[nid] < 0:
+                    pm[n_new] = nid
+                    n_new += 1
             room = 0
             for s in range(cap):
-                if self.p_slot_to_id[s] < 0 or not self.p_pinned[s]:
+                nid = self.p_slot_to_id[s]
+                if nid < 0 or (not self.p_pinned[s] and sel_stamp[nid] != stamp):
                     room += 1
             n_new = min(n_new, room)            # the first in priority order that fit
             need = self.n_used + n_new - cap
             if need > 0:
-                self.st_evictions += self._evict_lru(need, stamp, False)
+                self.st_evictions += self._evict_lru(need, stamp, True)
             qsort(pm, n_new, sizeof(int64_t), _cmp_i64)
             self._place(pm, n_new, step, pslot, True)
             self.st_prefetched += n_new

@@ -137,10 +137,13 @@ class MoEFFN:
         return self._prefill(layer, x, experts, weights)
 
     def _decode(self, layer, x, experts, weights):
-        rows = self._fetch(layer, experts)              # one (n, row) array per selected expert
+        return self._combine(x, self._fetch(layer, experts), weights)
+
+    def _combine(self, x, rows, weights):
+        """y (1, d) = sum_k weights[k] * expert_k(x), rows[k] the k-th selected expert's rows."""
         y = np.zeros((1, self.dim), np.float32)
         part = np.empty(self.dim, np.float32)
-        for k, e in enumerate(experts):
+        for k in range(len(rows)):
             self._one(rows[k], x[0], part)
             part *= weights[k]
             y[0] += part
@@ -176,7 +179,17 @@ class FlashMoEFFN(MoEFFN):
     recently used other experts evicted to make room), the missing ones read by one
     loader.read_rows call (adjacent experts coalesced, big experts split across readers).
     Prefill: each routed expert is computed once for all its tokens, from the cache when it
-    is there, else read into a free cache slot (or, once the cache is full, a staging buffer)."""
+    is there, else read into a free cache slot (or, once the cache is full, a staging buffer).
+
+    prefetch (off by default; set the attribute): once layer l's missing experts are read,
+    layer l+1's router scores layer l's FFN input (a guess: the residual stream moves little
+    between layers) and the guessed experts layer l+1 does not cache are read into its cache
+    (ExpertCache.prefetch: least recently used slots, pinned while in flight) by a second
+    loader's submit_rows, in flight during layer l's expert compute and layer l+1's attention.
+    Layer l+1 still routes exactly on its own input; it waits for the prefetch only when it
+    selected one of the guessed experts being read, and never for a wrong guess (those slots
+    stay pinned until the reads land; the next prefetch is skipped while they have not). At
+    most cache_experts - top_k experts are guessed in, so the exact admit always has room."""
 
     def __init__(self, files, spec, cache_experts, n_threads=None, io_threads=None, reuse=True):
         self._setup(spec, files.n_layers, files.dim, n_threads, files.qtype, files.down_qtype)
@@ -198,40 +211,74 @@ class FlashMoEFFN(MoEFFN):
                                           self.dtype) for _ in range(self.n_layers)]
         self._stage = _loader.aligned_empty((1, self.expert_neurons * self.row_elems), self.dtype)
         self.step = 0
+        self.prefetch = False
+        self.io_threads = io_threads
+        self.pf_loader = None      # the prefetch's own Loader (made on first use): its batch never blocks a read
+        self._inflight = None      # [layer, guess (k,), ids being read, scored] of the prefetch in flight
         self.start_decode()
 
     def _rows(self, flat):
         return flat.reshape(self.expert_neurons, self.row_elems)
 
     def reset(self) -> None:
+        self._settle()
         for c in self.caches:
             c.reset()
         self.step = 0
 
     def close(self) -> None:
-        if self.loader is not None:
-            self.loader.close()
-            self.loader = None
+        try:
+            self._settle()
+        except OSError:
+            pass
+        for ld in (self.loader, self.pf_loader):
+            if ld is not None:
+                ld.close()
+        self.loader = self.pf_loader = None
         self.caches = []
+
+    def _settle(self) -> None:
+        """Let the prefetch in flight land (its read error, if any, raised) and unpin its slots."""
+        if self._inflight is not None:
+            layer = self._inflight[0]
+            self._inflight = None
+            if self.pf_loader is not None:
+                self.pf_loader.wait()
+            self.caches[layer].unpin()
 
     def start_decode(self) -> None:
         self.tokens = self.hits = self.misses = 0
-        self.ns_io = self.ns_cache = self.ns_compute = 0
+        self.ns_io = self.ns_cache = self.ns_compute = self.ns_prefetch = self.ns_prefetch_wait = 0
+        self.pf_guessed = self.pf_correct = self.pf_read = self.pf_used = self.pf_skipped = 0
         for c in self.caches:
             c.reset_stats()
-        if self.loader is not None:
-            self.loader.reset_stats()
+        for ld in (self.loader, self.pf_loader):
+            if ld is not None:
+                ld.reset_stats()
 
     def decode_stats(self) -> dict:
         """Per decoded token: experts used, hit in the caches and read, bytes and reads, ms."""
         t = max(self.tokens, 1)
         io = self.loader.stats() if self.loader is not None else {}
+        pf = self.pf_loader.stats() if self.pf_loader is not None else {}
         used = self.hits + self.misses
-        return {"tokens": self.tokens, "experts_per_token": used / t, "expert_hit_rate": self.hits / used if used else 0.0,
-                "experts_read_per_token": self.misses / t, "bytes_read_per_token": io.get("bytes_read", 0) / t,
-                "reads_per_token": io.get("n_reads", 0) / t, "ms_io_per_token": self.ns_io / t / 1e6,
-                "ms_cache_per_token": self.ns_cache / t / 1e6, "ms_compute_per_token": self.ns_compute / t / 1e6,
-                "cache_experts_per_layer": self.cache_experts}
+        out = {"tokens": self.tokens, "experts_per_token": used / t, "expert_hit_rate": self.hits / used if used else 0.0,
+               "experts_read_per_token": self.misses / t,
+               "bytes_read_per_token": (io.get("bytes_read", 0) + pf.get("bytes_read", 0)) / t,
+               "reads_per_token": (io.get("n_reads", 0) + pf.get("n_reads", 0)) / t, "ms_io_per_token": self.ns_io / t / 1e6,
+               "ms_cache_per_token": self.ns_cache / t / 1e6, "ms_compute_per_token": self.ns_compute / t / 1e6,
+               "cache_experts_per_layer": self.cache_experts}
+        if self.prefetch:
+            # guess accuracy: share of the guessed top-k the exact router also chose; prefetch hits: guessed
+            # experts read ahead that the exact selection used; wasted: read ahead and not used by that token
+            out.update({"prefetch_guess_accuracy": self.pf_correct / self.pf_guessed if self.pf_guessed else 0.0,
+                        "prefetch_experts_read_per_token": self.pf_read / t,
+                        "prefetch_hits_per_token": self.pf_used / t,
+                        "prefetch_wasted_bytes_per_token": (self.pf_read - self.pf_used) * self.expert_bytes / t,
+                        "prefetch_skipped_per_token": self.pf_skipped / t,
+                        "ms_prefetch_per_token": self.ns_prefetch / t / 1e6,
+                        "ms_prefetch_wait_per_token": self.ns_prefetch_wait / t / 1e6})
+        return out
 
     def _fetch(self, layer, experts):
         if layer == 0:
@@ -241,8 +288,23 @@ class FlashMoEFFN(MoEFFN):
                 for c in self.caches:
                     c.reset()
         cache = self.caches[layer]
+        experts = np.asarray(experts, np.int64)
+        if self._inflight is not None and self._inflight[0] == layer:
+            _, guess, read, scored = self._inflight
+            used = int(np.isin(read, experts).sum())
+            if not scored:                 # the token it was guessed for (a batch still in flight a token later
+                self._inflight[3] = True   # is waited for only if that token uses it, and not counted again)
+                self.pf_guessed += guess.size
+                self.pf_correct += int(np.isin(guess, experts).sum())
+                self.pf_read += read.size
+                self.pf_used += used
+            if used:                       # the exact selection needs guessed experts: wait for them
+                t0 = time.perf_counter_ns()
+                self._settle()
+                self.ns_prefetch_wait += time.perf_counter_ns() - t0
+            # else: a wrong guess is never waited for; its slots stay pinned until it lands
         t0 = time.perf_counter_ns()
-        missing, slots = cache.admit(np.asarray(experts, np.int64), self.step)
+        missing, slots = cache.admit(experts, self.step)
         t1 = time.perf_counter_ns()
         if len(missing):
             self.loader.read_rows(self.layer_offsets[layer], self.expert_bytes, missing, cache.rows, slots=slots)
@@ -255,10 +317,46 @@ class FlashMoEFFN(MoEFFN):
         return [self._rows(cache.rows[slots[int(e)]]) for e in experts]
 
     def _decode(self, layer, x, experts, weights):
-        t0, busy = time.perf_counter_ns(), self.ns_io + self.ns_cache
-        y = super()._decode(layer, x, experts, weights)
-        self.ns_compute += time.perf_counter_ns() - t0 - (self.ns_io + self.ns_cache - busy)
+        t0, busy = time.perf_counter_ns(), self._busy()
+        rows = self._fetch(layer, experts)
+        if self.prefetch and self.reuse and layer + 1 < self.n_layers:
+            self._prefetch_next(layer + 1, x)
+        y = self._combine(x, rows, weights)
+        self.ns_compute += time.perf_counter_ns() - t0 - (self._busy() - busy)
         return y
+
+    def _busy(self):
+        return self.ns_io + self.ns_cache + self.ns_prefetch + self.ns_prefetch_wait
+
+    def _guess(self, layer, x):
+        """Layer `layer`'s router on x (1, d): its top-k, most probable first."""
+        return route(x, self.routers[layer], self.top_k, False)[0][0]
+
+    def _prefetch_next(self, layer, x):
+        """Guess layer `layer`'s experts from the previous layer's FFN input x (1, d) and start
+        reading those it does not cache into its cache (pinned) on the prefetch loader."""
+        t0 = time.perf_counter_ns()
+        if self._inflight is not None:     # an earlier wrong guess still in flight: skip, never wait
+            if self.pf_loader is not None and not self.pf_loader.landed:
+                self.pf_skipped += 1
+                self.ns_prefetch += time.perf_counter_ns() - t0
+                return
+            self._settle()
+        limit = self.cache_experts - self.top_k
+        if limit > 0:
+            guess = self._guess(layer, x)
+            ids, slots = self.caches[layer].prefetch(guess, self.step, limit)
+            if ids.size:
+                if self.pf_loader is None:
+                    self.pf_loader = _loader.Loader(self.loader.path, n_threads=self.io_threads or 0)
+                self.pf_loader.submit_rows(self.layer_offsets[layer], self.expert_bytes, ids,
+                                           self.caches[layer].rows, slots=slots)
+            self._inflight = [layer, guess, ids, False]
+        self.ns_prefetch += time.perf_counter_ns() - t0
+
+    def _prefill(self, layer, x, experts, weights):
+        self._settle()                     # a prompt after decoding: the prefetch's slots must have landed
+        return super()._prefill(layer, x, experts, weights)
 
     def _stream(self, layer, experts):
         """Each routed expert once: from the cache, else read into a free cache slot while there

@@ -58,9 +58,11 @@ class Model:
         return missing
 
     def prefetch(self, guessed, step, limit):
+        guess = set(int(g) for g in guessed)
         new = [i for i in dict.fromkeys(int(g) for g in guessed) if i not in self.last][:min(limit, self.capacity)]
-        new = new[:self.capacity - len(self.pinned)]
-        self._evict(len(self.last) + len(new) - self.capacity, set())
+        kept = sum(1 for i in self.last if i in self.pinned or i in guess)   # slots no guess may take
+        new = new[:self.capacity - kept]
+        self._evict(len(self.last) + len(new) - self.capacity, guess)
         for i in new:
             self.last[i] = step
             self.pinned.add(i)

@@ -278,3 +278,79 @@ def test_qwen3_moe_dense_layers_refused(tmp_path):
     from flashrt.errors import UnsupportedModelError
     with pytest.raises(UnsupportedModelError, match="dense MLP"):
         convert(src, tmp_path / "out", progress=False)
+
+
+class _SlowLoader:
+    """A prefetch loader whose batches say they have landed only when asked the second time (as if
+    the disk took a token); it records every wait() made while it held a batch during decoding."""
+
+    def __init__(self, real):
+        self.real, self.held, self.asked, self.waits_while_held, self.decoding = real, False, 0, 0, True
+
+    def submit_rows(self, *a, **kw):
+        self.real.submit_rows(*a, **kw)
+        self.held, self.asked = True, 0
+
+    @property
+    def landed(self):
+        self.asked += 1
+        if self.asked >= 2:
+            self.held = False
+        return not self.held
+
+    def wait(self):
+        if self.held and self.decoding:
+            self.waits_while_held += 1
+        self.held = False
+        return self.real.wait()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_qwen3_moe_prefetch_equals_dense_and_never_waits_on_a_wrong_guess(tmp_path):
+    from flashrt._core import loader as _loader
+    ids = QEXP["input_ids"]
+    path = _convert_q(tmp_path, "float32")
+    dense = _gen(path)
+    want = dense.decode_logits(ids)
+    dense.close()
+    budgets = _budgets(path, 8)
+    for n_cached in (3, 5, 8):
+        flash = _gen(path, mode="flash", memory_budget=budgets[n_cached], max_context=32)
+        flash.ffn.prefetch = True
+        np.testing.assert_array_equal(flash.decode_logits(ids), want)
+        st = flash.stats.ffn
+        if n_cached == 3:                      # no room beyond one token's top-3: nothing guessed in
+            assert st["prefetch_experts_read_per_token"] == 0
+        if n_cached == 5:                      # guesses read; hits and waste account for every one of them
+            assert st["prefetch_experts_read_per_token"] > 0 and 0 < st["prefetch_guess_accuracy"] <= 1
+            assert st["prefetch_hits_per_token"] <= st["prefetch_experts_read_per_token"]
+            assert st["prefetch_wasted_bytes_per_token"] == pytest.approx(
+                (st["prefetch_experts_read_per_token"] - st["prefetch_hits_per_token"]) * flash.ffn.expert_bytes)
+        flash.close()
+    # wrong guesses (experts the exact router picks neither for this token nor the next, learnt from a
+    # first run) on a disk that takes a token: the exact selection never waits for them, the prefetch
+    # meanwhile is skipped, and the logits do not move
+    flash = _gen(path, mode="flash", memory_budget=budgets[6], max_context=32)
+    ffn, picked = flash.ffn, {}
+    fetch = ffn._fetch
+
+    def recording(layer, experts):
+        rows = fetch(layer, experts)
+        picked[ffn.step, layer] = set(int(e) for e in experts)
+        return rows
+
+    ffn._fetch = recording
+    np.testing.assert_array_equal(flash.decode_logits(ids), want)
+    ffn._fetch = fetch
+    ffn.prefetch = True
+    ffn._guess = lambda layer, x: np.array([e for e in range(ffn.n_experts) if e not in picked[ffn.step, layer]
+                                            and e not in picked.get((ffn.step + 1, layer), ())][:ffn.top_k], np.int64)
+    ffn.pf_loader = slow = _SlowLoader(_loader.Loader(ffn.loader.path))
+    np.testing.assert_array_equal(flash.decode_logits(ids), want)
+    st = flash.stats.ffn
+    assert slow.waits_while_held == 0 and st["prefetch_guess_accuracy"] == 0 and st["prefetch_hits_per_token"] == 0
+    assert st["prefetch_skipped_per_token"] > 0 and st["prefetch_experts_read_per_token"] > 0
+    slow.decoding = False
+    flash.close()
