@@ -60,6 +60,7 @@ FLASHRT_CHILD = textwrap.dedent(_COMMON + """
     import warnings; warnings.simplefilter("ignore")
     import flashrt, flashrt.api, flashrt.ffn.moe, flashrt._core.kernels, flashrt._core.loader, flashrt._core.cache
     budget = int((limit - int(open(os.path.join(cgdir, usage_file)).read())) * 0.95)
+    budget = int(os.environ.get("BENCH_BUDGET") or budget)  # --budget: the planner's budget, the limit unchanged
     t0 = time.perf_counter()
     g = flashrt.Generator(path, mode=os.environ.get("BENCH_MODE", "flash"), memory_budget=budget,
                           max_context=%d, threads=2, progress=False)
@@ -123,11 +124,12 @@ def evict(path):
 
 
 def run(engine, path, limit, n_tokens, seed, timeout=3600, mode="flash", n_prompt=PROMPT, no_repack=False,
-        repo=None, prefetch=False):
+        repo=None, prefetch=False, budget=None):
     env = dict(os.environ)
     repo = str(repo or Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     env["BENCH_PREFETCH"] = "1" if prefetch else "0"
+    env["BENCH_BUDGET"] = str(budget or "")
     env["BENCH_MODE"] = mode
     env["BENCH_NO_REPACK"] = "1" if no_repack else "0"
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -197,6 +199,8 @@ def main():
                                                "(e.g. the commit before a change against this one)")
     ap.add_argument("--prefetch", choices=["off", "on", "both"], default="off",
                     help="flashrt: prefetch the next layer's guessed experts (both: alternate off/on in each repeat)")
+    ap.add_argument("--budget", help="flashrt: the memory budget handed to the planner (default: 95%% of the "
+                                     "limit left after the interpreter); the cgroup limit stays --limit")
     ap.add_argument("--out", help="append each run's JSON to this file")
     a = ap.parse_args()
     print(f"# {time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}; OMP_WAIT_POLICY="
@@ -214,7 +218,8 @@ def main():
                 if rep % 2:  # alternate the order between repeats
                     repo, pf = [(r, p) for r in repos for p in prefetches][::-1][i]
                 res = run(a.engine, a.path, parse_size(lim), a.tokens, seed=rep, mode=a.mode, n_prompt=a.prompt,
-                          no_repack=a.no_repack, repo=repo, prefetch=pf)
+                          no_repack=a.no_repack, repo=repo, prefetch=pf,
+                          budget=parse_size(a.budget) if a.budget else None)
                 res.update(limit_arg=lim, repo=repo or "this", prefetch=pf, loadavg=os.getloadavg()[0])
                 rows.append(res)
                 print(json.dumps(res), flush=True)
