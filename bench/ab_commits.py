@@ -52,8 +52,11 @@ def checkout(rev: str, scratch: Path) -> tuple[Path, str]:
         sha = subprocess.run(["git", "-C", str(d), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip()
         return d, f"{d.name} ({sha or 'no git'}, as it is)"
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        sys.exit(f"ab_commits: {rev!r} is neither a directory nor a commit of {REPO}; name a commit or a checkout")
+    sha = found.stdout.strip()
     d = scratch / sha
     if not d.exists():
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(d), sha], check=True,

@@ -76,3 +76,20 @@ class FFN(Protocol):
     def close(self) -> None:
         """Release files and threads."""
         ...
+
+
+class StatelessFFN:
+    """The FFN protocol's lifecycle for an FFN that keeps no state between tokens (every row
+    in DRAM): nothing to reset, no per-token figures, nothing to release."""
+
+    def reset(self) -> None:
+        pass
+
+    def start_decode(self) -> None:
+        pass
+
+    def decode_stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass

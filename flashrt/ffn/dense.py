@@ -9,6 +9,7 @@ q4_1: each part of a row is d weights in blocks of 32, see flashrt/quant.py).
 import numpy as np
 
 from flashrt._core import kernels
+from flashrt.ffn.base import StatelessFFN
 from flashrt.linear import scratch
 from flashrt.quant import BLOCK_BYTES, BLOCK_ELEMS
 from flashrt.threads import default_threads
@@ -39,7 +40,7 @@ def _describe(a):
     return f"{a.dtype} array of shape {a.shape}" + ("" if a.flags.c_contiguous else " (non-contiguous)")
 
 
-class DenseFFN:
+class DenseFFN(StatelessFFN):
     """FFN over all neurons of every layer, bundles resident in DRAM.
 
     bundles: list over layers of (n_neurons, n_parts * d) float16|float32 C-contiguous, or
@@ -120,19 +121,6 @@ class DenseFFN:
 
     def n_neurons(self, layer):
         return self.bundles[layer].shape[0]
-
-    # the FFN protocol (flashrt/ffn/base.py): a dense FFN keeps no state between tokens
-    def reset(self) -> None:
-        pass
-
-    def start_decode(self) -> None:
-        pass
-
-    def decode_stats(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
 
     def __call__(self, layer, x, h_out=None):
         """FFN of `layer` for x (T, d) float32 -> (T, d) float32.

@@ -27,7 +27,7 @@ import numpy as np
 from .._core import cache as _cache, kernels, loader as _loader
 from ..errors import BudgetError
 from ..threads import default_threads
-from .base import FFNSpec
+from .base import FFNSpec, StatelessFFN
 from .dense import DenseFFN, ffn_blocks
 
 @dataclass
@@ -56,7 +56,7 @@ def route(x, router, top_k, norm_topk=True):
     return experts.astype(np.int64), weights.astype(np.float32)
 
 
-class MoEFFN:
+class MoEFFN(StatelessFFN):
     """The routed FFN with every expert in DRAM.
 
     bundles: per layer (n_experts * expert_neurons, row) as DenseFFN takes them; spec: the
@@ -90,19 +90,6 @@ class MoEFFN:
     def from_files(cls, files, spec, n_threads=None):
         bundles = [files.read_ffn_layer(l) for l in range(files.n_layers)]
         return cls(bundles, spec, n_threads=n_threads, qtype=files.qtype, down_qtype=files.down_qtype)
-
-    # the FFN protocol
-    def reset(self) -> None:
-        pass
-
-    def start_decode(self) -> None:
-        pass
-
-    def decode_stats(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
 
     def _expert_rows(self, layer, e):
         n = self.expert_neurons
