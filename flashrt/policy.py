@@ -11,7 +11,8 @@ GOOD_RATIO (+5%), the predictors cannot keep quality at this budget (on SmolLM2 
 needs about 90% of each layer cached): with the default selection flash mode then computes
 every neuron (select "all": exact, and faster than a predictor whose cache churns), with
 select="predictor" asked for explicitly it keeps the predictors. Above WARN_RATIO (+10%)
-either warns once, naming the budget that reaches GOOD_RATIO.
+select="predictor" warns once, naming the budget that reaches GOOD_RATIO; the default (exact
+here) warns only when the predictors would run, and save work, at that budget.
 
 Where the predictors keep quality, the default selection still computes every neuron when that
 does no more work per token on either count (`all_does_less`): select "all" computes the whole
@@ -139,14 +140,31 @@ def choose_policy(files, args, mode, select, requested, memory_budget, max_conte
         where = (f"at a memory budget of {fmt_bytes(plan.budget)} the neuron caches hold "
                  f"{best_plan.cache_share:.0%} of each layer, where calibration measured the predictors at "
                  f"{100 * (ratio - 1):+.0f}% perplexity")
-        hint = (f"a budget of {fmt_bytes(good)} reaches {100 * (GOOD_RATIO - 1):+.0f}% with them" if good
-                else f"no measured budget reaches {100 * (GOOD_RATIO - 1):+.0f}% with them")
-        warning = (f"{where}; computing every neuron instead (select='all': exact, reads more); {hint}"
-                   if requested is None else f"{where}; {hint}")
+        if requested is not None:
+            hint = (f"a budget of {fmt_bytes(good[0])} reaches {100 * (GOOD_RATIO - 1):+.0f}% with them" if good
+                    else f"no measured budget reaches {100 * (GOOD_RATIO - 1):+.0f}% with them")
+            warning = f"{where}; {hint}"
+        elif good and _predictors_run_at(files, args, mode, max_context, n_ctx_model, predictor_bytes,
+                                          tokenizer_bytes, pset, *good):
+            # the default computes every neuron here (exact): worth a word only when a larger budget would
+            # let the predictors do less work (on SmolLM2 they never do, and the hint would mislead)
+            warning = (f"{where}; computing every neuron instead (select='all': exact, reads more); a budget of "
+                       f"{fmt_bytes(good[0])} lets the predictors run at {100 * (GOOD_RATIO - 1):+.0f}%")
     if requested is None:   # the default selection keeps quality: every neuron, exact
         return Policy("all", False, plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model, 0,
                                                 tokenizer_bytes), None, warning)
     return Policy(select, gate_first, best_plan, ratio, warning)
+
+
+def _predictors_run_at(files, args, mode, max_context, n_ctx_model, predictor_bytes, tokenizer_bytes, pset,
+                       budget, gate_first) -> bool:
+    """Whether the default selection would use the predictors (scorer `gate_first`) at `budget`, that is
+    whether they do less work there than computing every neuron (`all_does_less`)."""
+    extra = gate_bytes(files) if gate_first else 0
+    share = plan_budget(files, args, mode, budget, max_context, n_ctx_model, predictor_bytes + extra,
+                        tokenizer_bytes).cache_share
+    share_all = plan_budget(files, args, mode, budget, max_context, n_ctx_model, 0, tokenizer_bytes).cache_share
+    return not all_does_less(pset, gate_first, share, share_all)
 
 
 def predictor_work(pset, gate_first: bool, share: float):
@@ -169,12 +187,14 @@ def all_does_less(pset, gate_first: bool, share: float, share_all: float) -> boo
 
 
 def _good_budget(files, plan, curve_p, curve_g, replan):
-    """The smallest budget at which one of the scorers' curves reaches GOOD_RATIO, or None."""
+    """(budget, gate_first): the smallest budget at which one of the scorers' curves reaches GOOD_RATIO,
+    and which scorer; or None."""
     found = []
     if curve_p is not None and curve_p.share_for(GOOD_RATIO) is not None:
-        found.append(_budget_for_share(files, plan, curve_p.share_for(GOOD_RATIO), 0, replan))
+        found.append((_budget_for_share(files, plan, curve_p.share_for(GOOD_RATIO), 0, replan), False))
     if curve_g is not None and curve_g.share_for(GOOD_RATIO) is not None:
-        found.append(_budget_for_share(files, plan, curve_g.share_for(GOOD_RATIO), gate_bytes(files), replan))
+        found.append((_budget_for_share(files, plan, curve_g.share_for(GOOD_RATIO), gate_bytes(files), replan),
+                      True))
     return min(found) if found else None
 
 
