@@ -1,7 +1,7 @@
 """Sampling: properties checked against plain NumPy definitions."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from flashrt.errors import GenerationError
