@@ -1,8 +1,10 @@
 """SmolLM2 dense decode against the memory-bandwidth bound (issue 14), and where the rest goes.
 
-One Generator (the default model, its GGUF's q4_1 blocks, everything in DRAM), two variants
-alternating per repeat: the decode step as it runs (q, k, v fused into one GEMV, see
-flashrt/models/base.py fuse_rows) and with the fusion off (three GEMVs per layer). Per variant:
+One Generator (the default model, its GGUF's q4_1 blocks, everything in DRAM), three variants
+alternating per repeat: the decode step as it runs (one kernels.attn_step per layer for the
+attention half, q, k, v fused into one GEMV inside it: Model.step_kernel), the same operations
+as separate kernel and NumPy calls (q, k, v fused, see flashrt/models/base.py fuse_rows), and
+those with the fusion off (three GEMVs per layer). Per variant:
 ms/token (median, min-max), the bytes a token touches (every resident matrix it multiplies by,
 the whole FFN and the head: each once), the DRAM read bandwidth probed on this machine before
 and after the runs (common.memory_bandwidth: the best of NumPy sums and the f16 GEMV kernel on
@@ -73,7 +75,7 @@ def profile(g, n_tokens: int) -> tuple[float, list]:
         decoding[0] = len(ids) == 1
         return forward(ids, *a, **k)
 
-    for name in ("gemv", "ffn_rows", "rms_norm", "rope_", "attend_one"):
+    for name in ("attn_step", "gemv", "ffn_rows", "rms_norm", "rope_", "attend_one"):
         wrap(kernels, name, f"kernels.{name}")
     wrap(g.kv, "append", "kv.append")
     g.model.forward = forward_flag
@@ -109,15 +111,17 @@ def main(argv=None):
     import flashrt
 
     bw = [memory_bandwidth()]
-    runs = {True: [], False: []}
+    variants = {"step": (True, True), "fused": (False, True), "three": (False, False)}  # (step_kernel, fuse_qkv)
+    runs = {v: [] for v in variants}
     with flashrt.Generator(args.model, threads=args.threads, progress=False) as g:
         decode_ms(g, 4)
         for rep in range(args.repeats):
-            for fuse in ((True, False) if rep % 2 == 0 else (False, True)):
-                g.model.fuse_qkv = fuse
-                runs[fuse].append(decode_ms(g, args.tokens))
-                print(f"fused q/k/v={fuse}: {runs[fuse][-1]:.2f} ms/token", flush=True)
-        g.model.fuse_qkv = True
+            order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+            for v in order:
+                g.model.step_kernel, g.model.fuse_qkv = variants[v]
+                runs[v].append(decode_ms(g, args.tokens))
+                print(f"{v}: {runs[v][-1]:.2f} ms/token", flush=True)
+        g.model.step_kernel, g.model.fuse_qkv = True, True
         tb = touched_bytes(g)
         prof_ms, prof = profile(g, args.tokens)
         model_name = g.path.name
@@ -125,12 +129,14 @@ def main(argv=None):
     bw_GBs = max(bw)
     bound = tb["total"] / (bw_GBs * 1e9) * 1e3
     rows = []
-    for fuse, label in ((True, "dense, q/k/v fused (default)"), (False, "dense, q/k/v as three GEMVs")):
-        s = summarize(runs[fuse])
+    labels = {"step": "dense, one attn_step per layer (default)", "fused": "dense, q/k/v fused, separate calls",
+              "three": "dense, q/k/v as three GEMVs"}
+    for v, label in labels.items():
+        s = summarize(runs[v])
         rows.append([label, fmt_ms(s, 2), f"{1e3 / s['median']:.1f}", f"{tb['total'] / 1e6:.1f} MB",
                      f"{bound:.2f}", f"{tb['total'] / s['median'] / 1e6:.1f}", f"{s['median'] / bound:.2f}"])
     config = dict(model=model_name, tokens=args.tokens, repeats=args.repeats, threads=args.threads,
-                  order="fused and unfused alternate per repeat in one Generator (Model.fuse_qkv)",
+                  order="the variants alternate per repeat in one Generator (Model.step_kernel, Model.fuse_qkv)",
                   bytes=f"attention {tb['attention'] / 1e6:.1f} MB + FFN {tb['ffn'] / 1e6:.1f} MB + head "
                         f"{tb['head'] / 1e6:.1f} MB per token",
                   bandwidth=f"{bw_GBs:.1f} GB/s (probes {', '.join(f'{b:.1f}' for b in bw)})")
@@ -140,9 +146,11 @@ def main(argv=None):
     t2 = md_table(["op", "calls / token", "ms / token", "us / call"],
                   [[k, "-" if c is None else f"{c:.1f}", f"{ms:.2f}", "-" if us is None else f"{us:.1f}"]
                    for k, c, ms, us in prof])
-    fz, un = summarize(runs[True])["median"], summarize(runs[False])["median"]
-    out = "\n".join([text, "", t1, "", f"fused / three GEMVs: {fz / un:.3f}x the time per token (medians).", "",
-                     f"Per op, one profiled run of {args.tokens} tokens (fused; {prof_ms:.2f} ms/token with the timers):", "",
+    med = {v: summarize(runs[v])["median"] for v in variants}
+    out = "\n".join([text, "", t1, "",
+                     f"attn_step / separate calls: {med['step'] / med['fused']:.3f}x the time per token; "
+                     f"fused / three GEMVs: {med['fused'] / med['three']:.3f}x (medians).", "",
+                     f"Per op, one profiled run of {args.tokens} tokens (the default; {prof_ms:.2f} ms/token with the timers):", "",
                      t2, "", f"loadavg at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}"])
     print(out)
     write_result("decode_ops_smollm2.md", out)

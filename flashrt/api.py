@@ -34,7 +34,7 @@ from .format.manifest import MANIFEST_NAME
 from .format.reader import ModelFiles
 from .home import resolve_model_path
 from .kv_cache import KVCache
-from .linear import linear
+from .linear import KernelLinear
 from .models import family
 from .policy import choose_policy, warn_once
 from .predictor import PREDICTORS_NAME, PredictorSet
@@ -70,8 +70,7 @@ def load_model(files: ModelFiles, make_ffn, n_threads: int | None = None):
     weights = files.load_resident()
     files.check_resident(weights, fam.tensors(args)[0])
     ffn = make_ffn(fam.ffn_spec(args, weights), weights)
-    lin = lambda W, x, bias=None: linear(W, x, bias, n_threads=n_threads)  # noqa: E731
-    return fam.Model(args, weights, ffn, lin)
+    return fam.Model(args, weights, ffn, KernelLinear(n_threads))
 
 
 def predictors_path(files: ModelFiles) -> Path:

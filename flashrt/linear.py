@@ -15,7 +15,7 @@ from flashrt._core import kernels
 from flashrt.quant import QMatrix
 from flashrt.threads import default_threads
 
-__all__ = ["linear", "scratch"]
+__all__ = ["linear", "KernelLinear", "scratch"]
 
 SCRATCH_ELEMS = 1 << 19          # float32 elements per converted block of W (2 MiB)
 MIN_BLOCK_ROWS = 64
@@ -102,6 +102,24 @@ def linear(W, x, bias=None, n_threads=None, out=None):
     if bias is not None:
         y += bias
     return y[0] if squeeze else y
+
+
+class KernelLinear:
+    """`linear` with a fixed thread count, as the models take it (linear(W, x, bias)). A model
+    handed one knows its products run these kernels, so a decode step may call the fused
+    kernels that contain them (kernels.attn_step) and get the same numbers."""
+
+    __slots__ = ("n_threads",)
+
+    def __init__(self, n_threads=None):
+        self.n_threads = n_threads
+
+    def __call__(self, W, x, bias=None, out=None):
+        return linear(W, x, bias, self.n_threads, out)
+
+    def threads(self):
+        """The kernels' thread count for this call (None: flashrt.threads.default_threads())."""
+        return default_threads() if self.n_threads is None else self.n_threads
 
 
 def _matmul_blocks(W, qtype, in_dim, x, y, n_threads):

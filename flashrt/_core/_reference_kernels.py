@@ -324,6 +324,32 @@ def attend_one(q, keys, values, scale, first, out):
     return out
 
 
+def attn_step(x, add, in_w, post_w, eps, Wqkv, qkv_qtype, bqkv, Wo, o_qtype, bo, n_heads,
+              cos_row, sin_row, K, V, pos, first, scale, qkv, att, o, xn, n_threads=0):
+    """The attention half of one decode step (step.h frt_attn_step), composed of the twins:
+    x += add; xn = rms_norm(x); qkv = Wqkv xn + bqkv; RoPE; K[pos], V[pos] = k, v;
+    x += Wo attention(q) + bo; xn = rms_norm(x, post_w). Returns xn."""
+    n_kv, hd = K.shape[1], K.shape[2]
+    nq, nk = n_heads * hd, n_kv * hd
+    if add is not None:
+        x += add
+    rms_norm(x[None], in_w, eps, xn[None])
+    gemv(Wqkv, xn, qkv, n_threads, qkv_qtype)
+    if bqkv is not None:
+        qkv += bqkv
+    rope_(qkv[:nq].reshape(1, n_heads, hd), cos_row[None], sin_row[None])
+    rope_(qkv[nq:nq + nk].reshape(1, n_kv, hd), cos_row[None], sin_row[None])
+    K[pos] = qkv[nq:nq + nk].reshape(n_kv, hd)
+    V[pos] = qkv[nq + nk:].reshape(n_kv, hd)
+    attend_one(qkv[:nq].reshape(n_heads, hd), K[:pos + 1], V[:pos + 1], scale, first, att)
+    gemv(Wo, att, o, n_threads, o_qtype)
+    if bo is not None:
+        o += bo
+    x += o
+    rms_norm(x[None], post_w, eps, xn[None])
+    return xn
+
+
 def _set_prefetch(ahead):
     """Accepted for API parity; the twin does not prefetch."""
     return 0

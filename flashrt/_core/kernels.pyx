@@ -66,6 +66,12 @@ cdef extern from "step.h" nogil:
     void frt_rope(float* x, const float* cos_t, const float* sin_t, int64_t T, int64_t H, int64_t hd)
     int frt_attend_one(const float* q, const float* K, const float* V, int64_t S, int64_t first,
                        int64_t n_heads, int64_t n_kv, int64_t hd, float scale, float* out)
+    int frt_attn_step(float* x, const float* add, const float* in_w, const float* post_w,
+                      float eps, const void* Wqkv, int t_qkv, const float* bqkv,
+                      const void* Wo, int t_o, const float* bo, int64_t d, int64_t n_heads,
+                      int64_t n_kv, int64_t hd, const float* cos_row, const float* sin_row,
+                      float* K, float* V, int64_t pos, int64_t first, float scale,
+                      float* qkv, float* att, float* o, float* xn, int n_threads)
 
 ACT_SILU = 0
 ACT_RELU = 1
@@ -597,6 +603,86 @@ def attend_one(q, keys, values, float scale, int64_t first, out):
     if rc != 0:
         raise MemoryError(f"attend_one: no memory for {S} attention scores")
     return out
+
+
+cdef const float* _vec(str name, a, int64_t n, bint writeable, bint optional) except? NULL:
+    """The data of a C-contiguous float32 (n,) array (NULL for None when optional), else ValueError."""
+    if a is None and optional:
+        return NULL
+    if not (_f32(a, 1, writeable) and _dim(a, 0) == n):
+        raise ValueError(f"attn_step: {name} must be a C-contiguous{' writeable' if writeable else ''} "
+                         f"float32 array of shape ({n},), got {_describe(a)}")
+    return <const float*>_data(a)
+
+
+cdef const void* _mat(str name, W, qtype, int64_t n, int64_t k, int* t) except? NULL:
+    """The data of weights W (n, k) stored as qtype (see gemv), its storage code in t."""
+    t[0] = _wtype(W, qtype)
+    if t[0] < 0:
+        _explain_type("attn_step", name, W, qtype)
+    if not (_ok(W, 2, False) and _dim(W, 0) == n and _dim(W, 1) == _row_len(t[0], k)):
+        raise ValueError(f"attn_step: {name} must be a C-contiguous ({n}, {k}) matrix of "
+                         f"{qtype or W.dtype} weights, got {_describe(W)}")
+    return _data(W)
+
+
+def attn_step(x, add, in_w, post_w, float eps, Wqkv, qkv_qtype, bqkv, Wo, o_qtype, bo,
+              int64_t n_heads, cos_row, sin_row, K, V, int64_t pos, int64_t first, float scale,
+              qkv, att, o, xn, int n_threads=0):
+    """The attention half of one decode step of a llama-like layer at position pos (step.h
+    frt_attn_step): x += add; xn = rms_norm(x, in_w); q, k, v = Wqkv @ xn + bqkv; RoPE;
+    K[pos], V[pos] = k, v; x += Wo @ attention(q, K[first:pos+1], V[first:pos+1]) + bo;
+    xn = rms_norm(x, post_w). Bit for bit the separate rms_norm, gemv, rope_, attend_one and
+    NumPy adds.
+
+    x: (d,) float32, the residual stream                                          # IN/OUT
+    add: (d,) float32 or None, added to x first (the previous FFN's output)       # IN
+    in_w, post_w: (d,) float32 norm weights; eps their epsilon                   # IN
+    Wqkv: ((n_heads + 2 n_kv) hd, d) weights as gemv takes them, qkv_qtype        # IN
+    bqkv: ((n_heads + 2 n_kv) hd,) float32 or None                               # IN
+    Wo: (d, n_heads hd) weights, o_qtype; bo: (d,) float32 or None                # IN
+    cos_row, sin_row: (hd / 2,) float32, the rotary tables' row for pos           # IN
+    K, V: (max_seq, n_kv, hd) float32, the layer's cache; row pos is written      # IN/OUT
+    first: the attention window's left edge (0: all); scale: the score scale
+    qkv ((n_heads + 2 n_kv) hd,), att (n_heads hd,), o (d,): scratch              # OUT
+    xn: (d,) float32, receives rms_norm(x, post_w)                               # OUT
+    Returns xn.
+    """
+    if not (_f32(K, 3, True) and _f32(V, 3, True) and K.shape == V.shape):
+        raise ValueError(f"attn_step: K and V must be C-contiguous writeable float32 arrays "
+                         f"(max_seq, n_kv, hd) of one shape, got {_describe(K)} and {_describe(V)}")
+    cdef int64_t S = _dim(K, 0), n_kv = _dim(K, 1), hd = _dim(K, 2)
+    if n_kv < 1 or n_heads % n_kv or hd % 2:
+        raise ValueError(f"attn_step: n_heads {n_heads} must be a multiple of n_kv {n_kv} and hd {hd} even")
+    if not (0 <= first <= pos < S):
+        raise ValueError(f"attn_step: need 0 <= first ({first}) <= pos ({pos}) < max_seq ({S})")
+    if not _f32(x, 1, True):
+        raise ValueError(f"attn_step: x must be a C-contiguous writeable float32 (d,) array, got {_describe(x)}")
+    cdef int64_t d = _dim(x, 0), nq = n_heads * hd, n_qkv = nq + 2 * n_kv * hd
+    cdef int t_qkv, t_o
+    cdef float* xp = <float*>_data(x)
+    cdef const float* ap = _vec("add", add, d, False, True)
+    cdef const float* iw = _vec("in_w", in_w, d, False, False)
+    cdef const float* pw = _vec("post_w", post_w, d, False, False)
+    cdef const void* wqkv = _mat("Wqkv", Wqkv, qkv_qtype, n_qkv, d, &t_qkv)
+    cdef const float* bq = _vec("bqkv", bqkv, n_qkv, False, True)
+    cdef const void* wo = _mat("Wo", Wo, o_qtype, d, nq, &t_o)
+    cdef const float* bop = _vec("bo", bo, d, False, True)
+    cdef const float* cp = _vec("cos_row", cos_row, hd // 2, False, False)
+    cdef const float* sp = _vec("sin_row", sin_row, hd // 2, False, False)
+    cdef float* qp = <float*>_vec("qkv", qkv, n_qkv, True, False)
+    cdef float* attp = <float*>_vec("att", att, nq, True, False)
+    cdef float* op = <float*>_vec("o", o, d, True, False)
+    cdef float* xnp = <float*>_vec("xn", xn, d, True, False)
+    cdef float* kp = <float*>_data(K)
+    cdef float* vp = <float*>_data(V)
+    cdef int rc
+    with nogil:
+        rc = frt_attn_step(xp, ap, iw, pw, eps, wqkv, t_qkv, bq, wo, t_o, bop, d, n_heads, n_kv, hd,
+                           cp, sp, kp, vp, pos, first, scale, qp, attp, op, xnp, n_threads)
+    if rc != 0:
+        raise MemoryError("attn_step: could not allocate the kernels' scratch memory")
+    return xn
 
 
 def cpu_features():

@@ -194,6 +194,12 @@ class Rope:
         self.cos = np.cos(angles).astype(np.float32)  # (n_positions, head_dim/2) float32
         self.sin = np.sin(angles).astype(np.float32)  # (n_positions, head_dim/2) float32
 
+    def row(self, pos):
+        """(cos, sin) (head_dim/2,) float32 for position pos (the tables grown as apply_ does)."""
+        if pos + 1 > self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], pos + 1))
+        return self.cos[pos], self.sin[pos]
+
     def apply_(self, x, start):
         """Rotate x (T, n_heads, head_dim) float32 in place for positions start..start+T-1."""
         T = x.shape[0]

@@ -24,11 +24,14 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
+from flashrt._core import kernels
 from flashrt.errors import ModelFormatError, UnsupportedModelError
 from flashrt.ffn.base import FFNSpec
 from flashrt.ffn.layout import GATED_PARTS
 from flashrt.kv_cache import KVCache
+from flashrt.linear import KernelLinear
 from flashrt.models.base import Rope, attention, embed, fuse_rows, rms_norm, weight_getter
+from flashrt.quant import QMatrix
 from flashrt.models.config import DecoderArgs, check_family, config_int, decoder_fields, read_activation
 
 ARCHITECTURE = "llama"
@@ -228,6 +231,8 @@ class Model:
                          n_positions=min(args.max_position_embeddings, 4096))
         self.scale = args.head_dim ** -0.5
         self.fuse_qkv = True  # decode: q, k, v in one GEMV (False: three, the reference path)
+        self.step_kernel = True  # decode: one kernels.attn_step per layer (False: the separate calls)
+        self._step_scratch = None  # decode: kernels.attn_step's buffers (False: it cannot run here)
 
     def make_cache(self, max_seq, dtype=np.float32):
         a = self.args
@@ -237,11 +242,8 @@ class Model:
         """x (T, d) normed -> (T, d): the attention block of layer i (o_proj applied)."""
         a, L, lin = self.args, self.layers[i], self.linear
         T, start = x.shape[0], kv.length
-        if T == 1 and self.fuse_qkv and L.wqkv is None:
-            fused = fuse_rows([L.wq, L.wk, L.wv], [L.bq, L.bk, L.bv])
-            L.wqkv = False if fused is None else fused[0]
-            if fused is not None:
-                (L.wq, L.wk, L.wv), L.bqkv = fused[1], fused[2]
+        if T == 1 and self.fuse_qkv:
+            self._fuse(L)
         if T == 1 and self.fuse_qkv and L.wqkv is not False:  # one GEMV for the three
             nq, nk = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
             qkv = lin(L.wqkv, x, L.bqkv)[0]
@@ -270,12 +272,74 @@ class Model:
         ids = np.asarray(ids)
         kv.check_room(len(ids))
         x = embed(self.embed_tokens, ids)  # (T, d) float32, the residual stream
-        for i, L in enumerate(self.layers):
-            x += self.attention(i, rms_norm(x, L.input_norm, a.rms_norm_eps), kv)
-            x += self.ffn(i, rms_norm(x, L.post_norm, a.rms_norm_eps))
+        if len(ids) == 1 and self._step_kernel_ok(kv):
+            self._decode_layers(x[0], kv)
+        else:
+            for i, L in enumerate(self.layers):
+                x += self.attention(i, rms_norm(x, L.input_norm, a.rms_norm_eps), kv)
+                x += self.ffn(i, rms_norm(x, L.post_norm, a.rms_norm_eps))
         kv.advance(len(ids))
         if last_only:
             x = x[-1:]
         return self.linear(self.lm_head, rms_norm(x, self.norm, a.rms_norm_eps))
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ one decode step
+
+    @staticmethod
+    def _fuse(L):
+        """Make L's fused q/k/v matrix (base.fuse_rows) once, at its first decode step."""
+        if L.wqkv is None:
+            fused = fuse_rows([L.wq, L.wk, L.wv], [L.bq, L.bk, L.bv])
+            L.wqkv = False if fused is None else fused[0]
+            if fused is not None:
+                (L.wq, L.wk, L.wv), L.bqkv = fused[1], fused[2]
+
+    def _step_kernel_ok(self, kv):
+        """Can this decode step run kernels.attn_step? Its products must be the kernels'
+        (a KernelLinear), the cache float32, the q/k/v matrices fused and no per-head norm."""
+        if not (self.step_kernel and self.fuse_qkv and not self.QK_NORM and isinstance(self.linear, KernelLinear)
+                and kv.dtype == np.float32 and kv.k.flags.c_contiguous and kv.v.flags.c_contiguous):
+            return False
+        if self._step_scratch is None:
+            for L in self.layers:
+                self._fuse(L)
+                if L.wqkv is False or not all(_kernel_weights(W) for W in (L.wqkv, L.wo)):
+                    self._step_scratch = False
+                    return False
+            a = self.args
+            nq, nk = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+            weights = [_kernel_weights(L.wqkv) + _kernel_weights(L.wo) for L in self.layers]
+            self._step_scratch = (np.empty(nq + 2 * nk, np.float32), np.empty(nq, np.float32),
+                                  np.empty(a.hidden_size, np.float32), weights)  # qkv, att, o; per layer (Wqkv, qtype, Wo, qtype)
+        return self._step_scratch is not False
+
+    def _decode_layers(self, x, kv):
+        """Every layer for one token, x (d,) float32 the residual stream (updated in place):
+        per layer one kernels.attn_step (norm, q/k/v, RoPE, KV write, attention, o_proj,
+        residual, norm: the operations of attention() and forward's loop, bit for bit) and
+        the FFN, whose output the next step adds."""
+        a, pos = self.args, kv.length
+        qkv, att, o, weights = self._step_scratch
+        cos, sin = self.rope.row(pos)
+        window = a.sliding_window
+        first = pos + 1 - window if window is not None and pos + 1 > window else 0
+        n_threads = self.linear.threads()
+        y = None
+        for i, (L, (wqkv, tqkv, wo, to)) in enumerate(zip(self.layers, weights)):
+            xn = np.empty(a.hidden_size, np.float32)  # the FFN's input (new: an FFN may keep it)
+            kernels.attn_step(x, y, L.input_norm, L.post_norm, a.rms_norm_eps, wqkv, tqkv, L.bqkv,
+                              wo, to, L.bo, a.num_attention_heads, cos, sin, kv.k[i], kv.v[i],
+                              pos, first, self.scale, qkv, att, o, xn, n_threads)
+            y = self.ffn(i, xn[None])[0]
+        x += y
+
+
+def _kernel_weights(W):
+    """(array, qtype) as the kernels take a weight matrix, or None for one they do not."""
+    if isinstance(W, QMatrix):
+        return W.data, W.qtype
+    if isinstance(W, np.ndarray) and W.ndim == 2 and W.dtype in (np.float16, np.float32) and W.flags.c_contiguous:
+        return W, None
+    return None

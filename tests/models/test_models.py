@@ -378,6 +378,36 @@ def test_fused_qkv_decode_is_the_three_gemvs(name, storage):
     assert np.array_equal(logits[True], logits[False])
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3", "qwen3"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "q8_0", "q4_1"])
+def test_decode_step_kernel_is_the_separate_calls(name, storage):
+    """With a KernelLinear (what flashrt.api builds) a decode step runs one kernels.attn_step
+    per layer; the logits equal the separate kernel calls' bit for bit (biases: qwen2; a window:
+    mistral); qwen3's per-head norms keep the separate calls."""
+    from flashrt.linear import KernelLinear
+    from flashrt.quant import QMatrix
+
+    config, weights, ids, _ = load_fixture(name)
+    if storage in ("q8_0", "q4_1"):
+        if config["hidden_size"] % 32:
+            pytest.skip("quantized rows need in_features % 32 == 0")
+        weights = {k: (QMatrix.from_float(v, storage) if k.endswith("proj.weight") and "self_attn" in k else v)
+                   for k, v in weights.items()}
+    elif storage == "float16":
+        weights = {k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in weights.items()}
+    arch = architecture_for(config)
+    logits = {}
+    for lin in (_flashrt_linear, KernelLinear(2)):
+        model = build_model(arch, config, weights, NumpyFFN(arch, config, load_fixture(name)[1]), lin)
+        kv = model.make_cache(len(ids))
+        out = [model.forward(ids[:3], kv)]
+        out += [model.forward(ids[t:t + 1], kv) for t in range(3, len(ids))]
+        logits[lin is _flashrt_linear] = np.concatenate(out)
+        if isinstance(lin, KernelLinear):
+            assert bool(model._step_scratch) == (name != "qwen3")
+    assert np.array_equal(logits[True], logits[False])
+
+
 def test_fuse_rows_refuses_what_it_cannot_fuse(monkeypatch):
     from flashrt.models import base
     from flashrt.quant import QMatrix
