@@ -200,6 +200,20 @@ static void frt_qaxpy2_q8_0_scalar(float *acc, float h0, const uint8_t *w0, floa
     }
 }
 
+/* acc (32 nb) += sum_r h[r] * w[r] over four q8_0 columns (h[r] == 0 rows add exactly 0),
+   in the order the AVX2 twin below adds them: per element ((acc + c0 q0) + c1 q1) + ... */
+static void frt_qaxpy4_q8_0_scalar(float *acc, const float h[4], const uint8_t *const w[4],
+                                   int64_t nb) {
+    for (int64_t b = 0; b < nb; b++) {
+        float *a = acc + b * FRT_QK;
+        for (int r = 0; r < 4; r++) {
+            const int8_t *q = (const int8_t *)(w[r] + b * 34 + 2);
+            float c = h[r] * frt_ld_half(w[r] + b * 34);
+            for (int j = 0; j < FRT_QK; j++) a[j] += c * (float)q[j];
+        }
+    }
+}
+
 static void frt_dequant_q8_0_scalar(const uint8_t *src, float *out, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = src + b * 34;
@@ -315,6 +329,28 @@ FRT_TARGET static void frt_qaxpy2_q8_0_avx2(float *acc, float h0, const uint8_t 
                 __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q0 + 8 * g))));
                 _mm256_storeu_ps(a + 8 * g, _mm256_fmadd_ps(f0, c0, _mm256_loadu_ps(a + 8 * g)));
             }
+        }
+    }
+}
+
+/* acc (32 nb) += sum_r h[r] * w[r] over four q8_0 columns: acc is loaded and stored once
+   per four columns (axpy2 does it per two). */
+FRT_TARGET static void frt_qaxpy4_q8_0_avx2(float *acc, const float h[4], const uint8_t *const w[4],
+                                            int64_t nb) {
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    const __m128 h4 = _mm_loadu_ps(h);
+    for (int64_t b = 0; b < nb; b++) {
+        float *a = acc + b * FRT_QK;
+        const int64_t o = b * 34;
+        __m128 c4 = _mm_mul_ps(h4, frt_ld_half4(w0, w1, w2, w3, o));
+        __m256 c0 = FRT_BCAST(c4, 0), c1 = FRT_BCAST(c4, 1), c2 = FRT_BCAST(c4, 2), c3 = FRT_BCAST(c4, 3);
+        for (int g = 0; g < 4; g++) {
+#define FRT_Q8_F(W) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(W + o + 2 + 8 * g))))
+            __m256 v = _mm256_fmadd_ps(FRT_Q8_F(w0), c0, _mm256_loadu_ps(a + 8 * g));
+            v = _mm256_fmadd_ps(FRT_Q8_F(w1), c1, v);
+            v = _mm256_fmadd_ps(FRT_Q8_F(w2), c2, v);
+            _mm256_storeu_ps(a + 8 * g, _mm256_fmadd_ps(FRT_Q8_F(w3), c3, v));
+#undef FRT_Q8_F
         }
     }
 }
@@ -470,6 +506,15 @@ static frt_qaxpy2_fn frt_qaxpy2_for(int t) {
                                                                       : frt_qaxpy2_q4_1_scalar;
 }
 
+typedef void (*frt_qaxpy4_q8_0_fn)(float *, const float *, const uint8_t *const *, int64_t);
+
+static frt_qaxpy4_q8_0_fn frt_qaxpy4_q8_0_for(void) {
+#if FRT_X86
+    if (frt_path == FRT_PATH_AVX2) return frt_qaxpy4_q8_0_avx2;
+#endif
+    return frt_qaxpy4_q8_0_scalar;
+}
+
 static frt_dequant_fn frt_dequant_for(int t) {
 #if FRT_X86
     if (frt_path == FRT_PATH_AVX2)
@@ -511,8 +556,12 @@ static void frt_ffn_rows_q(int t, int td, const uint8_t *rows, int64_t n, int64_
     const int64_t group = gated ? 2 : 4;
     frt_qdot4_fn dot4 = frt_qdot4_for(t);
     frt_qaxpy2_fn axpy2 = frt_qaxpy2_for(td);
-    const uint8_t *down_pend = NULL;
-    float h_pend = 0.f, d4[4], h[4];
+    /* q8_0 down columns go in fours (frt_qaxpy4_q8_0), the 4-bit ones in pairs */
+    const int n_batch = td == FRT_T_Q8_0 ? 4 : 2;
+    frt_qaxpy4_q8_0_fn axpy4 = frt_qaxpy4_q8_0_for();
+    const uint8_t *down_pend[4] = {NULL, NULL, NULL, NULL};
+    float h_pend[4] = {0.f, 0.f, 0.f, 0.f}, d4[4], h[4];
+    int n_pend = 0;
     for (int64_t i = 0; i < n; i += group) {
         const uint8_t *r = rows + i * rb;
         int64_t m = n - i < group ? n - i : group;
@@ -532,13 +581,20 @@ static void frt_ffn_rows_q(int t, int td, const uint8_t *rows, int64_t n, int64_
         for (int64_t u = 0; u < m; u++) {
             if (h_out != NULL) h_out[i + u] = h[u];
             if (h[u] == 0.0f) continue;
-            const uint8_t *down = r + u * rb + (n_parts - 1) * pb;
-            if (down_pend == NULL) { down_pend = down; h_pend = h[u]; continue; }
-            axpy2(acc, h_pend, down_pend, h[u], down, nb);
-            down_pend = NULL;
+            down_pend[n_pend] = r + u * rb + (n_parts - 1) * pb;
+            h_pend[n_pend++] = h[u];
+            if (n_pend < n_batch) continue;
+            if (n_batch == 4) axpy4(acc, h_pend, down_pend, nb);
+            else axpy2(acc, h_pend[0], down_pend[0], h_pend[1], down_pend[1], nb);
+            n_pend = 0;
         }
     }
-    if (down_pend != NULL) axpy2(acc, h_pend, down_pend, 0.f, NULL, nb);
+    if (n_pend > 0 && n_batch == 4) {           /* the last 1-3: zero weights add exactly 0 */
+        for (int u = n_pend; u < 4; u++) { down_pend[u] = down_pend[0]; h_pend[u] = 0.f; }
+        axpy4(acc, h_pend, down_pend, nb);
+    } else if (n_pend > 0) {
+        axpy2(acc, h_pend[0], down_pend[0], 0.f, NULL, nb);
+    }
 }
 
 #endif /* FLASHRT_QUANT_H */
