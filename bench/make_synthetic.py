@@ -2,6 +2,7 @@
 
     python bench/make_synthetic.py OUT --shape opt-6.7b     # 32 layers, d 4096, FFN 16384, fp16, ~13 GB
     python bench/make_synthetic.py OUT --shape opt-1.3b     # 24 layers, d 2048, FFN 8192, ~3 GB
+    python bench/make_synthetic.py OUT --shape opt-13b --dtype q4_0   # 40 layers, d 5120, FFN 20480, ~7 GB (fp16 ~25 GB)
     python bench/make_synthetic.py OUT --shape tiny         # 2 layers, d 128 (tests)
     python bench/make_synthetic.py OUT --shape drelu-llama-7b   # Llama-2-7B shape with a dReLU FFN, ~13 GB
     python bench/make_synthetic.py OUT --shape drelu-tiny       # its 2-layer miniature (tests)
@@ -71,6 +72,7 @@ from flashrt.predictor import LowRankPredictor, PredictorSet  # noqa: E402
 SHAPES = {
     "opt-6.7b": dict(n_layers=32, dim=4096, n_neurons=16384, n_heads=32, vocab=1024, rank=64),
     "opt-1.3b": dict(n_layers=24, dim=2048, n_neurons=8192, n_heads=32, vocab=1024, rank=64),
+    "opt-13b": dict(n_layers=40, dim=5120, n_neurons=20480, n_heads=40, vocab=1024, rank=64),
     "tiny": dict(n_layers=2, dim=128, n_neurons=512, n_heads=4, vocab=256, rank=16),
     "drelu-llama-7b": dict(n_layers=32, dim=4096, n_neurons=11008, n_heads=32, vocab=1024, rank=64),
     "drelu-tiny": dict(n_layers=2, dim=128, n_neurons=512, n_heads=4, vocab=256, rank=16),
