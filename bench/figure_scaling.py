@@ -58,13 +58,18 @@ import memcg  # noqa: E402
 Q4_0_BLOCK = 18
 
 # ------------------------------------------------------------------------------ children
-FLASHRT_CHILD = textwrap.dedent(bench_moe._COMMON + """
+_IO = """
+    def read_bytes():  # bytes this process had read from storage (page-cache misses, mmap faults, O_DIRECT)
+        return int(re.search(r"read_bytes: (\\d+)", open("/proc/self/io").read()).group(1))
+"""
+
+FLASHRT_CHILD = textwrap.dedent(bench_moe._COMMON + _IO + """
     import warnings; warnings.simplefilter("ignore")
     import flashrt, flashrt.api, flashrt.ffn.flash, flashrt._core.kernels, flashrt._core.loader, flashrt._core.cache
     import flashrt.models, tokenizers, safetensors.numpy
     mode, n_ctx = os.environ["BENCH_MODE"], int(os.environ["BENCH_CTX"])
     left = limit - int(open(os.path.join(cgdir, usage_file)).read())
-    budget = int(left * 0.95)
+    budget = int(left * float(os.environ["BENCH_HEADROOM"]))
     print("BUDGET", budget, left, flush=True)
     t0 = time.perf_counter()
     try:
@@ -80,15 +85,18 @@ FLASHRT_CHILD = textwrap.dedent(bench_moe._COMMON + """
     for tok in g.stream_tokens(prompt, max_new_tokens=n_tokens, temperature=1.0, seed=seed, stop_at_eos=False):
         times.append(time.perf_counter())
         print("TOK", len(times), round(times[-1] - t0, 4), flush=True)
+        if len(times) == 1:
+            rb0 = read_bytes()
     steps = np.diff(times)
     print("RESULT " + json.dumps(dict(engine="flashrt", mode=mode, budget=budget, baseline=baseline,
         open_seconds=round(t_open, 2), plan=g.plan.describe() if g.plan is not None else None, tokens=len(times), flashrt=flashrt.__file__,
         ms_per_token=float(np.median(steps)) * 1e3, prefill_seconds=round(g.stats.prefill_seconds, 2),
+        disk_read_per_step=(read_bytes() - rb0) / max(len(times) - 1, 1),
         pgmajfault_decode=majflt() - m0, ffn=g.stats.ffn)), flush=True)
     g.close()
 """)
 
-LLAMA_CHILD = textwrap.dedent(bench_moe._COMMON + """
+LLAMA_CHILD = textwrap.dedent(bench_moe._COMMON + _IO + """
     import llama_cpp, llama_cpp.llama_cpp as C
     n_ctx = int(os.environ["BENCH_CTX"])
     if os.environ.get("BENCH_NO_REPACK") == "1":  # keep the weights as mmap'ed file pages (no CPU_REPACK copies)
@@ -113,6 +121,7 @@ LLAMA_CHILD = textwrap.dedent(bench_moe._COMMON + """
     m0 = majflt()
     tok = step(prompt)
     times = [time.perf_counter()]
+    rb0 = read_bytes()
     print("TOK", 1, round(times[-1] - t0, 4), flush=True)
     for _ in range(n_tokens - 1):
         tok = step([tok])
@@ -120,23 +129,24 @@ LLAMA_CHILD = textwrap.dedent(bench_moe._COMMON + """
         print("TOK", len(times), round(times[-1] - t0, 4), flush=True)
     print("RESULT " + json.dumps(dict(engine="llama.cpp", baseline=baseline, open_seconds=round(t_open, 2),
         tokens=len(times), ms_per_token=float(np.median(np.diff(times))) * 1e3,
-        pgmajfault_decode=majflt() - m0)), flush=True)
+        disk_read_per_step=(read_bytes() - rb0) / max(len(times) - 1, 1), pgmajfault_decode=majflt() - m0)), flush=True)
 """)
 
 
 def run_one(engine, path, limit, n_tokens, seed=0, mode="flash", n_prompt=4, n_ctx=128, no_repack=False,
-            timeout=600.0):
+            timeout=600.0, headroom=0.95):
     """One run in a fresh memory cgroup of `limit` bytes; the child's RESULT (or what its TOK lines
     say when it was killed at `timeout`) plus the cgroup's counters."""
     env = dict(os.environ)
     repo = str(BENCH.parent)
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(BENCH_MODE=mode, BENCH_CTX=str(n_ctx), BENCH_NO_REPACK="1" if no_repack else "0",
+    env.update(BENCH_MODE=mode, BENCH_CTX=str(n_ctx), BENCH_HEADROOM=str(headroom), BENCH_NO_REPACK="1" if no_repack else "0",
                PYTHONUNBUFFERED="1")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     bench_moe.evict(path)
     child = FLASHRT_CHILD if engine == "flashrt" else LLAMA_CHILD
     res = {"engine": engine, "mode": mode if engine == "flashrt" else ("no-repack" if no_repack else "default"),
+           "headroom": headroom,
            "path": str(path), "limit": int(limit), "tokens_asked": n_tokens, "timeout": timeout,
            "loadavg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%H:%M:%S")}
     with memcg.MemCgroup() as cg:
@@ -261,7 +271,7 @@ def shape_name(flashrt_dir) -> str:
     return {2048: "opt-1.3b", 4096: "opt-6.7b", 5120: "opt-13b"}.get(s["dim"], f"d{s['dim']}")
 
 
-def sweep(pairs, shares, n_tokens, out, timeout, llama_timeout, modes, n_ctx, skip_done=True):
+def sweep(pairs, shares, n_tokens, out, timeout, llama_timeout, modes, n_ctx, headroom=0.95, skip_done=True):
     done = set()
     if skip_done and Path(out).exists():
         for line in Path(out).read_text().splitlines():
@@ -285,7 +295,7 @@ def sweep(pairs, shares, n_tokens, out, timeout, llama_timeout, modes, n_ctx, sk
                 path = fdir if engine == "flashrt" else gpath
                 to = timeout if engine == "flashrt" else llama_timeout
                 r = run_one(engine, path, limit, n_tokens, mode=mode if engine == "flashrt" else "flash",
-                            n_ctx=n_ctx, no_repack=(mode == "no-repack"), timeout=to)
+                            n_ctx=n_ctx, no_repack=(mode == "no-repack"), timeout=to, headroom=headroom)
                 r.update(shape=shape, share=share, model_bytes=mb, gguf_bytes=gb, mode=mode)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("ffn", "token_times", "stderr")}),
                       flush=True)
@@ -312,6 +322,12 @@ def speed(r):
     return ms, f"{1e3 / ms:.3f}"
 
 
+def notes_text(jsonl) -> str:
+    """The hand-written reading of the numbers, kept next to the JSONL (NAME.notes.md), if any."""
+    p = Path(jsonl).with_suffix(".notes.md")
+    return p.read_text().rstrip() + "\n" if p.exists() else ""
+
+
 def report(jsonl, md_out, png_out):
     rows = [json.loads(l) for l in Path(jsonl).read_text().splitlines() if l.strip()]
     order = {"opt-1.3b": 0, "opt-6.7b": 1, "opt-13b": 2}
@@ -324,11 +340,11 @@ def report(jsonl, md_out, png_out):
         table.append([r["shape"], f"{r['model_bytes'] / GB:.2f} / {r['gguf_bytes'] / GB:.2f}", f"{r['share']:.2f}",
                       f"{r['limit'] / GB:.2f}", f"{r['model_bytes'] / r['limit']:.2f}",
                       f"{r['engine']} {r['mode']}", txt, "–" if ms is None else f"{ms:.0f}",
-                      f"{ffn['bytes_read_per_token'] / 1e6:.0f}" if "bytes_read_per_token" in ffn else "–",
+                      f"{r['disk_read_per_step'] / 1e6:.0f}" if "disk_read_per_step" in r else "–",
                       "–" if r.get("max_usage") is None else f"{r['max_usage'] / GB:.2f}",
                       r["failcnt"], r["pgmajfault"], r["oom_kill"], f"{r['loadavg'][0]:.1f}"])
     head = ["shape", "model GB (flashrt / GGUF)", "share", "limit GB", "model / limit", "engine", "decode tok/s",
-            "ms / token (median)", "MB read / token (flashrt)", "cgroup peak GB", "failcnt", "pgmajfault",
+            "ms / token (median)", "disk MB read / token", "cgroup peak GB", "failcnt", "pgmajfault",
             "oom_kill", "load (1 min)"]
     # ratios where the model is >= 2x the limit
     ratio_rows = []
@@ -366,6 +382,7 @@ def report(jsonl, md_out, png_out):
             "How to read it: bench/figure_scaling.py's docstring (limit = share x the flashrt model's bytes, "
             "whole process; llama.cpp runs a Llama-architecture GGUF of the same parameter count, q4_0, random "
             "weights). Load averages are per row (2 cores shared with two other helpers' work).", "",
+            notes_text(jsonl),
             "## flashrt flash ÷ llama.cpp (its better run at that limit)", "",
             common.md_table(["shape", "share", "model / limit", "flashrt flash tok/s", "llama.cpp", "flashrt ÷ llama.cpp"],
                             ratio_rows), "",
@@ -446,9 +463,11 @@ def main():
     r.add_argument("--shares", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.75, 1.0])
     r.add_argument("--modes", nargs="+", default=["flash", "naive", "dense"])
     r.add_argument("--tokens", type=int, default=8)
-    r.add_argument("--ctx", type=int, default=128)
+    r.add_argument("--ctx", type=int, default=32)
     r.add_argument("--timeout", type=float, default=600)
     r.add_argument("--llama-timeout", type=float, default=300)
+    r.add_argument("--headroom", type=float, default=0.95,
+                   help="flashrt's memory budget = this share of what is left under the limit after its imports")
     r.add_argument("--out", default=str(common.RESULTS_DIR / "figure_scaling.jsonl"))
     p = sub.add_parser("report")
     p.add_argument("jsonl", nargs="?", default=str(common.RESULTS_DIR / "figure_scaling.jsonl"))
@@ -459,7 +478,7 @@ def main():
         print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB, {llama_shape(a.flashrt_dir)}) in {time.time() - t0:.0f} s")
     elif a.cmd == "run":
         print(f"# {time.strftime('%H:%M:%S')} load {os.getloadavg()}", flush=True)
-        sweep(a.pair, a.shares, a.tokens, a.out, a.timeout, a.llama_timeout, a.modes, a.ctx)
+        sweep(a.pair, a.shares, a.tokens, a.out, a.timeout, a.llama_timeout, a.modes, a.ctx, a.headroom)
     else:
         stem = Path(a.jsonl).with_suffix("")
         report(a.jsonl, str(stem) + ".md", str(stem) + ".png")

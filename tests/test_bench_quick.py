@@ -143,3 +143,34 @@ def test_synthetic_moe_tiny_flashrt_and_gguf_agree(tmp_path):
                                   rb["model.layers.0.block_sparse_moe.gate.weight"])
     cut = 2 * (s["dim"] // 32) * 18                               # gate and up blocks of each neuron row
     np.testing.assert_array_equal(a.read_ffn_layer(1)[:, :cut], b.read_ffn_layer(1)[:, :cut])
+
+
+def test_scaling_peer_gguf_is_a_llama_of_the_opt_shapes_size(tmp_path, monkeypatch):
+    """bench/figure_scaling.py's llama.cpp peer: a Llama GGUF with the OPT shape's parameter count
+    (to within n_ff's rounding to q4_0 blocks), which flashrt's own GGUF importer reads back to the
+    blocks that were written."""
+    import warnings
+
+    import flashrt
+    from flashrt.format.reader import ModelFiles
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    fs = importlib.import_module("figure_scaling")
+    ms = importlib.import_module("make_synthetic")
+    moe = importlib.import_module("make_synthetic_moe")
+    for name in ("opt-1.3b", "opt-6.7b", "opt-13b"):
+        sh, ls = ms.SHAPES[name], fs.llama_shape(name)
+        d, L = sh["dim"], sh["n_layers"]
+        opt = L * (4 * d * d + 2 * d * sh["n_neurons"])          # OPT: fc1 + fc2 per layer
+        llama = L * (4 * d * d + 3 * d * ls["n_ff"])             # Llama: gate + up + down
+        assert ls["n_ff"] % 32 == 0 and abs(llama - opt) / opt < 0.002, (name, llama, opt)
+    out = fs.write_gguf("tiny", tmp_path / "tiny.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = flashrt.convert(out, tmp_path / "back", dtype="q4_0", progress=False)
+    files = ModelFiles.open(back)
+    d = ms.SHAPES["tiny"]["dim"]
+    assert (files.n_layers, files.dim, files.n_neurons) == (2, d, fs.llama_shape("tiny")["n_ff"])
+    v = files.load_resident()["model.layers.1.self_attn.v_proj.weight"].data
+    want = moe.random_q4_0(0, ("attn_v", 1), d, d, 1.0 / (8 * np.sqrt(d)))
+    np.testing.assert_array_equal(np.asarray(v).reshape(want.shape), want)
