@@ -284,7 +284,7 @@ def sweep(pairs, shares, n_tokens, out, timeout, llama_timeout, modes, n_ctx, he
         for share in shares:
             limit = int(share * mb)
             if share > 1.0:  # above the model's size: the everything-in-DRAM references only
-                jobs = [("flashrt", "dense")] * ("dense" in modes) + [("llama.cpp", "default")]
+                jobs = [("flashrt", "dense")] * ("dense" in modes) + [("llama.cpp", "default"), ("llama.cpp", "no-repack")]
             else:
                 jobs = [("flashrt", m) for m in modes if m != "dense" or share >= 1.0]
                 jobs += [("llama.cpp", "default")] if share >= 1.0 else []
