@@ -146,7 +146,7 @@ def run_one(engine, path, limit, n_tokens, seed=0, mode="flash", n_prompt=4, n_c
     bench_moe.evict(path)
     child = FLASHRT_CHILD if engine == "flashrt" else LLAMA_CHILD
     res = {"engine": engine, "mode": mode if engine == "flashrt" else ("no-repack" if no_repack else "default"),
-           "headroom": headroom,
+           "headroom": headroom, "ctx": n_ctx, "prompt_tokens": n_prompt,
            "path": str(path), "limit": int(limit), "tokens_asked": n_tokens, "timeout": timeout,
            "loadavg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%H:%M:%S")}
     with memcg.MemCgroup() as cg:
@@ -271,7 +271,8 @@ def shape_name(flashrt_dir) -> str:
     return {2048: "opt-1.3b", 4096: "opt-6.7b", 5120: "opt-13b"}.get(s["dim"], f"d{s['dim']}")
 
 
-def sweep(pairs, shares, n_tokens, out, timeout, llama_timeout, modes, n_ctx, headroom=0.95, skip_done=True):
+def sweep(pairs, shares, n_tokens, out, timeout, llama_timeout, modes, n_ctx, headroom=0.95, skip_done=True,
+          llama_modes=("default", "no-repack")):
     done = set()
     if skip_done and Path(out).exists():
         for line in Path(out).read_text().splitlines():
@@ -290,7 +291,7 @@ def sweep(pairs, shares, n_tokens, out, timeout, llama_timeout, modes, n_ctx, he
                 jobs += [("llama.cpp", "default")] if share >= 1.0 else []
                 jobs += [("llama.cpp", "no-repack")]
             for engine, mode in jobs:
-                if (shape, share, engine, mode) in done:
+                if (shape, share, engine, mode) in done or (engine == "llama.cpp" and mode not in llama_modes):
                     continue
                 path = fdir if engine == "flashrt" else gpath
                 to = timeout if engine == "flashrt" else llama_timeout
@@ -348,22 +349,25 @@ def report(jsonl, md_out, png_out):
             "oom_kill", "load (1 min)"]
     # ratios where the model is >= 2x the limit
     ratio_rows = []
-    best = {}
+    groups = {}
     for r in rows:
-        ms, _ = speed(r)
-        key = (r["shape"], r["share"])
-        if r["engine"] == "flashrt" and r["mode"] == "flash":
-            best.setdefault(key, {})["flash"] = (ms, r)
-        if r["engine"] == "llama.cpp":
-            cur = best.setdefault(key, {}).get("llama")
-            # llama.cpp's better run (defaults or no repacking), or its only run
-            if cur is None or (ms is not None and (cur[0] is None or ms < cur[0])) or \
-                    (ms is None and cur[0] is None and r.get("timed_out")):
-                best[key]["llama"] = (ms, r)
-    for (shape, share), v in sorted(best.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
-        if "flash" not in v or "llama" not in v:
+        if r["engine"] == "flashrt" and r["mode"] != "flash":
             continue
-        (fms, fr), (lms, lr) = v["flash"], v["llama"]
+        groups.setdefault((r["shape"], r["share"]), {}).setdefault((r["engine"], r["mode"]), []).append(r)
+
+    def med(runs):  # (median ms over the runs that decoded, their count, one run for the text)
+        ms = [m for m in (speed(r)[0] for r in runs) if m is not None]
+        return (statistics.median(ms) if ms else None), len(ms), runs[-1]
+
+    for (shape, share), g in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        if ("flashrt", "flash") not in g:
+            continue
+        fms, fn, fr = med(g[("flashrt", "flash")])
+        llamas = [med(runs) + (mode,) for (eng, mode), runs in g.items() if eng == "llama.cpp"]
+        if not llamas:
+            continue
+        # llama.cpp's better mode at this limit (defaults or no repacking) by its median
+        lms, ln, lr, lmode = min(llamas, key=lambda t: (t[0] is None, t[0] or 0))
         ratio_model = fr["model_bytes"] / fr["limit"]
         if fms is None:
             ratio = "– (flashrt did not run)"
@@ -373,17 +377,18 @@ def report(jsonl, md_out, png_out):
         elif lms is None:
             ratio = "∞ (llama.cpp did not run)"
         else:
-            ratio = f"{lms / fms:.2f}x" + (" (llama.cpp killed: its speed is an upper bound)" if lr.get("timed_out") else "")
-        target = "" if ratio_model < 2 else " (target ≥ 5x)"
-        ratio_rows.append([shape, f"{share:.2f}", f"{ratio_model:.2f}", "–" if fms is None else f"{1e3 / fms:.3f}",
-                           f"llama.cpp {lr['mode']}: " + speed(lr)[1], ratio + target])
+            ratio = f"**{lms / fms:.2f}x**" if ratio_model >= 2 else f"{lms / fms:.2f}x"
+        target = "" if ratio_model < 2 else (" (target ≥ 5x: " + ("met" if fms and lms and lms / fms >= 5 else "not met") + ")")
+        ltxt = f"{lmode}: " + (f"{1e3 / lms:.3f} ({ln} run{'s' * (ln > 1)})" if lms else speed(lr)[1])
+        ftxt = "– " + speed(fr)[1][:60] if fms is None else f"{1e3 / fms:.3f} ({fn} run{'s' * (fn > 1)})"
+        ratio_rows.append([shape, f"{share:.2f}", f"{ratio_model:.2f}", ftxt, ltxt, ratio + target])
     text = [common.header("Scaling at a memory limit: flashrt against llama.cpp, OPT-1.3B / 6.7B / 13B shapes",
                           {"results": Path(jsonl).name, "runs": len(rows)}),
             "How to read it: bench/figure_scaling.py's docstring (limit = share x the flashrt model's bytes, "
             "whole process; llama.cpp runs a Llama-architecture GGUF of the same parameter count, q4_0, random "
             "weights). Load averages are per row (2 cores shared with two other helpers' work).", "",
             notes_text(jsonl),
-            "## flashrt flash ÷ llama.cpp (its better run at that limit)", "",
+            "## flashrt flash ÷ llama.cpp (medians over runs; llama.cpp's better mode at that limit)", "",
             common.md_table(["shape", "share", "model / limit", "flashrt flash tok/s", "llama.cpp", "flashrt ÷ llama.cpp"],
                             ratio_rows), "",
             "## Every run", "", common.md_table(head, table), ""]
@@ -468,6 +473,8 @@ def main():
     r.add_argument("--llama-timeout", type=float, default=300)
     r.add_argument("--headroom", type=float, default=0.95,
                    help="flashrt's memory budget = this share of what is left under the limit after its imports")
+    r.add_argument("--again", action="store_true", help="run rows the JSONL already has once more (repeats)")
+    r.add_argument("--llama-modes", nargs="+", default=["default", "no-repack"])
     r.add_argument("--out", default=str(common.RESULTS_DIR / "figure_scaling.jsonl"))
     p = sub.add_parser("report")
     p.add_argument("jsonl", nargs="?", default=str(common.RESULTS_DIR / "figure_scaling.jsonl"))
@@ -478,7 +485,8 @@ def main():
         print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB, {llama_shape(a.flashrt_dir)}) in {time.time() - t0:.0f} s")
     elif a.cmd == "run":
         print(f"# {time.strftime('%H:%M:%S')} load {os.getloadavg()}", flush=True)
-        sweep(a.pair, a.shares, a.tokens, a.out, a.timeout, a.llama_timeout, a.modes, a.ctx, a.headroom)
+        sweep(a.pair, a.shares, a.tokens, a.out, a.timeout, a.llama_timeout, a.modes, a.ctx, a.headroom,
+              skip_done=not a.again, llama_modes=a.llama_modes)
     else:
         stem = Path(a.jsonl).with_suffix("")
         report(a.jsonl, str(stem) + ".md", str(stem) + ".png")
