@@ -407,8 +407,18 @@ def plot(rows, png_out):
               ("llama.cpp", "default"): ("C3", "v", "llama.cpp (mmap, defaults)"),
               ("llama.cpp", "no-repack"): ("C4", "D", "llama.cpp (mmap, no repack)")}
     shapes = [s for s in ("opt-1.3b", "opt-6.7b", "opt-13b") if any(r["shape"] == s for r in rows)]
-    fig, axes = plt.subplots(1, len(shapes) + 1, figsize=(5 * (len(shapes) + 1), 4.2), squeeze=False)
-    axes = axes[0]
+    n = len(shapes) + 1
+    fig, axes = plt.subplots((n + 1) // 2, 2, figsize=(11, 4.3 * ((n + 1) // 2)), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[n:]:
+        ax.axis("off")
+
+    def medians(pts):  # one point per x: the median of the repeats
+        by = {}
+        for x, y in pts:
+            by.setdefault(x, []).append(y)
+        return sorted((x, statistics.median(ys)) for x, ys in by.items())
+
     for ax, shape in zip(axes, shapes):
         for key, (c, mk, label) in styles.items():
             pts, lower = [], []
@@ -421,8 +431,7 @@ def plot(rows, png_out):
                 elif r.get("timed_out") and r.get("unfinished_step_ms"):
                     lower.append((r["share"], r["unfinished_step_ms"]))
             if pts:
-                pts.sort()
-                ax.plot(*zip(*pts), color=c, marker=mk, label=label)
+                ax.plot(*zip(*medians(pts)), color=c, marker=mk, label=label)
             if lower:
                 ax.scatter(*zip(*lower), color=c, marker="^", facecolors="none", s=80,
                            label=label + " (killed: more than)")
@@ -433,7 +442,7 @@ def plot(rows, png_out):
         ax.set_title(f"{shape} (q4_0), limit = share x model")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    ax = axes[-1]
+    ax = axes[n - 1]
     for key, (c, mk, label) in styles.items():
         for share, ls in ((0.5, "-"), (1.0, "--")):
             pts = []
@@ -443,10 +452,12 @@ def plot(rows, png_out):
                     if ms is not None:
                         pts.append((r["model_bytes"] / 1e9, ms))
             if pts:
-                pts.sort()
-                ax.plot(*zip(*pts), color=c, marker=mk, ls=ls, label=f"{label}, limit {share:g}x model")
+                ax.plot(*zip(*medians(pts)), color=c, marker=mk, ls=ls, label=f"{label}, limit {share:g}x model")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    sizes = sorted({r["model_bytes"] / 1e9 for r in rows})
+    ax.set_xticks(sizes, [f"{x:.1f}" for x in sizes])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("model GB (flashrt q4_0)")
     ax.set_ylabel("ms / token (median)")
     ax.set_title("against model size")
