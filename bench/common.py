@@ -276,25 +276,28 @@ class UnbundledLoader:
 
         self._pending = None  # the loader a submit_* went to, until wait()
 
-    def _split(self, row_bytes, ids, dest):
+    def _split(self, row_bytes, ids, dest, slots=None):
         k = self.n_parts
         ids = np.asarray(ids, np.int64)
         split_ids = (ids[:, None] * k + np.arange(k)[None, :]).ravel()  # (m * k,) sorted
-        return row_bytes // k, split_ids, dest.reshape(ids.size * k, -1)
+        if slots is None:
+            return row_bytes // k, split_ids, dest.reshape(ids.size * k, -1), None
+        split_slots = (np.asarray(slots, np.int64)[:, None] * k + np.arange(k)[None, :]).ravel()
+        return row_bytes // k, split_ids, dest.reshape(dest.shape[0] * k, -1), split_slots
 
-    def read_rows(self, layer_offset, row_bytes, ids, dest):
+    def read_rows(self, layer_offset, row_bytes, ids, dest, slots=None):
         self.wait()
-        part, split_ids, d = self._split(row_bytes, ids, dest)
-        self.split.read_rows(layer_offset, part, split_ids, d)
+        part, split_ids, d, sl = self._split(row_bytes, ids, dest, slots)
+        self.split.read_rows(layer_offset, part, split_ids, d, slots=sl)
 
     def read_range(self, offset, dest):
         self.wait()
         self.bundled.read_range(offset, dest)
 
-    def submit_rows(self, layer_offset, row_bytes, ids, dest):
+    def submit_rows(self, layer_offset, row_bytes, ids, dest, slots=None):
         self.wait()
-        part, split_ids, d = self._split(row_bytes, ids, dest)
-        self.split.submit_rows(layer_offset, part, split_ids, d)
+        part, split_ids, d, sl = self._split(row_bytes, ids, dest, slots)
+        self.split.submit_rows(layer_offset, part, split_ids, d, slots=sl)
         self._pending = self.split
 
     def submit_range(self, offset, dest):
@@ -334,17 +337,24 @@ class Variant:
     def __init__(self, g):
         self.g = g
         ffn = g.ffn
-        self.loader = ffn.loader
+        self.loader, self.pf_loader = ffn.loader, getattr(ffn, "pf_loader", None)
         self.unbundled = UnbundledLoader(ffn.loader.path, ffn.row_elems // ffn.dim, ffn.loader)
+        self.pf_unbundled = (None if self.pf_loader is None else
+                             UnbundledLoader(ffn.loader.path, ffn.row_elems // ffn.dim, self.pf_loader))
 
     def set(self, row: str) -> None:
         ffn = self.g.ffn
-        ffn.loader = self.unbundled if row in ("+ predictor", "+ windowing") else self.loader
+        split = row in ("+ predictor", "+ windowing")
+        ffn.loader = self.unbundled if split else self.loader
+        if self.pf_loader is not None:  # the guesses read ahead are unbundled too
+            ffn.pf_loader = self.pf_unbundled if split else self.pf_loader
         ffn.reuse = row != "+ predictor"  # 'predictor only': every token re-reads all it predicts
 
     def close(self) -> None:
         self.set("+ bundling")
         self.unbundled.split.close()
+        if self.pf_unbundled is not None:
+            self.pf_unbundled.split.close()
 
 
 class RecordingSelector:

@@ -3,8 +3,9 @@ after every call): the oracle for tests and a fallback without the compiled core
 
 One layer's neuron cache (the paper's DRAM management, "LLM in a flash" §3.3):
 a preallocated matrix with one row per cached neuron and two index maps.
-Deleting a neuron moves the last used row into its slot, new neurons are
-appended, so rows[:n_used] is always a dense matrix over the cached neurons.
+Evicted neurons free their slots, the highest rows in use move into the free ones
+below them and new neurons are appended, so rows[:n_used] is a dense matrix over the
+cached neurons after every admit; prefetch() reads guessed neurons in place.
 """
 import numpy as np
 
@@ -53,6 +54,7 @@ class NeuronCache:
     slot_to_id  (capacity,) int32: neuron id in each slot (valid for [:n_used], -1 after)
     id_to_slot  (n_neurons,) int32: slot of each neuron, -1 when absent
     last_used   (capacity,) int64: token step each slot's neuron was last selected
+    prefetch() / admit() / drop_prefetched(): see cache.pyx (same slots after every call).
     """
 
     def __init__(self, n_neurons, capacity, row_elems, dtype, window=5):
@@ -69,6 +71,8 @@ class NeuronCache:
         self.slot_to_id = np.full(capacity, -1, np.int32)      # (capacity,)
         self.id_to_slot = np.full(n_neurons, -1, np.int32)     # (n_neurons,)
         self.last_used = np.zeros(capacity, np.int64)          # (capacity,)
+        self._spec = np.zeros(capacity, np.uint8)              # (capacity,) guessed, not yet selected
+        self._ghosts = {}                                      # displaced neuron -> its last use (in order)
         self.n_used = 0
         self.reset_stats()
 
@@ -77,42 +81,59 @@ class NeuronCache:
         return (self.rows.nbytes + self.slot_to_id.nbytes + self.id_to_slot.nbytes
                 + self.last_used.nbytes)
 
+    @property
+    def n_ghost(self):
+        return len(self._ghosts)
+
+    @property
+    def n_prefetched(self):
+        return int(np.count_nonzero(self._spec[:self.n_used]))
+
     def used_rows(self):
         return self.rows[:self.n_used]
 
     def used_ids(self):
         return self.slot_to_id[:self.n_used]
 
-    def _evict_slots(self, flags):
-        """Evict every used slot whose flag is set; the last used slot moves into
-        each freed one. Returns how many were evicted."""
-        n_ev = 0
-        i = 0
-        while i < self.n_used:
-            while self.n_used > 0 and flags[self.n_used - 1]:      # drop from the end: no move
-                last = self.n_used - 1
-                self.id_to_slot[self.slot_to_id[last]] = -1
-                self.slot_to_id[last] = -1
-                flags[last] = False
-                self.n_used -= 1
-                n_ev += 1
-            if i >= self.n_used:
+    def _free(self, s):
+        self.id_to_slot[self.slot_to_id[s]] = -1
+        self.slot_to_id[s] = -1
+        self._spec[s] = 0
+
+    def _live(self):
+        return [s for s in range(self.n_used) if self.slot_to_id[s] >= 0]
+
+    def _expire(self, step):
+        lim = step - self.window
+        n = 0
+        for s in self._live():
+            if not self._spec[s] and self.last_used[s] <= lim:
+                self._free(s)
+                n += 1
+        for i, last in list(self._ghosts.items()):
+            if last <= lim:
+                del self._ghosts[i]
+                n += 1
+        return n
+
+    def _compact(self):
+        """The highest used rows move into the lowest free slots."""
+        lo, hi = 0, self.n_used - 1
+        while True:
+            while lo < hi and self.slot_to_id[lo] >= 0:
+                lo += 1
+            while hi >= 0 and self.slot_to_id[hi] < 0:
+                hi -= 1
+            if lo >= hi:
                 break
-            if flags[i]:
-                last = self.n_used - 1
-                self.id_to_slot[self.slot_to_id[i]] = -1
-                moved = self.slot_to_id[last]
-                self.rows[i] = self.rows[last]
-                self.slot_to_id[i] = moved
-                self.last_used[i] = self.last_used[last]
-                self.id_to_slot[moved] = i
-                flags[i] = flags[last]
-                self.slot_to_id[last] = -1
-                flags[last] = False
-                self.n_used -= 1
-                n_ev += 1
-            i += 1
-        return n_ev
+            moved = int(self.slot_to_id[hi])
+            self.rows[lo] = self.rows[hi]
+            self.slot_to_id[lo], self.last_used[lo], self._spec[lo] = moved, self.last_used[hi], self._spec[hi]
+            self.id_to_slot[moved] = lo
+            self.slot_to_id[hi], self._spec[hi] = -1, 0
+            self.st["moved"] += 1
+            lo, hi = lo + 1, hi - 1
+        self.n_used = hi + 1
 
     def admit(self, selected, step):
         """Admit this token's selected neurons (priority order, most important first).
@@ -124,47 +145,105 @@ class NeuronCache:
         step = int(step)
         sel, dropped = _prepare_selected(selected, self.n_neurons, self.capacity)
         self.st["dropped"] += dropped
-        # (1) the window: evict neurons not used in the last `window` steps
-        flags = [False] * self.capacity
-        for s in range(self.n_used):
-            flags[s] = bool(self.last_used[s] <= step - self.window)
-        self.st["evictions_window"] += self._evict_slots(flags)
+        # (1) the window
+        self.st["evictions_window"] += self._expire(step)
         # (2) hits
         sel_set = set(sel)
-        missing = []
+        missing, n_phit, n_smiss = [], 0, 0
         for i in sel:
             s = self.id_to_slot[i]
-            if s >= 0:
+            if s >= 0 and self._spec[s]:
+                self._spec[s] = 0
                 self.last_used[s] = step
+                n_phit += 1
+                n_smiss += 1
+            elif s >= 0:
+                self.last_used[s] = step
+                self.st["hits"] += 1
+            elif i in self._ghosts:
+                self._ghosts[i] = step
                 self.st["hits"] += 1
             else:
                 missing.append(i)
-        self.st["misses"] += len(missing)
-        # (3) room for the missing: evict least recently used, not selected now
-        need = self.n_used + len(missing) - self.capacity
+                n_smiss += 1
+        self.st["misses"] += n_smiss
+        self.st["prefetch_hits"] += n_phit
+        n_live = 0
+        for s in self._live():
+            if self._spec[s]:
+                self._free(s)
+                self.st["prefetch_wasted"] += 1
+            else:
+                n_live += 1
+        # (3) room: evict the least recently used not selected now (displaced ones too)
+        need = n_live - n_phit + len(self._ghosts) + n_smiss - self.capacity
         if need > 0:
-            cand = sorted((int(self.last_used[s]), int(self.slot_to_id[s]), s)
-                          for s in range(self.n_used) if int(self.slot_to_id[s]) not in sel_set)
-            flags = [False] * self.capacity
-            for _, _, s in cand[:need]:
-                flags[s] = True
-            self.st["evictions_lru"] += self._evict_slots(flags)
-        # (4) append the missing in ascending id order
+            cand = [(int(self.last_used[s]), int(self.slot_to_id[s]), s) for s in self._live()
+                    if int(self.slot_to_id[s]) not in sel_set]
+            cand += [(last, i, -1) for i, last in self._ghosts.items() if i not in sel_set]
+            for _, i, s in sorted(cand)[:need]:
+                if s >= 0:
+                    self._free(s)
+                else:
+                    del self._ghosts[i]
+            self.st["evictions_lru"] += need
+        restored = dict(self._ghosts)
+        self.st["restored"] += len(restored)
+        missing += list(restored)
+        self._ghosts = {}
+        # (4) dense again, then append in ascending id order
+        self._compact()
         missing.sort()
         first = self.n_used
         for k, i in enumerate(missing):
             s = first + k
             self.slot_to_id[s] = i
             self.id_to_slot[i] = s
-            self.last_used[s] = step
+            self.last_used[s] = restored.get(i, step)
         self.n_used += len(missing)
         return np.array(missing, dtype=np.int64), first
 
+    def prefetch(self, guessed, step, limit):
+        """(ids ascending, slots ascending) for up to `limit` guessed neurons; see cache.pyx."""
+        step = int(step)
+        guess, _ = _prepare_selected(guessed, self.n_neurons, self.n_neurons)
+        self.st["evictions_window"] += self._expire(step)
+        n_max = max(0, min(len(guessed), limit, self.capacity))
+        new = [i for i in guess if self.id_to_slot[i] < 0 and i not in self._ghosts][:n_max]
+        slots = [s for s in range(self.capacity) if s >= self.n_used or self.slot_to_id[s] < 0][:len(new)]
+        if len(slots) < len(new):
+            gset = set(guess)
+            cand = sorted((int(self.last_used[s]), int(self.slot_to_id[s]), s) for s in self._live()
+                          if not self._spec[s] and int(self.slot_to_id[s]) not in gset)
+            for last, i, s in cand[:len(new) - len(slots)]:
+                self._ghosts[i] = last
+                self._free(s)
+                slots.append(s)
+            new = new[:len(slots)]
+        new, slots = sorted(new), sorted(slots)
+        for i, s in zip(new, slots):
+            self.slot_to_id[s], self.id_to_slot[i], self.last_used[s], self._spec[s] = i, s, step, 1
+        if slots:
+            self.n_used = max(self.n_used, slots[-1] + 1)
+        self.st["prefetched"] += len(new)
+        return np.array(new, np.int64), np.array(slots, np.int64)
+
+    def drop_prefetched(self):
+        for s in self._live():
+            if self._spec[s]:
+                self._free(s)
+                self.st["prefetch_wasted"] += 1
+
     def reset(self):
         """Empty the cache (the counters are kept: see reset_stats)."""
-        self.id_to_slot[self.slot_to_id[:self.n_used]] = -1
+        for s in self._live():
+            if self._spec[s]:
+                self.st["prefetch_wasted"] += 1
+            self.id_to_slot[self.slot_to_id[s]] = -1
+        self._ghosts = {}
         self.slot_to_id[:] = -1
         self.last_used[:] = 0
+        self._spec[:] = 0
         self.n_used = 0
 
     def stats(self):
@@ -173,7 +252,8 @@ class NeuronCache:
         return d
 
     def reset_stats(self):
-        self.st = dict(hits=0, misses=0, evictions_window=0, evictions_lru=0, dropped=0)
+        self.st = dict(hits=0, misses=0, evictions_window=0, evictions_lru=0, dropped=0, prefetched=0,
+                       prefetch_hits=0, prefetch_wasted=0, restored=0, moved=0)
 
     def __repr__(self):
         return (f"NeuronCache(n_neurons={self.n_neurons}, capacity={self.capacity}, "

@@ -8,7 +8,7 @@ cdef class NeuronCache:
     cdef readonly object dtype
     cdef public int64_t window
     cdef readonly int64_t n_used
-    cdef readonly object rows          # (capacity, row_elems) float16|float32
+    cdef readonly object rows          # (capacity, row_elems) float16|float32|uint8
     cdef readonly object slot_to_id    # (capacity,) int32
     cdef readonly object id_to_slot    # (n_neurons,) int32
     cdef readonly object last_used     # (capacity,) int64
@@ -20,11 +20,24 @@ cdef class NeuronCache:
     cdef object _sel_stamp             # (n_neurons,) int64 scratch: admit call that selected it
     cdef int64_t* p_sel_stamp
     cdef int64_t stamp
-    cdef object _scratch               # (capacity,) uint8 eviction flags
-    cdef uint8_t* p_flags
+    cdef object _spec                  # (capacity,) uint8: guessed by prefetch, not selected since
+    cdef uint8_t* p_spec
+    cdef readonly int64_t n_ghost      # neurons displaced by the last prefetch
+    cdef object _ghost_ids             # (capacity + 1,) int64
+    cdef object _ghost_last            # (capacity + 1,) int64
+    cdef object _ghost_of              # (n_neurons,) int32: 1 + index into _ghost_ids, 0
+    cdef int64_t* p_ghost_ids
+    cdef int64_t* p_ghost_last
+    cdef int32_t* p_ghost_of
+    cdef object _missing               # (capacity + 1,) int64 scratch
+    cdef int64_t* p_missing
     cdef int64_t st_hits, st_misses, st_ev_window, st_ev_lru, st_dropped
+    cdef int64_t st_prefetched, st_pf_hits, st_pf_wasted, st_restored, st_moved
 
-    cdef int64_t _evict_flagged(self) noexcept nogil
+    cdef void _free_slot(self, int64_t s) noexcept nogil
+    cdef int64_t _expire(self, int64_t step) noexcept nogil
+    cdef void _compact(self) noexcept nogil
+    cdef object _ids(self, selected)
 
 
 cdef class ExpertCache:

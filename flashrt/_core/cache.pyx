@@ -3,8 +3,10 @@
 a preallocated matrix with one row per cached neuron bundle, id<->slot maps and
 window bookkeeping.
 
-Deleting a neuron moves the last used row into its slot (memcpy), new neurons
-are appended, so rows[:n_used] stays one dense matrix for the FFN kernel.
+Evicted neurons free their slots, the highest rows in use move into the free slots
+below them (memcpy) and new neurons are appended, so rows[:n_used] stays one dense
+matrix for the FFN kernel; a prefetch reads guessed neurons straight into slots of
+their own (no staging copy).
 Same API and same slot layout as the pure-Python twin _reference_cache.py.
 
     cache = NeuronCache(n_neurons, capacity, row_elems, np.float16, window=5)
@@ -55,6 +57,16 @@ cdef class NeuronCache:
     id_to_slot  (n_neurons,) int32: slot of each neuron, -1 when absent
     last_used   (capacity,) int64: token step each slot's neuron was last selected
     window      a neuron unused for `window` steps is evicted (last_used <= step - window)
+
+    Prefetch (decode: the next layer's guessed misses, read before its selection is known):
+    prefetch(guessed, step, limit) gives the guessed neurons slots of their own, so their
+    reads land in place: free slots first, then the slots of the neurons admit() would evict
+    if the guess were the selection (least recently used among those not guessed); those
+    neurons are displaced (their rows get overwritten). The next admit() leaves the cache
+    holding exactly the neurons it would hold without the prefetch: a guessed neuron not
+    selected is evicted, a displaced neuron that the window and the room still keep is read
+    again (listed in `missing` with the others). Between prefetch() and admit(),
+    rows[:n_used] may hold free slots (slot_to_id -1); admit() makes it dense again.
     """
 
     def __init__(self, int64_t n_neurons, int64_t capacity, int64_t row_elems, dtype,
@@ -74,6 +86,7 @@ cdef class NeuronCache:
         self.dtype = dt
         self.window = window
         self.n_used = 0
+        self.n_ghost = 0
         self.row_bytes = row_elems * dt.itemsize
         # (capacity, row_elems), 4096-aligned so O_DIRECT reads of aligned rows land in place
         raw = np.zeros(capacity * self.row_bytes + ROW_ALIGNMENT, np.uint8)
@@ -83,13 +96,21 @@ cdef class NeuronCache:
         self.id_to_slot = np.full(n_neurons, -1, np.int32)        # (n_neurons,)
         self.last_used = np.zeros(capacity, np.int64)             # (capacity,)
         self._sel_stamp = np.zeros(n_neurons, np.int64)           # (n_neurons,)
-        self._scratch = np.zeros(capacity, np.uint8)              # (capacity,)
+        self._spec = np.zeros(capacity, np.uint8)                 # (capacity,) guessed, not yet selected
+        self._ghost_ids = np.zeros(capacity + 1, np.int64)        # (capacity,) displaced by a guess
+        self._ghost_last = np.zeros(capacity + 1, np.int64)       # (capacity,) their last use
+        self._ghost_of = np.zeros(n_neurons, np.int32)            # (n_neurons,) 1 + index in _ghost_ids, 0
+        self._missing = np.zeros(capacity + 1, np.int64)          # (capacity,) scratch
         self.p_rows = <char*>cnp.PyArray_DATA(self.rows)
         self.p_slot_to_id = <int32_t*>cnp.PyArray_DATA(self.slot_to_id)
         self.p_id_to_slot = <int32_t*>cnp.PyArray_DATA(self.id_to_slot)
         self.p_last_used = <int64_t*>cnp.PyArray_DATA(self.last_used)
         self.p_sel_stamp = <int64_t*>cnp.PyArray_DATA(self._sel_stamp)
-        self.p_flags = <uint8_t*>cnp.PyArray_DATA(self._scratch)
+        self.p_spec = <uint8_t*>cnp.PyArray_DATA(self._spec)
+        self.p_ghost_ids = <int64_t*>cnp.PyArray_DATA(self._ghost_ids)
+        self.p_ghost_last = <int64_t*>cnp.PyArray_DATA(self._ghost_last)
+        self.p_ghost_of = <int32_t*>cnp.PyArray_DATA(self._ghost_of)
+        self.p_missing = <int64_t*>cnp.PyArray_DATA(self._missing)
         self.stamp = 0
         self.reset_stats()
 
@@ -106,62 +127,69 @@ cdef class NeuronCache:
         """slot_to_id[:n_used], a view: the neuron id of each used row."""
         return self.slot_to_id[:self.n_used]
 
-    cdef int64_t _evict_flagged(self) noexcept nogil:
-        """Evict every used slot whose flag is set; the last used slot moves into
-        each freed one (row bytes + both maps). Returns how many were evicted."""
-        cdef int64_t i = 0, last, n_ev = 0
+    @property
+    def n_prefetched(self):
+        """Guessed rows in the cache that no admit() has selected yet."""
+        return int(np.count_nonzero(self._spec[:self.n_used]))
+
+    cdef void _free_slot(self, int64_t s) noexcept nogil:
+        self.p_id_to_slot[self.p_slot_to_id[s]] = -1
+        self.p_slot_to_id[s] = -1
+        self.p_spec[s] = 0
+
+    cdef int64_t _expire(self, int64_t step) noexcept nogil:
+        """The window: evict the neurons (cached, or displaced) last used at or before
+        step - window; guessed rows stay. Returns how many."""
+        cdef int64_t s, g, g2 = 0, n = 0, lim = step - self.window
+        for s in range(self.n_used):
+            if self.p_slot_to_id[s] >= 0 and not self.p_spec[s] and self.p_last_used[s] <= lim:
+                self._free_slot(s)
+                n += 1
+        for g in range(self.n_ghost):
+            if self.p_ghost_last[g] <= lim:
+                self.p_ghost_of[self.p_ghost_ids[g]] = 0
+                n += 1
+            else:
+                self.p_ghost_ids[g2] = self.p_ghost_ids[g]
+                self.p_ghost_last[g2] = self.p_ghost_last[g]
+                self.p_ghost_of[self.p_ghost_ids[g2]] = <int32_t>(g2 + 1)
+                g2 += 1
+        self.n_ghost = g2
+        return n
+
+    cdef void _compact(self) noexcept nogil:
+        """Make rows[:n_used] dense: the highest used rows move into the lowest free slots."""
+        cdef int64_t lo = 0, hi = self.n_used - 1
         cdef int32_t moved
-        cdef uint8_t* flags = self.p_flags
-        while i < self.n_used:
-            while self.n_used > 0 and flags[self.n_used - 1]:    # drop from the end: no move
-                last = self.n_used - 1
-                self.p_id_to_slot[self.p_slot_to_id[last]] = -1
-                self.p_slot_to_id[last] = -1
-                flags[last] = 0
-                self.n_used -= 1
-                n_ev += 1
-            if i >= self.n_used:
+        while True:
+            while lo < hi and self.p_slot_to_id[lo] >= 0:
+                lo += 1
+            while hi >= 0 and self.p_slot_to_id[hi] < 0:
+                hi -= 1
+            if lo >= hi:
                 break
-            if flags[i]:
-                last = self.n_used - 1
-                self.p_id_to_slot[self.p_slot_to_id[i]] = -1
-                moved = self.p_slot_to_id[last]
-                memcpy(self.p_rows + i * self.row_bytes, self.p_rows + last * self.row_bytes,
-                       self.row_bytes)
-                self.p_slot_to_id[i] = moved
-                self.p_last_used[i] = self.p_last_used[last]
-                self.p_id_to_slot[moved] = <int32_t>i
-                flags[i] = flags[last]
-                self.p_slot_to_id[last] = -1
-                flags[last] = 0
-                self.n_used -= 1
-                n_ev += 1
-            i += 1
-        return n_ev
+            moved = self.p_slot_to_id[hi]
+            memcpy(self.p_rows + lo * self.row_bytes, self.p_rows + hi * self.row_bytes, self.row_bytes)
+            self.p_slot_to_id[lo] = moved
+            self.p_last_used[lo] = self.p_last_used[hi]
+            self.p_spec[lo] = self.p_spec[hi]
+            self.p_id_to_slot[moved] = <int32_t>lo
+            self.p_slot_to_id[hi] = -1
+            self.p_spec[hi] = 0
+            self.st_moved += 1
+            lo += 1
+            hi -= 1
+        self.n_used = hi + 1
 
-    def admit(self, selected, int64_t step):
-        """Admit this token's selected neurons (priority order, most important first).
-
-        (1) evict neurons whose last use is older than the window
-            (last_used <= step - window); (2) mark the selected ones already
-            cached as used at `step`; (3) if the missing ones do not fit, evict the
-            least recently used neurons not selected now (ties: lower id first);
-            selections larger than capacity keep their first `capacity` unique ids;
-            (4) append the missing in ascending id order.
-
-        Returns (missing, first_slot): missing (k,) int64 ascending ids that now
-        own slots first_slot .. first_slot+k-1; the caller fills those rows, e.g.
-        loader.read_rows(off, row_bytes, missing, cache.rows[first_slot:first_slot+k])."""
+    cdef object _ids(self, selected):
         cdef cnp.ndarray sel = np.asarray(selected)
         if sel.ndim != 1:
             raise ValueError(f"selected must be 1-D, got shape {np.shape(selected)}")
         if sel.shape[0] and not np.issubdtype(sel.dtype, np.integer):
             raise ValueError(f"selected must hold integer neuron ids, not {sel.dtype}")
         sel = np.ascontiguousarray(sel, dtype=np.int64)
-        cdef int64_t n_sel = sel.shape[0]
+        cdef int64_t n_sel = sel.shape[0], i, bad = 0, n_neurons = self.n_neurons
         cdef const int64_t* ps = <const int64_t*>cnp.PyArray_DATA(sel)
-        cdef int64_t i, s, nid, bad = 0, n_uniq = 0, n_miss = 0, need, n_cand, first
-        cdef int64_t n_neurons = self.n_neurons, cap = self.capacity
         cdef bint ok = True
         with nogil:
             for i in range(n_sel):
@@ -171,22 +199,42 @@ cdef class NeuronCache:
                     break
         if not ok:
             raise IndexError(f"neuron id {bad} out of range [0, {n_neurons})")
-        cdef cnp.ndarray missing = np.empty(min(n_sel, cap), np.int64)
-        cdef int64_t* pm = <int64_t*>cnp.PyArray_DATA(missing)
+        return sel
+
+    def admit(self, selected, int64_t step):
+        """Admit this token's selected neurons (priority order, most important first).
+
+        (1) evict neurons whose last use is older than the window
+            (last_used <= step - window); (2) mark the selected ones already
+            cached as used at `step`; (3) if the missing ones do not fit, evict the
+            least recently used neurons not selected now (ties: lower id first);
+            selections larger than capacity keep their first `capacity` unique ids;
+            (4) the highest rows in use move into the slots freed below them, and the
+            missing are appended in ascending id order.
+        After prefetch(): a guessed row selected now is a miss in the counters but is not
+        read again; one not selected is evicted; displaced neurons that (1)-(3) keep are read
+        again (in `missing`, keeping their last use).
+
+        Returns (missing, first_slot): missing (k,) int64 ascending ids that now
+        own slots first_slot .. first_slot+k-1; the caller fills those rows, e.g.
+        loader.read_rows(off, row_bytes, missing, cache.rows[first_slot:first_slot+k])."""
+        cdef cnp.ndarray sel = self._ids(selected)
+        cdef int64_t n_sel = sel.shape[0]
+        cdef const int64_t* ps = <const int64_t*>cnp.PyArray_DATA(sel)
+        cdef int64_t i, s, g, nid, n_uniq = 0, n_miss = 0, n_smiss = 0, n_phit = 0, n_live = 0
+        cdef int64_t need, n_cand = 0, first, n_restored = 0, cap = self.capacity
         cdef _lru_key* keys = NULL
-        if self.n_used > 0:
-            keys = <_lru_key*>malloc(self.n_used * sizeof(_lru_key))
+        if self.n_used + self.n_ghost > 0:
+            keys = <_lru_key*>malloc((self.n_used + self.n_ghost) * sizeof(_lru_key))
             if keys == NULL:
                 raise MemoryError()
         self.stamp += 1
         cdef int64_t stamp = self.stamp
         cdef int64_t* sel_stamp = self.p_sel_stamp
-        cdef uint8_t* flags = self.p_flags
+        cdef int64_t* pm = self.p_missing
         with nogil:
             # (1) the window
-            for s in range(self.n_used):
-                flags[s] = self.p_last_used[s] <= step - self.window
-            self.st_ev_window += self._evict_flagged()
+            self.st_ev_window += self._expire(step)
             # (2) hits; unique ids in priority order, cut at capacity
             for i in range(n_sel):
                 nid = ps[i]
@@ -199,56 +247,193 @@ cdef class NeuronCache:
                 sel_stamp[nid] = stamp
                 n_uniq += 1
                 s = self.p_id_to_slot[nid]
-                if s >= 0:
+                if s >= 0 and self.p_spec[s]:     # guessed: read already, a miss all the same
+                    self.p_spec[s] = 0
                     self.p_last_used[s] = step
+                    n_phit += 1
+                    n_smiss += 1
+                elif s >= 0:
+                    self.p_last_used[s] = step
+                    self.st_hits += 1
+                elif self.p_ghost_of[nid]:        # displaced by a guess: a hit, read again below
+                    self.p_ghost_last[self.p_ghost_of[nid] - 1] = step
                     self.st_hits += 1
                 else:
                     pm[n_miss] = nid
                     n_miss += 1
-            self.st_misses += n_miss
-            # (3) room: evict the least recently used among those not selected now
-            need = self.n_used + n_miss - cap
+                    n_smiss += 1
+            self.st_misses += n_smiss
+            self.st_pf_hits += n_phit
+            # guessed rows not selected now leave; count what the cache would hold without guesses
+            for s in range(self.n_used):
+                if self.p_slot_to_id[s] >= 0:
+                    if self.p_spec[s]:
+                        self._free_slot(s)
+                        self.st_pf_wasted += 1
+                    else:
+                        n_live += 1
+            # (3) room: evict the least recently used not selected now (displaced ones too)
+            need = n_live - n_phit + self.n_ghost + n_smiss - cap
             if need > 0:
-                n_cand = 0
                 for s in range(self.n_used):
                     nid = self.p_slot_to_id[s]
-                    flags[s] = 0
+                    if nid >= 0 and sel_stamp[nid] != stamp:
+                        keys[n_cand].last_used = self.p_last_used[s]
+                        keys[n_cand].nid = nid
+                        keys[n_cand].slot = s
+                        n_cand += 1
+                for g in range(self.n_ghost):
+                    nid = self.p_ghost_ids[g]
                     if sel_stamp[nid] != stamp:
+                        keys[n_cand].last_used = self.p_ghost_last[g]
+                        keys[n_cand].nid = nid
+                        keys[n_cand].slot = -1
+                        n_cand += 1
+                qsort(keys, n_cand, sizeof(_lru_key), _cmp_lru)
+                for i in range(need):
+                    if keys[i].slot >= 0:
+                        self._free_slot(keys[i].slot)
+                    else:
+                        self.p_ghost_of[keys[i].nid] = 0
+                self.st_ev_lru += need
+            # displaced neurons still kept are read again, with the missing
+            for g in range(self.n_ghost):
+                nid = self.p_ghost_ids[g]
+                if self.p_ghost_of[nid]:
+                    pm[n_miss] = nid
+                    n_miss += 1
+                    n_restored += 1
+            self.st_restored += n_restored
+            # (4) dense again, then append
+            self._compact()
+            qsort(pm, n_miss, sizeof(int64_t), _cmp_i64)
+            first = self.n_used
+            for i in range(n_miss):
+                s = first + i
+                nid = pm[i]
+                self.p_slot_to_id[s] = <int32_t>nid
+                self.p_id_to_slot[nid] = <int32_t>s
+                g = self.p_ghost_of[nid]
+                self.p_last_used[s] = self.p_ghost_last[g - 1] if g else step
+                self.p_ghost_of[nid] = 0
+            self.n_ghost = 0
+            self.n_used += n_miss
+        free(keys)
+        return self._missing[:n_miss].copy(), first
+
+    def prefetch(self, guessed, int64_t step, int64_t limit):
+        """Give up to `limit` guessed neurons (priority order) that are not cached slots of
+        their own for the admit() at `step` that follows: the window's evictions at `step`
+        first, then free slots, then the slots of the least recently used neurons not
+        guessed (ties: lower id first), which are displaced (see the class). Returns (ids (k,)
+        int64 ascending, slots (k,) int64 ascending): the caller reads neuron ids[j] into
+        rows[slots[j]] (loader.submit_rows(..., cache.rows, slots=slots)) and lets the reads
+        land before the next admit(); drop_prefetched() if they fail."""
+        cdef cnp.ndarray sel = self._ids(guessed)
+        cdef int64_t n_sel = sel.shape[0], cap = self.capacity
+        cdef const int64_t* ps = <const int64_t*>cnp.PyArray_DATA(sel)
+        cdef int64_t n_max = max(0, min(n_sel, limit, cap))
+        cdef cnp.ndarray ids = np.empty(n_max, np.int64)
+        cdef cnp.ndarray slots = np.empty(n_max, np.int64)
+        cdef int64_t* pid = <int64_t*>cnp.PyArray_DATA(ids)
+        cdef int64_t* pslot = <int64_t*>cnp.PyArray_DATA(slots)
+        cdef int64_t i, s, nid, n_new = 0, n_free = 0, n_cand = 0, k = 0, hi = 0
+        cdef _lru_key* keys = NULL
+        if self.n_used > 0:
+            keys = <_lru_key*>malloc(self.n_used * sizeof(_lru_key))
+            if keys == NULL:
+                raise MemoryError()
+        self.stamp += 1
+        cdef int64_t stamp = self.stamp
+        cdef int64_t* sel_stamp = self.p_sel_stamp
+        with nogil:
+            self.st_ev_window += self._expire(step)
+            for i in range(n_sel):
+                nid = ps[i]
+                if sel_stamp[nid] == stamp:
+                    continue
+                sel_stamp[nid] = stamp            # guessed: not displaced by this prefetch
+                if n_new < n_max and self.p_id_to_slot[nid] < 0 and not self.p_ghost_of[nid]:
+                    pid[n_new] = nid
+                    n_new += 1
+            # free slots: below n_used, then above it
+            for s in range(cap):
+                if k == n_new:
+                    break
+                if s >= self.n_used or self.p_slot_to_id[s] < 0:
+                    pslot[k] = s
+                    k += 1
+            if k < n_new:                         # displace the least recently used not guessed
+                for s in range(self.n_used):
+                    nid = self.p_slot_to_id[s]
+                    if nid >= 0 and not self.p_spec[s] and sel_stamp[nid] != stamp:
                         keys[n_cand].last_used = self.p_last_used[s]
                         keys[n_cand].nid = nid
                         keys[n_cand].slot = s
                         n_cand += 1
                 qsort(keys, n_cand, sizeof(_lru_key), _cmp_lru)
-                for i in range(need):
-                    flags[keys[i].slot] = 1
-                self.st_ev_lru += self._evict_flagged()
-            # (4) append the missing in ascending id order
-            qsort(pm, n_miss, sizeof(int64_t), _cmp_i64)
-            first = self.n_used
-            for i in range(n_miss):
-                s = first + i
-                self.p_slot_to_id[s] = <int32_t>pm[i]
-                self.p_id_to_slot[pm[i]] = <int32_t>s
+                for i in range(min(n_new - k, n_cand)):
+                    s = keys[i].slot
+                    self.p_ghost_ids[self.n_ghost] = keys[i].nid
+                    self.p_ghost_last[self.n_ghost] = keys[i].last_used
+                    self.n_ghost += 1
+                    self.p_ghost_of[keys[i].nid] = <int32_t>self.n_ghost
+                    self._free_slot(s)
+                    pslot[k] = s
+                    k += 1
+                n_new = k                         # the first guesses in priority order that fit
+            qsort(pid, n_new, sizeof(int64_t), _cmp_i64)
+            qsort(pslot, n_new, sizeof(int64_t), _cmp_i64)
+            for i in range(n_new):
+                s = pslot[i]
+                self.p_slot_to_id[s] = <int32_t>pid[i]
+                self.p_id_to_slot[pid[i]] = <int32_t>s
                 self.p_last_used[s] = step
-            self.n_used += n_miss
+                self.p_spec[s] = 1
+                if s + 1 > hi:
+                    hi = s + 1
+            if hi > self.n_used:
+                self.n_used = hi
+            self.st_prefetched += n_new
         free(keys)
-        return missing[:n_miss].copy(), first
+        return ids[:n_new].copy(), slots[:n_new].copy()
+
+    def drop_prefetched(self):
+        """The reads of the last prefetch() failed: forget the guessed rows (their slots
+        hold whatever landed). Displaced neurons are read again by the next admit()."""
+        cdef int64_t s
+        for s in range(self.n_used):
+            if self.p_slot_to_id[s] >= 0 and self.p_spec[s]:
+                self._free_slot(s)
+                self.st_pf_wasted += 1
 
     def reset(self):
         """Empty the cache (the counters are kept: see reset_stats)."""
-        cdef int64_t s
+        cdef int64_t s, g
         for s in range(self.n_used):
-            self.p_id_to_slot[self.p_slot_to_id[s]] = -1
+            if self.p_slot_to_id[s] >= 0:
+                if self.p_spec[s]:
+                    self.st_pf_wasted += 1
+                self.p_id_to_slot[self.p_slot_to_id[s]] = -1
+        for g in range(self.n_ghost):
+            self.p_ghost_of[self.p_ghost_ids[g]] = 0
+        self.n_ghost = 0
         self.slot_to_id[:] = -1
         self.last_used[:] = 0
+        self._spec[:] = 0
         self.n_used = 0
 
     def stats(self):
         """dict(hits, misses, evictions (= window + lru), evictions_window,
-        evictions_lru, dropped: selected ids beyond capacity, not admitted)."""
+        evictions_lru, dropped: selected ids beyond capacity, not admitted; the same
+        with or without prefetch. prefetched: guessed rows read in place, prefetch_hits:
+        of those, selected by the next admit, prefetch_wasted: not, restored: displaced
+        neurons read again, moved: rows copied to keep rows[:n_used] dense)."""
         return dict(hits=self.st_hits, misses=self.st_misses,
                     evictions_window=self.st_ev_window, evictions_lru=self.st_ev_lru,
-                    dropped=self.st_dropped, evictions=self.st_ev_window + self.st_ev_lru)
+                    dropped=self.st_dropped, evictions=self.st_ev_window + self.st_ev_lru,
+                    prefetched=self.st_prefetched, prefetch_hits=self.st_pf_hits,
+                    prefetch_wasted=self.st_pf_wasted, restored=self.st_restored, moved=self.st_moved)
 
     def reset_stats(self):
         self.st_hits = 0
@@ -256,6 +441,11 @@ cdef class NeuronCache:
         self.st_ev_window = 0
         self.st_ev_lru = 0
         self.st_dropped = 0
+        self.st_prefetched = 0
+        self.st_pf_hits = 0
+        self.st_pf_wasted = 0
+        self.st_restored = 0
+        self.st_moved = 0
 
     def __repr__(self):
         return (f"NeuronCache(n_neurons={self.n_neurons}, capacity={self.capacity}, "

@@ -714,6 +714,13 @@ cdef class Loader:
         return (flight, self.aio.ns_waited)
 
     @property
+    def last_batch(self):
+        """(t_submit, t_done) of the last submitted batch, CLOCK_MONOTONIC ns (the clock of
+        time.monotonic_ns and time.perf_counter_ns on Linux): when two loaders read at
+        once, the time either had reads in flight is the union of their batches."""
+        return (self.aio.t_submit, self.aio.t_done)
+
+    @property
     def in_flight(self):
         """True while a submitted batch has not been waited for."""
         return self.aio_active

@@ -32,17 +32,18 @@ ALIGNMENT = 4096              # O_DIRECT: file offsets and buffers aligned to th
 # random reads ~30 KiB on an idle machine (README: 0.7 against ~2 GB/s); in between.
 READ_OVERHEAD_BYTES = 16 << 10
 NEW_SHARE_DEFAULT = 0.3       # share of a token's selection not held from the tokens before it
-# decode prefetch (FlashFFN.prefetch): the stage the next layer's guessed misses are read into
-# holds this share of a layer's neurons (the paper's OPT-6.7B reads 2.4% per token; the
-# synthetic OPT-6.7B at half its size misses ~3.3% per layer, the two stream buffers held 0.8%)
+# decode prefetch (FlashFFN.prefetch): at most this share of a layer's neurons is read ahead
+# on a guess (the paper's OPT-6.7B reads 2.4% per token; the synthetic OPT-6.7B at half its
+# size misses ~3.3% per layer, the two stream buffers held 0.8%)
 PREFETCH_SHARE = 0.05
 PREFETCH_MIN_HIT = 0.5        # a layer whose guesses hit less than this (running mean) pauses ...
 PREFETCH_PAUSE = 8            # ... this many tokens before it guesses again
 
 
 def prefetch_stage_rows(n_neurons: int, row_bytes: int) -> int:
-    """Rows of the decode prefetch stage: PREFETCH_SHARE of a layer, at least the two stream
-    buffers' worth (charged by the budget planner, flashrt/budget.py working_bytes)."""
+    """Rows a decode prefetch reads ahead at most: PREFETCH_SHARE of a layer, at least the two
+    stream buffers' worth. (They are read into the next layer's cache, in place; the budget
+    planner, flashrt/budget.py working_bytes, still charges a stage this size.)"""
     return max(1, min(n_neurons, max(math.ceil(PREFETCH_SHARE * n_neurons),
                                       2 * stream_chunk_rows(row_bytes, n_neurons))))
 
@@ -104,18 +105,22 @@ class FlashFFN:
         self._stage = _loader.aligned_empty((2 * self.chunk_rows, self.row_elems), self.dtype)
         self._chunks = [self._stage[:self.chunk_rows], self._stage[self.chunk_rows:]]
         # decode prefetch (predictor selection only, on by default): layer l's FFN input scores
-        # layer l+1's predictor, and its guessed misses (the most likely first, as many as the
-        # prefetch stage holds) are read into the stage during layer l+1's attention (issued
-        # before layer l's own kernel when layer l reads nothing on demand, after it otherwise:
-        # one batch in flight at a time); layer l+1 takes the rows it then misses from there.
+        # layer l+1's predictor, and its guessed misses (the most likely first, at most
+        # prefetch_rows) get slots in layer l+1's cache (NeuronCache.prefetch) and are read
+        # straight into them by pf_loader during layer l's kernel and layer l+1's attention
+        # (issued once layer l's own reads are issued); layer l+1's admit keeps the right guesses, drops the wrong ones and reads
+        # again what a guess displaced and the cache still holds, so it caches and computes
+        # the same neurons as without the prefetch.
         # A layer whose guesses hit less than PREFETCH_MIN_HIT pauses PREFETCH_PAUSE tokens.
         self.prefetch_possible = mode == "flash" and getattr(selector, "name", None) == "predictor"
         self.prefetch = True
+        # the guesses have a Loader of their own: layer l+1's guess is read while layer l's
+        # on-demand reads land and its kernel runs (the I/O time counted is the union of both)
+        self.pf_loader = Loader(str(files.ffn_path), n_threads=io_threads or 0) if self.prefetch_possible else None
         self.prefetch_rows = prefetch_stage_rows(self.n_neurons, self.row_bytes)
-        self._pf_stage = None  # (prefetch_rows, row_elems), allocated at the first guess
         self._pf_hit = np.ones(self.n_layers)  # running hit rate of each layer's guesses
         self._pf_pause = np.zeros(self.n_layers, np.int64)  # no guess for the layer before this step
-        self._staged = None  # (layer, ids (k,) int64 ascending) read or being read into _pf_stage[:k]
+        self._staged = None  # (layer, k): k guessed rows read or being read into the layer's cache
         self._part = np.empty(self.dim, np.float32)
         self.caches = []
         if mode == "flash":
@@ -144,9 +149,10 @@ class FlashFFN:
 
     def close(self) -> None:
         self._drop_staged()
-        if self.loader is not None:
-            self.loader.close()
-            self.loader = None
+        for ld in (self.loader, self.pf_loader):
+            if ld is not None:
+                ld.close()
+        self.loader = self.pf_loader = None
         self.caches = []
         self.selector.close()  # the oracle's memory maps hold file descriptors
 
@@ -154,9 +160,19 @@ class FlashFFN:
         """Called after the prompt: from now on per-token figures count."""
         self.stats.start_decode()
         self.loader.reset_stats()
+        if self.pf_loader is not None:
+            self.pf_loader.reset_stats()
+
+    def io_stats(self) -> dict:
+        """The loaders' counters summed (on-demand reads and guesses)."""
+        io = dict(self.loader.stats())
+        if self.pf_loader is not None:
+            for k, v in self.pf_loader.stats().items():
+                io[k] = io.get(k, 0) + v
+        return io
 
     def decode_stats(self) -> dict:
-        return self.stats.per_token(self.loader.stats())
+        return self.stats.per_token(self.io_stats())
 
     def reset_run_stats(self) -> None:
         self.start_decode()
@@ -303,24 +319,33 @@ class FlashFFN:
         t0 = time.perf_counter_ns()
         ids = self.selector.select(layer, x, None if self.prior is None else self.prior[layer])
         t1 = time.perf_counter_ns()
-        missing, first = cache.admit(ids, step)
-        t2 = time.perf_counter_ns()
-        ns_cache = t2 - t1
+        staged, ns_flight = 0, 0
         if self._staged is not None:
-            # the guess read for this layer flew during its attention and the two steps above
-            # (neither touches the prefetch stage); now it must have landed
-            ns_flight, _ = self.loader.wait()
-            t3 = time.perf_counter_ns()
-            if self._staged[0] == layer:
-                staged = self._staged[1]
-                cost.n_prefetched = int(staged.size)
-                cost.ns_prefetch_flight = ns_flight
-                cost.ns_prefetch_wait = t3 - t2
-                if missing.size:
-                    missing, first = self._take_staged(cache, staged, missing, first, cost)
-                self._rate_guess(layer, cost.n_prefetch_hits / max(staged.size, 1), step)
+            # the guess read for this layer flew during its attention and its selection;
+            # admit may move its rows: it must have landed
+            staged_layer, staged = self._staged
             self._staged = None
-            ns_cache += time.perf_counter_ns() - t3
+            try:
+                ns_flight, _ = self.pf_loader.wait()
+            except BaseException:
+                self.caches[staged_layer].drop_prefetched()
+                raise
+            cost.intervals.append(_interval(self.pf_loader, ns_flight))
+            if staged_layer != layer:
+                self.caches[staged_layer].drop_prefetched()
+                staged = 0
+        t2 = time.perf_counter_ns()
+        before = cache.stats() if staged else None
+        missing, first = cache.admit(ids, step)
+        ns_cache = time.perf_counter_ns() - t2
+        if staged:
+            after = cache.stats()
+            cost.n_prefetched = staged
+            cost.n_prefetch_hits = after["prefetch_hits"] - before["prefetch_hits"]
+            cost.n_restored = after["restored"] - before["restored"]
+            cost.ns_prefetch_flight = ns_flight
+            cost.ns_prefetch_wait = t2 - t1
+            self._rate_guess(layer, cost.n_prefetch_hits / staged, step)
         t2 = time.perf_counter_ns()
         if missing.size:
             dest = cache.rows[first:first + missing.size]
@@ -329,28 +354,12 @@ class FlashFFN:
             else:
                 self.loader.read_rows(self.layer_offsets[layer], self.row_bytes, missing, dest)
         t3 = time.perf_counter_ns()
+        if missing.size and not background:
+            cost.intervals.append((t2, t3))
         cost.n_selected, cost.n_read = ids.size, missing.size
         cost.ns_predict, cost.ns_cache = t1 - t0, ns_cache
         cost.ns_io = cost.ns_io_wait = t3 - t2  # background: the time to issue them, so far
         return ids, first, int(missing.size)
-
-    def _take_staged(self, cache, staged: np.ndarray, missing: np.ndarray, first: int, cost: LayerCost):
-        """Of the rows admit() left to read (slots first.., ids `missing` ascending), copy those
-        the prefetch read into their slots, ordered first so they count as ready; returns what
-        is still to read and the slot it starts at."""
-        pos = np.minimum(np.searchsorted(staged, missing), staged.size - 1)
-        hit = staged[pos] == missing
-        n_hit = int(np.count_nonzero(hit))
-        cost.n_prefetch_hits = n_hit
-        if n_hit == 0:
-            return missing, first
-        rest = missing[~hit]
-        order = np.concatenate([missing[hit], rest])
-        end = first + missing.size
-        cache.slot_to_id[first:end] = order
-        cache.id_to_slot[order] = np.arange(first, end, dtype=np.int32)
-        _cache.take_rows(self._pf_stage, pos[hit], cache.rows[first:first + n_hit])
-        return rest, first + n_hit
 
     def _rate_guess(self, layer: int, hit: float, step: int) -> None:
         """Fold one guess's hit rate into the layer's running mean; below PREFETCH_MIN_HIT the
@@ -370,20 +379,26 @@ class FlashFFN:
         """Guess layer `layer`'s selection from the previous layer's FFN input x and start
         reading the guessed rows it does not cache into the prefetch stage."""
         t0 = time.perf_counter_ns()
-        if self._pf_stage is None:
-            self._pf_stage = _loader.aligned_empty((self.prefetch_rows, self.row_elems), self.dtype)
         cache = self.caches[layer]
         guess = self.selector.select(layer, x, None if self.prior is None else self.prior[layer])
-        guess = guess[cache.id_to_slot[guess] < 0][:self.prefetch_rows]
-        if guess.size:
-            guess = np.sort(guess)
-            self.loader.submit_rows(self.layer_offsets[layer], self.row_bytes, guess, self._pf_stage[:guess.size])
-            self._staged = (layer, guess)
-        cost.ns_predict += time.perf_counter_ns() - t0
+        t1 = time.perf_counter_ns()
+        ids, slots = cache.prefetch(guess, self.step, self.prefetch_rows)
+        if ids.size:
+            try:
+                self.pf_loader.submit_rows(self.layer_offsets[layer], self.row_bytes, ids, cache.rows, slots=slots)
+            except BaseException:
+                cache.drop_prefetched()
+                raise
+            self._staged = (layer, int(ids.size))
+        t2 = time.perf_counter_ns()
+        cost.ns_predict += t1 - t0
+        cost.ns_cache += t2 - t1
 
     def _drop_staged(self) -> None:
-        if self._staged is not None and self.loader is not None:
-            _settle(self.loader)
+        if self._staged is not None and self.pf_loader is not None:
+            _settle(self.pf_loader)
+            if self._staged[0] < len(self.caches):
+                self.caches[self._staged[0]].drop_prefetched()
         self._staged = None
 
     def _sparse(self, layer: int, x: np.ndarray, step: int, count: bool = True) -> np.ndarray:
@@ -408,9 +423,8 @@ class FlashFFN:
         h = None if self.prior is None else self._h[:n_used]
         y = np.empty((1, self.dim), np.float32)
         pending = self.overlap and n_new > 0
-        # nothing to read on demand: the next layer's guess flies during this kernel too
-        early = not pending and ids.size <= cache.capacity and self._wants_prefetch(layer, count)
-        if early:
+        # the next layer's guess flies during this kernel too (and beside this layer's reads)
+        if self._wants_prefetch(layer, count):
             self._prefetch(layer + 1, x, cost)
             t0 = time.perf_counter_ns()
         try:
@@ -421,6 +435,7 @@ class FlashFFN:
             if pending:  # the reads have landed (the kernel waited); collect their errors and times
                 ns_flight, ns_waited = self.loader.wait()
         if pending:
+            cost.intervals.append(_interval(self.loader, ns_flight))
             cost.ns_io = ns_flight
             cost.ns_io_wait += ns_waited
             cost.n_overlapped = kernels.ffn_ready_rows(n_used, self.dim, self.spec.gated, first)
@@ -435,8 +450,6 @@ class FlashFFN:
         cost.n_computed = n_used
         if ids.size > cache.capacity:  # the selection overflows the cache: stream the rest through
             self._overflow(layer, x, ids, y[0], cost)
-        if not early and self._wants_prefetch(layer, count):
-            self._prefetch(layer + 1, x, cost)
         if count:
             self.stats.add_layer(cost)
         return y
@@ -461,6 +474,7 @@ class FlashFFN:
             for i, part_ids in enumerate(parts):
                 t1 = time.perf_counter_ns()
                 ns_flight, _ = ld.wait()
+                cost.intervals.append(_interval(ld, ns_flight))
                 if i + 1 < len(parts):
                     submit(i + 1)
                 t2 = time.perf_counter_ns()
@@ -477,6 +491,16 @@ class FlashFFN:
             raise
         cost.n_read += int(rest.size)
         cost.n_computed += int(rest.size)
+
+
+def _interval(ld, ns_flight: int) -> tuple[int, int]:
+    """(start, end) ns of the batch `ld` just waited for, on perf_counter_ns's clock (a loader
+    without last_batch: the flight, ending now)."""
+    lb = getattr(ld, "last_batch", None)
+    if lb is None:
+        t = time.perf_counter_ns()
+        return (t - ns_flight, t)
+    return lb
 
 
 def _settle(ld) -> None:

@@ -1,8 +1,8 @@
 """The neuron cache (flashrt/_core/cache.pyx) against a plain-Python model.
 
 A hypothesis state machine drives random admit sequences (random windows,
-capacities, selections, resets) through the compiled cache and its pure-Python
-twin, filling the returned slots from a reference matrix as a caller would,
+capacities, selections, resets, prefetches of right, wrong and failed guesses)
+through the compiled cache and its pure-Python twin, filling the returned slots from a reference matrix as a caller would,
 and checks both against a model that knows only sets and last-use steps.
 """
 import numpy as np
@@ -56,23 +56,56 @@ class CacheMachine(RuleBasedStateMachine):
         self.model = Model(capacity, window)
         self.step = 0
 
-    @rule(data=st.data(), advance=st.sampled_from([0, 1, 1, 1, 2, 3, 7]))
-    def admit(self, data, advance):
+    @rule(data=st.data(), advance=st.sampled_from([0, 1, 1, 1, 2, 3, 7]),
+          guess=st.sampled_from(["none", "none", "exact", "random", "failed"]))
+    def admit(self, data, advance, guess):
+        """One token: optionally a prefetch first (the exact selection, a random guess, or a
+        guess whose reads fail), then admit. With or without the prefetch the cache ends up
+        holding what the model says, with the same counters."""
         self.step += advance
         k = data.draw(st.integers(0, self.n_neurons + 3))
         selected = data.draw(st.lists(st.integers(0, self.n_neurons - 1), min_size=k, max_size=k))
         arr = np.array(selected, dtype=data.draw(st.sampled_from([np.int32, np.int64])))
+        guessed = None
+        if guess == "exact":
+            guessed = list(selected)
+        elif guess != "none":
+            g = data.draw(st.integers(0, self.n_neurons + 3))
+            guessed = data.draw(st.lists(st.integers(0, self.n_neurons - 1), min_size=g, max_size=g))
+        limit = data.draw(st.integers(0, self.n_neurons + 2)) if guess != "exact" else self.n_neurons
+        held_before = {i for i, s in self.model.last.items() if s > self.step - self.window}  # after the window
         want_missing = self.model.admit(selected, self.step)
+        uniq = list(dict.fromkeys(selected))[:self.capacity]
         for name, c in self.caches.items():
             n_before_hit = c.stats()["hits"]
+            read_ahead = set()
+            if guessed is not None:
+                ids, slots = c.prefetch(np.array(guessed, np.int64), self.step, limit)
+                assert ids.tolist() == sorted(set(ids.tolist())) and len(ids) <= limit, name
+                assert len(set(slots.tolist())) == len(slots) and np.all(slots < self.capacity), name
+                assert not set(ids.tolist()) & held_before or guess == "random", name
+                assert np.array_equal(c.slot_to_id[slots], ids) and np.all(c.id_to_slot[ids] == slots), name
+                if guess == "failed":  # the reads went wrong: garbage in the slots, then forgotten
+                    c.rows[slots] = -7
+                    c.drop_prefetched()
+                else:
+                    c.rows[slots] = self.matrix[ids]
+                    read_ahead = set(ids.tolist())
             missing, first = c.admit(arr, self.step)
             assert missing.dtype == np.int64
-            assert missing.tolist() == want_missing, name
+            got = missing.tolist()
+            assert got == sorted(set(got)) and not set(got) & read_ahead, name
+            if guessed is None:
+                assert got == want_missing, name
+            else:  # the misses not read ahead, and neurons a guess displaced that stay
+                assert set(want_missing) - read_ahead <= set(got), name
+                assert set(got) - set(want_missing) <= held_before, name
+                if guess == "exact" and len(uniq) == len(set(selected)):
+                    assert got == sorted(set(want_missing) - read_ahead), name  # nothing displaced for nothing
             assert first + len(missing) == c.n_used, name
-            assert c.slot_to_id[first:c.n_used].tolist() == want_missing, name
+            assert c.slot_to_id[first:c.n_used].tolist() == got, name
             # the caller fills the new slots
             c.rows[first:first + len(missing)] = self.matrix[missing]
-            uniq = list(dict.fromkeys(selected))[:self.capacity]
             assert c.stats()["hits"] - n_before_hit == len(uniq) - len(want_missing)
 
     @rule(window=st.integers(1, 6))

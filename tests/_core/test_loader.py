@@ -420,12 +420,15 @@ def test_wait_time_is_measured_apart_from_flight_time(data_file, backend):
         s = ld.stats()
         assert s["ns_wait"] == s["ns_io"] > 0
         ld.reset_stats()
+        t0 = time.perf_counter_ns()
         ld.submit_rows(0, 4096, ids, dest)
         time.sleep(0.2)                              # far longer than 1.4 MB takes
         flight, waited = ld.wait()
         s = ld.stats()
         assert s["ns_io"] == flight and s["ns_wait"] == waited and s["n_async"] == 1
         assert flight < 0.2e9 and waited < flight
+        a, b = ld.last_batch                         # the batch's interval, on perf_counter's clock
+        assert b - a == flight and t0 <= a < b < t0 + 0.2e9
         np.testing.assert_array_equal(dest, expected_rows(data_file, 0, 4096, ids))
 
 

@@ -138,8 +138,8 @@ def test_sparse_prompt_is_the_decode_path_token_by_token(tiny_models, name):
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
 def test_prefetch_computes_the_same_neurons(tiny_models, name):
-    """With prefetch the next layer's guessed misses are read ahead and copied into the
-    cache instead of read: every token caches and computes the same neurons as without it,
+    """With prefetch the next layer's guessed misses are read ahead into its cache, in
+    place: every token caches and computes the same neurons as without it,
     the outputs agree up to the order of the sums, and the guesses are counted."""
     files, spec, plan, dense = setup(tiny_models[name])
     n, L = files.n_neurons, files.n_layers
@@ -160,7 +160,7 @@ def test_prefetch_computes_the_same_neurons(tiny_models, name):
                     outs.append(ffn(layer, x)[0])
                     cached.append(np.sort(ffn.caches[layer].used_ids()))
                     x = x + 0.3 * rng.standard_normal((1, files.dim)).astype(np.float32)
-            runs[pf] = (np.array(outs), cached, ffn.decode_stats(), ffn.loader.stats())
+            runs[pf] = (np.array(outs), cached, ffn.decode_stats(), ffn.io_stats())
         finally:
             ffn.close()
     (o0, c0, s0, io0), (o1, c1, s1, io1) = runs[False], runs[True]
@@ -170,12 +170,13 @@ def test_prefetch_computes_the_same_neurons(tiny_models, name):
     assert s0["neurons_computed_per_token"] == s1["neurons_computed_per_token"]
     assert "prefetch_hit_rate" not in s0
     assert s1["neurons_prefetched_per_token"] > 0 and 0 < s1["prefetch_hit_rate"] <= 1
-    # a hit is a row not read again on demand; every prefetched row counts as read
+    # a hit is a row not read again on demand; every prefetched row counts as read, and so
+    # does a neuron a guess displaced that the cache kept (read again)
     hits = s1["prefetch_hit_rate"] * s1["neurons_prefetched_per_token"]
-    assert s1["neurons_read_per_token"] == pytest.approx(
-        s0["neurons_read_per_token"] - hits + s1["neurons_prefetched_per_token"])
+    extra = s1["neurons_prefetched_per_token"] - hits + s1["neurons_restored_per_token"]
+    assert s1["neurons_read_per_token"] == pytest.approx(s0["neurons_read_per_token"] + extra)
     assert io1["bytes_useful"] == pytest.approx(
-        io0["bytes_useful"] + (s1["neurons_prefetched_per_token"] - hits) * s1["decode_tokens"] * L * n * files.ffn_row_bytes)
+        io0["bytes_useful"] + extra * s1["decode_tokens"] * L * n * files.ffn_row_bytes)
 
 
 @pytest.mark.parametrize("related", [True, False])
@@ -216,3 +217,64 @@ def test_prefetch_pauses_a_layer_whose_guesses_miss(tiny_models, related):
     else:  # a window of 1 token and unrelated inputs: most guesses miss, the layers pause
         assert st["prefetch_hit_rate"] < flash_mod.PREFETCH_MIN_HIT
         assert all(3 <= k <= 20 // flash_mod.PREFETCH_PAUSE + 4 for k in per_layer), per_layer
+
+
+class FailingPrefetchLoader:
+    """Delegates to a real Loader (FlashFFN's pf_loader); the `fail`-th batch read into
+    whole-cache slots (a prefetch) lands garbage in its rows and raises from wait(), as a
+    failed read would."""
+
+    def __init__(self, inner, fail):
+        self.inner, self.fail, self.n_pf, self.bad = inner, fail, 0, None
+
+    def submit_rows(self, layer_offset, row_bytes, ids, dest, slots=None):
+        self.inner.submit_rows(layer_offset, row_bytes, ids, dest, slots=slots)
+        if slots is not None:
+            self.n_pf += 1
+            if self.n_pf == self.fail:
+                self.bad = (dest, slots)
+
+    def wait(self):
+        r = self.inner.wait()
+        if self.bad is not None:
+            dest, slots = self.bad
+            self.bad = None
+            dest[slots] = 7  # what a torn read might leave
+            raise OSError(5, "injected read error")
+        return r
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_a_failed_prefetch_leaves_no_bad_rows(tiny_models, name):
+    """A guess whose reads fail raises from the layer that waits for it; the rows it left
+    behind are never computed: every later output is the FFN over exactly the neurons the
+    cache then holds, read from the file (the displaced ones read again)."""
+    files, spec, plan, dense = setup(tiny_models[name])
+    n, L = files.n_neurons, files.n_layers
+    sel = ProjectionSelector(L, n, files.dim, n // 4, seed=5)
+    ffn = FlashFFN(files, spec, dataclasses.replace(plan, cache_rows=n // 3), "flash", sel, 2, 1)
+    ffn.pf_loader = FailingPrefetchLoader(ffn.pf_loader, fail=2 * (L - 1) + 3)
+    rng = np.random.default_rng(8)
+    raised = checked = 0
+    try:
+        ffn.start_decode()
+        for t in range(6):
+            x = rng.standard_normal((1, files.dim)).astype(np.float32)
+            for layer in range(L):
+                try:
+                    y = ffn(layer, x)[0]
+                except OSError:
+                    raised += 1
+                    continue
+                ids = np.sort(ffn.caches[layer].used_ids())
+                np.testing.assert_allclose(y, oracle(dense, layer, x[0].astype(np.float64), ids), atol=ATOL)
+                checked += 1
+                x = x + 0.3 * rng.standard_normal((1, files.dim)).astype(np.float32)
+        st = [c.stats() for c in ffn.caches]
+    finally:
+        ffn.close()
+    assert raised == 1 and checked == 6 * L - 1
+    assert sum(s["prefetched"] for s in st) > 0 and sum(s["prefetch_wasted"] for s in st) > 0
