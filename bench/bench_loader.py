@@ -13,6 +13,8 @@ read_range of a whole layer next to fio's sequential read.
     python bench/bench_loader.py --file /path/on/the/ssd --seconds 3
     python bench/bench_loader.py --matrix --file FILE   # flashrt vs fio, bs 4/16/64 KiB x qd 1/8/32,
                                                        # alternating, medians -> bench/results/loader_vs_fio.md
+    python bench/bench_loader.py --batches --file FILE  # decode-sized batches at 16 KiB qd 32: one Loader,
+                                                       # two overlapped, fio -> bench/results/loader_batches_vs_fio.md
 
 Prints Markdown tables with MB/s (10^6 bytes/s) and the ratio ours/fio.
 """
@@ -86,6 +88,67 @@ def bench_ours_batches(path, backend, bs, conc, seconds, per_call, seed=0):
             ld.read_rows(0, bs, batches[i % len(batches)], dest)
             i += 1
         return ld.stats()["bytes_read"] / (time.perf_counter() - t0) / 1e6
+
+
+def bench_ours_pair(path, backend, bs, conc, seconds, per_call, seed=0):
+    """bench_ours_batches with two Loaders of conc // 2 each, their batches overlapped (batch
+    i + 1 is submitted on one while batch i lands on the other, as FlashFFN's on-demand reads
+    and guesses do): never more than conc reads in flight, but no gap while a batch drains."""
+    half = max(1, conc // 2)
+    kw = dict(n_threads=half) if backend == "pread" else dict(queue_depth=half)
+    with Loader(path, backend=backend, direct=True, coalesce=False, chunk_bytes=bs, **kw) as a, \
+            Loader(path, backend=backend, direct=True, coalesce=False, chunk_bytes=bs, **kw) as b:
+        n_blocks = a.file_size // bs
+        rng = np.random.default_rng(seed)
+        batches = [np.sort(rng.choice(n_blocks, per_call, replace=False)) for _ in range(32)]
+        dests = [aligned_empty((per_call, bs), np.uint8) for _ in range(2)]
+        lds = [a, b]
+        for ld, d in zip(lds, dests):
+            d[:] = 0
+            ld.read_rows(0, bs, batches[-1], d)
+            ld.reset_stats()
+        t0 = time.perf_counter()
+        i = 0
+        a.submit_rows(0, bs, batches[0], dests[0])
+        while time.perf_counter() - t0 < seconds:
+            lds[(i + 1) % 2].submit_rows(0, bs, batches[(i + 1) % len(batches)], dests[(i + 1) % 2])
+            lds[i % 2].wait()
+            i += 1
+        lds[i % 2].wait()
+        dt = time.perf_counter() - t0
+        return (a.stats()["bytes_read"] + b.stats()["bytes_read"]) / dt / 1e6
+
+
+def batches_table(path, backend, bs, conc, per_calls, seconds, rounds):
+    """Decode-sized batches against fio at one bs and concurrency: one Loader (each batch
+    drains before the next starts) and two overlapped (bench_ours_pair), alternating with fio."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
+    fio_secs = max(1, int(round(seconds)))
+    rows = []
+    for pc in per_calls:
+        one, two, f = [], [], []
+        for r in range(rounds):
+            one.append(bench_ours_batches(path, backend, bs, conc, seconds, pc, seed=100 * r + pc))
+            f.append(run_fio(path, "randread", bs, "psync" if backend == "pread" else "io_uring",
+                             conc if backend == "pread" else 1, 1 if backend == "pread" else conc, fio_secs))
+            two.append(bench_ours_pair(path, backend, bs, conc, seconds, pc, seed=100 * r + pc + 1))
+        r1 = float(np.median(np.array(one) / np.array(f)))
+        r2 = float(np.median(np.array(two) / np.array(f)))
+        rows.append([backend, f"{bs // KiB} KiB", conc, pc, f"{np.median(one):.0f} ({min(one):.0f}-{max(one):.0f})",
+                     f"{np.median(two):.0f} ({min(two):.0f}-{max(two):.0f})",
+                     f"{np.median(f):.0f} ({min(f):.0f}-{max(f):.0f})", f"{r1:.2f}", f"{r2:.2f}"])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    config = dict(file=path, size_GiB=f"{os.path.getsize(path) / GiB:.2f}", seconds=seconds, rounds=rounds,
+                  order="one loader, fio, two loaders, alternating per round",
+                  two_loaders=f"two Loaders of {max(1, conc // 2)} each, batch i+1 submitted while batch i lands")
+    text = common.header(f"Decode-sized batches against fio: {bs // KiB} KiB random O_DIRECT reads at "
+                         f"concurrency {conc}", config, path)
+    table = common.md_table(["backend", "bs", "threads / qd", "reads per batch", "one loader MB/s (min-max)",
+                             "two overlapped MB/s (min-max)", "fio MB/s (min-max)", "one / fio", "two / fio"], rows)
+    out = "\n".join([text, "", table, "", f"loadavg at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}"])
+    common.write_result("loader_batches_vs_fio.md", out)
+    return rows
 
 
 def matrix(path, backends, sizes, concs, seconds, rounds, per_call):
@@ -182,6 +245,10 @@ def main():
     ap.add_argument("--no-fio", action="store_true")
     ap.add_argument("--matrix", action="store_true", help="only the side-by-side table against fio (needs fio)")
     ap.add_argument("--rounds", type=int, default=3, help="--matrix: alternating rounds per cell")
+    ap.add_argument("--batches", action="store_true",
+                    help="only decode-sized batches (--per-call list) against fio at 16 KiB, qd 32: one Loader "
+                         "and two overlapped -> bench/results/loader_batches_vs_fio.md")
+    ap.add_argument("--batch-sizes", default="16,64,256,1024", help="--batches: reads per batch")
     ap.add_argument("--per-call", type=int, default=0,
                     help="--matrix: reads per read_rows call (0: 16 x qd, at least 64, as a decode layer's batch)")
     args = ap.parse_args()
@@ -196,6 +263,12 @@ def main():
     backends = ["pread"] + (["uring"] if uring_ok else [])
     if not uring_ok:
         print(f"io_uring skipped: {why}", file=sys.stderr)
+    if args.batches:
+        if not have_fio:
+            sys.exit("--batches needs fio (apt-get install -y fio)")
+        batches_table(path, backends[-1], 16 * KiB, 32, [int(v) for v in args.batch_sizes.split(",")],
+                      args.seconds, args.rounds)
+        return
     if args.matrix:
         if not have_fio:
             sys.exit("--matrix needs fio (apt-get install -y fio)")
