@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .budget import BudgetPlan, check_dense_budget, plan_budget
-from .errors import FlashrtError, GenerationError, ModelFormatError
+from .errors import BudgetError, FlashrtError, GenerationError, ModelFormatError
 from .ffn.dense import DenseFFN
 from .ffn.moe import FlashMoEFFN, MoEFFN, MoESpec
 from .ffn.flash import FlashFFN
@@ -260,10 +260,18 @@ class Generator:
                 pred_bytes = 0
                 if self.select == "predictor":  # counted as held in RAM (float32 scoring copies), not as the file
                     pred_bytes = predictor_ram_bytes(pred, self.files.dim, self.files.n_neurons)
-                pset = (PredictorSet.load(self.files.path, self.files.dim, self.files.n_neurons, self.files.n_layers)
-                        if self.select == "predictor" else None)
+                pset = None
+                # loaded only where the budget holds them: a load the policy then refuses would sit in DRAM
+                # beside the resident tensors until the open ends (OPT-1.3B q4_0: 64 MB over its budget,
+                # OOM-killed in a memory cgroup of the budget); the policy computes every neuron instead
+                if self.select == "predictor" and _plan_fits(self.files, args, mode, memory_budget, max_context,
+                                                             n_ctx_model, pred_bytes, tokenizer_bytes):
+                    pset = PredictorSet.load(self.files.path, self.files.dim, self.files.n_neurons,
+                                             self.files.n_layers)
                 self.policy = choose_policy(self.files, args, mode, self.select, select, memory_budget, max_context,
                                             n_ctx_model, pred_bytes, tokenizer_bytes, pset, scoring)
+                if self.policy.select != "predictor":
+                    pset = None  # the policy chose not to use them: free them before the model loads
                 if self.policy.warning:
                     warn_once(self.policy.warning)
                 self.select, self.plan = self.policy.select, self.policy.plan
@@ -284,6 +292,7 @@ class Generator:
 
             self.model = load_model(self.files, make_ffn, self.n_threads)
             self.kv = KVCache(args.num_hidden_layers, self.max_context, args.num_key_value_heads, args.head_dim)
+            _return_freed_memory()  # the load's scratch is freed: hand it back before the first token
         except BaseException as e:
             self.close()
             if isinstance(e, (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError)) and \
@@ -659,6 +668,15 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _plan_fits(files, args, mode, memory_budget, max_context, n_ctx_model, predictor_bytes, tokenizer_bytes) -> bool:
+    """Does a plan with the predictors held fit the budget? (None: no budget, it always does)"""
+    try:
+        plan_budget(files, args, mode, memory_budget, max_context, n_ctx_model, predictor_bytes, tokenizer_bytes)
+    except BudgetError:
+        return False
+    return True
 
 
 def _return_freed_memory() -> None:

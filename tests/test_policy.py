@@ -262,11 +262,22 @@ def test_a_budget_too_small_for_the_predictors_computes_every_neuron(calibrated_
     with pytest.raises(BudgetError):             # the predictors do not fit there
         plan_budget(files, margs, "flash", budget, 64, n_ctx, pred, 100_000)
     kw = dict(mode="flash", memory_budget=budget, max_context=64, progress=False)
+    # ... and never loads them there: a load the policy then drops sat beside the resident tensors
+    # until the open ended, over the budget (OPT-1.3B q4_0: 64 MB, OOM-killed in a cgroup of the budget)
+    from flashrt.predictor.store import PredictorSet
+    loads = []
+    real_load = PredictorSet.load
+    monkeypatch.setattr(PredictorSet, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     with flashrt.Generator(model, **kw) as g:
         assert g.select == "all" and g.plan.predictor_bytes == 0
         g.generate("ab", max_new_tokens=2)
+    assert loads == []
     with pytest.raises(BudgetError):
         flashrt.Generator(model, select="predictor", **kw)
+    assert loads == []
+    with flashrt.Generator(model, mode="flash", max_context=64, progress=False) as g:  # no budget: they are used
+        assert g.select == "predictor"
+    assert len(loads) == 1
     files.close()
 
 
