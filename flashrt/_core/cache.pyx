@@ -28,6 +28,15 @@ DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.uint8))
 ROW_ALIGNMENT = 4096
 
 
+def _aligned_rows(int64_t capacity, int64_t row_elems, dt):
+    """Zeroed (capacity, row_elems) rows of dtype dt starting on a ROW_ALIGNMENT boundary, so
+    O_DIRECT reads of aligned rows land in place (both caches hold their rows this way)."""
+    cdef int64_t n = capacity * row_elems * dt.itemsize
+    raw = np.zeros(n + ROW_ALIGNMENT, np.uint8)
+    start = (-raw.ctypes.data) % ROW_ALIGNMENT
+    return raw[start:start + n].view(dt).reshape(capacity, row_elems)
+
+
 cdef struct _lru_key:
     int64_t last_used
     int64_t nid
@@ -88,10 +97,7 @@ cdef class NeuronCache:
         self.n_used = 0
         self.n_ghost = 0
         self.row_bytes = row_elems * dt.itemsize
-        # (capacity, row_elems), 4096-aligned so O_DIRECT reads of aligned rows land in place
-        raw = np.zeros(capacity * self.row_bytes + ROW_ALIGNMENT, np.uint8)
-        start = (-raw.ctypes.data) % ROW_ALIGNMENT
-        self.rows = raw[start:start + capacity * self.row_bytes].view(dt).reshape(capacity, row_elems)
+        self.rows = _aligned_rows(capacity, row_elems, dt)
         self.slot_to_id = np.full(capacity, -1, np.int32)         # (capacity,)
         self.id_to_slot = np.full(n_neurons, -1, np.int32)        # (n_neurons,)
         self.last_used = np.zeros(capacity, np.int64)             # (capacity,)
@@ -523,10 +529,7 @@ cdef class ExpertCache:
         self.row_elems = row_elems
         self.dtype = dt
         self.n_used = 0
-        row_bytes = row_elems * dt.itemsize
-        raw = np.zeros(capacity * row_bytes + ROW_ALIGNMENT, np.uint8)
-        start = (-raw.ctypes.data) % ROW_ALIGNMENT
-        self.rows = raw[start:start + capacity * row_bytes].view(dt).reshape(capacity, row_elems)
+        self.rows = _aligned_rows(capacity, row_elems, dt)
         self.slot_to_id = np.full(capacity, -1, np.int32)         # (capacity,)
         self.id_to_slot = np.full(n_ids, -1, np.int32)            # (n_ids,)
         self.last_used = np.zeros(capacity, np.int64)             # (capacity,)
