@@ -79,15 +79,20 @@ FLASHRT_CHILD = textwrap.dedent(_COMMON + """
         pgmajfault_decode=majflt() - m0, ffn=st)))
 """ % N_CTX)
 
-LLAMA_CHILD = textwrap.dedent(_COMMON + """
+# llama-cpp-python imported, and BENCH_NO_REPACK=1 keeps the weights as mmap'ed file pages (its CPU
+# backend otherwise copies Q4_0 weights into repacked anonymous buffers, which cannot be evicted)
+_NO_REPACK = """
     import llama_cpp, llama_cpp.llama_cpp as C
-    if os.environ.get("BENCH_NO_REPACK") == "1":  # keep the weights as mmap'ed file pages (no CPU_REPACK copies)
+    if os.environ.get("BENCH_NO_REPACK") == "1":
         _defaults = C.llama_model_default_params
         def _params():
             p = _defaults()
             p.use_extra_bufts = False
             return p
         C.llama_model_default_params = _params
+"""
+
+LLAMA_CHILD = textwrap.dedent(_COMMON + _NO_REPACK + """
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=%d, verbose=False, seed=seed)
     t_open = time.perf_counter() - t0

@@ -96,16 +96,8 @@ FLASHRT_CHILD = textwrap.dedent(bench_moe._COMMON + _IO + """
     g.close()
 """)
 
-LLAMA_CHILD = textwrap.dedent(bench_moe._COMMON + _IO + """
-    import llama_cpp, llama_cpp.llama_cpp as C
+LLAMA_CHILD = textwrap.dedent(bench_moe._COMMON + _IO + bench_moe._NO_REPACK + """
     n_ctx = int(os.environ["BENCH_CTX"])
-    if os.environ.get("BENCH_NO_REPACK") == "1":  # keep the weights as mmap'ed file pages (no CPU_REPACK copies)
-        _defaults = C.llama_model_default_params
-        def _params():
-            p = _defaults()
-            p.use_extra_bufts = False
-            return p
-        C.llama_model_default_params = _params
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=n_ctx, verbose=False, seed=seed)
     t_open = time.perf_counter() - t0
@@ -208,7 +200,7 @@ def write_gguf(flashrt_dir, out, seed=0) -> Path:
     """A Llama GGUF (q4_0, random weights) of the flashrt OPT model's parameter count."""
     import gguf
 
-    from make_synthetic_moe import random_q4_0
+    from make_synthetic_moe import add_placeholder_vocab, random_q4_0
 
     s = llama_shape(flashrt_dir)
     Q = gguf.GGMLQuantizationType.Q4_0
@@ -228,14 +220,7 @@ def write_gguf(flashrt_dir, out, seed=0) -> Path:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    # a placeholder BPE vocabulary, as bench/make_synthetic_moe.write_gguf (runs feed token ids)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(["<unk>", "<s>", "</s>", "t", "5"] + [f"t{i}" for i in range(5, V)])
-    w.add_token_types([3, 3, 3] + [1] * (V - 3))
-    w.add_token_merges(["t 5"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_placeholder_vocab(w, V)
     rb = lambda k: k // 32 * Q4_0_BLOCK  # noqa: E731
     big, small = 1.0 / (8 * np.sqrt(d)), 2e-5
     ones = lambda: np.ones(d, np.float32)  # noqa: E731
@@ -337,7 +322,6 @@ def report(jsonl, md_out, png_out):
     table = []
     for r in rows:
         ms, txt = speed(r)
-        ffn = r.get("ffn") or {}
         table.append([r["shape"], f"{r['model_bytes'] / GB:.2f} / {r['gguf_bytes'] / GB:.2f}", f"{r['share']:.2f}",
                       f"{r['limit'] / GB:.2f}", f"{r['model_bytes'] / r['limit']:.2f}",
                       f"{r['engine']} {r['mode']}", txt, "–" if ms is None else f"{ms:.0f}",

@@ -226,6 +226,18 @@ def write_flashrt(out, s, seed, overwrite=False, progress=True):
         return w.commit()
 
 
+def add_placeholder_vocab(w, V) -> None:
+    """A placeholder BPE vocabulary of V tokens on GGUFWriter w (llama.cpp takes n_vocab from it;
+    the benches feed token ids, never text)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(["<unk>", "<s>", "</s>", "t", "5"] + [f"t{i}" for i in range(5, V)])
+    w.add_token_types([3, 3, 3] + [1] * (V - 3))
+    w.add_token_merges(["t 5"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
 def write_gguf(out, s, seed, progress=True):
     """The same model as a llama-architecture GGUF (expert_count, ffn_*_exps), tokenizer "none"."""
     import gguf
@@ -249,14 +261,7 @@ def write_gguf(out, s, seed, progress=True):
     w.add_expert_count(E)
     w.add_expert_used_count(s["top_k"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    # a placeholder BPE vocabulary (llama.cpp takes n_vocab from it; runs feed token ids)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(["<unk>", "<s>", "</s>", "t", "5"] + [f"t{i}" for i in range(5, V)])
-    w.add_token_types([3, 3, 3] + [1] * (V - 3))
-    w.add_token_merges(["t 5"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_placeholder_vocab(w, V)
     rb = lambda k: k // 32 * Q4_0_BLOCK  # noqa: E731
     q_dim, kv_dim = s["n_heads"] * hd, s["n_kv_heads"] * hd
     plan = [("token_embd.weight", (V, rb(d)), Q, lambda: embedding_blocks(seed, s, c)),
