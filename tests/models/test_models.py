@@ -343,13 +343,9 @@ def _flashrt_linear(W, x, bias=None):
     return linear(W, x, bias, n_threads=2)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3", "qwen3"])
-@pytest.mark.parametrize("storage", ["float32", "float16", "q8_0", "q4_1"])
-def test_fused_qkv_decode_is_the_three_gemvs(name, storage):
-    """A decode step's q, k, v as one GEMV over the row-concatenated matrix (made at the
-    layer's first decode step) gives the logits of three separate GEMVs bit for bit, for float
-    and quantized matrices (biases: qwen2; per-head norms: qwen3); the separate matrices then
-    are views of the fused one (nothing held twice); prefill is unchanged."""
+def _fixture_stored(name, storage):
+    """(config, weights, ids) of a fixture with its attention matrices in `storage` (float32,
+    float16, or q8_0/q4_1 QMatrix rows; skips where in_features is not a multiple of 32)."""
     from flashrt.quant import QMatrix
 
     config, weights, ids, _ = load_fixture(name)
@@ -360,6 +356,17 @@ def test_fused_qkv_decode_is_the_three_gemvs(name, storage):
                    for k, v in weights.items()}
     elif storage == "float16":
         weights = {k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in weights.items()}
+    return config, weights, ids
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3", "qwen3"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "q8_0", "q4_1"])
+def test_fused_qkv_decode_is_the_three_gemvs(name, storage):
+    """A decode step's q, k, v as one GEMV over the row-concatenated matrix (made at the
+    layer's first decode step) gives the logits of three separate GEMVs bit for bit, for float
+    and quantized matrices (biases: qwen2; per-head norms: qwen3); the separate matrices then
+    are views of the fused one (nothing held twice); prefill is unchanged."""
+    config, weights, ids = _fixture_stored(name, storage)
     arch = architecture_for(config)
     logits = {}
     for fuse in (False, True):
@@ -385,16 +392,7 @@ def test_decode_step_kernel_is_the_separate_calls(name, storage):
     per layer; the logits equal the separate kernel calls' bit for bit (biases: qwen2; a window:
     mistral); qwen3's per-head norms keep the separate calls."""
     from flashrt.linear import KernelLinear
-    from flashrt.quant import QMatrix
-
-    config, weights, ids, _ = load_fixture(name)
-    if storage in ("q8_0", "q4_1"):
-        if config["hidden_size"] % 32:
-            pytest.skip("quantized rows need in_features % 32 == 0")
-        weights = {k: (QMatrix.from_float(v, storage) if k.endswith("proj.weight") and "self_attn" in k else v)
-                   for k, v in weights.items()}
-    elif storage == "float16":
-        weights = {k: (v.astype(np.float16) if v.ndim == 2 else v) for k, v in weights.items()}
+    config, weights, ids = _fixture_stored(name, storage)
     arch = architecture_for(config)
     logits = {}
     for lin in (_flashrt_linear, KernelLinear(2)):
